@@ -1,0 +1,51 @@
+# Everything a fresh Debian machine needs is installed from here: system packages with apt-get
+# (non-interactively), Python packages into .venv. `make test` is what CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SYSTEM_PKGS := tshark tcpdump tcpflow iproute2 nftables curl
+# Commands the packages above provide; apt-get runs only when one is missing.
+SYSTEM_CMDS := tshark editcap tcpdump tcpflow ip nft curl
+
+.PHONY: all system-deps venv lint unit test demo bench soak fuzz clean
+
+all: test
+
+system-deps:
+	@missing=""; for c in $(SYSTEM_CMDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages (missing:$$missing)"; \
+	  echo "wireshark-common wireshark-common/install-setuid boolean false" | $(SUDO) debconf-set-selections; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PKGS) >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check pkg tests kubectl-mirror
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest -q tests
+
+# pytest exits 5 when it collected no test: that is a failure here, like any non-zero exit.
+test: system-deps venv lint
+	$(PY) -m pytest -q tests
+
+demo: system-deps venv
+	$(PY) -m kubectl_mirror.demo
+
+bench: system-deps venv
+	$(PY) tests/bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

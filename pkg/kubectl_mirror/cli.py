@@ -1,0 +1,139 @@
+"""Command line: `kubectl mirror TYPE/NAME --to :PORT` and `kubectl mirror replay FILE --to :PORT`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import EXIT_USAGE, MirrorError, UsageError
+
+
+def prog_name(argv0: str) -> str:
+    """`kubectl mirror` when run as a kubectl plugin (kubectl-mirror), else the script name."""
+    base = os.path.basename(argv0 or "kubectl-mirror")
+    return base.replace("kubectl-", "kubectl ", 1) if base.startswith("kubectl-") else base
+
+
+def parse_duration(text: str) -> float:
+    """`30s`, `2m`, `1h`, `500ms` or a bare number of seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    t = text.strip()
+    for suffix in ("ms", "s", "m", "h"):
+        if t.endswith(suffix):
+            number, factor = t[: -len(suffix)], units[suffix]
+            break
+    else:
+        number, factor = t, 1.0
+    try:
+        value = float(number) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 500ms, 30s, 2m)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must not be negative")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """`4MiB`, `512KiB`, `1GiB`, `4M` or a bare number of bytes."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "b": 1}
+    t = text.strip().lower()
+    for suffix in ("kib", "mib", "gib", "k", "m", "g", "b"):
+        if t.endswith(suffix):
+            number, factor = t[: -len(suffix)], units[suffix]
+            break
+    else:
+        number, factor = t, 1
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 512KiB, 4MiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be positive")
+    return value
+
+
+def parse_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected a number from 1 to 65535") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range: expected 1 to 65535")
+    return port
+
+
+def add_replay_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `replay` and live mirroring: how flows are rebuilt and delivered."""
+    g = p.add_argument_group("Delivery")
+    g.add_argument("--to", metavar="[HOST]:PORT", help="local service to mirror to (:8080 means 127.0.0.1:8080)")
+    g.add_argument("--speed", type=float, default=0.0, metavar="X",
+                   help="1 keeps the capture's timing, 2 is twice as fast; 0 (default) is as fast as possible")
+    g.add_argument("--skip-partial", action="store_true",
+                   help="drop connections already open when the capture started (default: replay them)")
+    g.add_argument("--hole-timeout", type=parse_duration, default=2.0, metavar="DURATION",
+                   help="how long a flow waits for a lost segment before it is aborted as incomplete")
+    g.add_argument("--idle-timeout", type=parse_duration, default=300.0, metavar="DURATION",
+                   help="close a mirrored connection after this long without traffic")
+    g.add_argument("--flow-buffer", type=parse_size, default=8 << 20, metavar="SIZE",
+                   help="bytes buffered per flow for a slow target before the flow is dropped")
+    g.add_argument("--max-buffer", type=parse_size, default=128 << 20, metavar="SIZE",
+                   help="bytes buffered over all flows before the largest is dropped")
+    o = p.add_argument_group("Output")
+    o.add_argument("--json", action="store_true", help="print the summary as JSON")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    o.add_argument("--tshark", metavar="PATH", help="tshark to use (default: found on PATH)")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Mirror real in-cluster TCP traffic to a service on your machine, read-only.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Examples:\n"
+            f"  {prog} deploy/web --to :8080\n"
+            f"  {prog} replay api.pcap --to :8080 --speed 2\n"
+            "\nExit codes: 0 ok, 1 error, 2 usage, 3 some flows failed or were dropped at the target, "
+            "130 interrupted twice"
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"kubectl-mirror {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    replay = sub.add_parser(
+        "replay",
+        help="replay a pcap file (or - for stdin) to a local service, offline",
+        description="Replay every inbound TCP connection of a capture to a local service, byte-exact.",
+    )
+    replay.add_argument("file", metavar="FILE", help="pcap or pcapng file, or - for stdin")
+    replay.add_argument("--port", type=parse_port, metavar="PORT",
+                        help="server port in the capture (default: the side that received the SYN)")
+    add_replay_flags(replay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    prog = prog_name(argv[0] if argv else "kubectl-mirror")
+    parser = build_parser(prog)
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit as exc:  # argparse already printed usage and the error
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        if args.command == "replay":
+            from .pipeline import run_replay
+
+            return int(run_replay(args))
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    except MirrorError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["UsageError", "main", "prog_name"]

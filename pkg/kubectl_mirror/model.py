@@ -1,0 +1,102 @@
+"""Plain data shared by the stages of the data path.
+
+dissect produces `Segment`s; reassemble turns them into `Action`s; replay executes actions on sockets.
+Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+# TCP header flag bits, as in the header (and in tshark's `tcp.flags` hex value).
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str  # textual IP address ("10.1.2.3", "fd00::1"), as tshark prints it
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(slots=True)
+class Segment:
+    """One captured TCP segment."""
+
+    ts: float  # capture timestamp, seconds since the epoch
+    src: Endpoint
+    dst: Endpoint
+    seq: int  # raw 32-bit sequence number
+    ack: int  # raw 32-bit acknowledgement number (meaningful only with the ACK flag)
+    flags: int  # TCP flag bits (FIN, SYN, RST, PSH, ACK, ...)
+    payload: bytes
+    # False when the frame was cut by the capture's snap length: the payload bytes are unknown and the
+    # segment must be treated as lost (a hole), never delivered.
+    whole: bool = True
+    frame: int = 0  # 1-based frame number in the input, for diagnostics only
+
+
+class Outcome(str, enum.Enum):
+    """How one mirrored connection ended, worst first wins when several apply."""
+
+    COMPLETE = "complete"  # every captured client byte delivered, in order
+    INCOMPLETE = "incomplete"  # the capture has a hole that never filled: aborted at the hole
+    DROPPED = "dropped"  # the local target was too slow: buffer overflowed, aborted
+    FAILED = "failed"  # the local target refused or reset the connection
+    SKIPPED = "skipped"  # not replayed (joined mid-stream with --skip-partial)
+
+
+# ---- actions: what the flow table asks the replayer to do ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """A new mirrored connection: open one local connection for it."""
+
+    flow: int  # flow id, unique for the whole run (a reused 4-tuple gets a new id)
+    client: Endpoint
+    server: Endpoint
+    partial: bool  # joined mid-stream (no SYN seen)
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Client->server bytes, in order, exactly once."""
+
+    flow: int
+    data: bytes
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The client half-closed (FIN) after every byte before it: shut down the local write side."""
+
+    flow: int
+    ts: float
+
+
+class AbortReason(str, enum.Enum):
+    RESET = "reset"  # RST seen in the capture
+    HOLE = "hole"  # capture lost bytes that never came: the flow is incomplete
+    GAP = "gap"  # the live stream itself was interrupted (reconnect): the flow is incomplete
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Abort the local connection (RST): never let the target see a clean end after a hole."""
+
+    flow: int
+    reason: AbortReason
+    ts: float
+
+
+Action = Open | Send | Close | Abort
