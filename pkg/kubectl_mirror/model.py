@@ -100,3 +100,29 @@ class Abort:
 
 
 Action = Open | Send | Close | Abort
+
+
+class EndReason(str, enum.Enum):
+    FIN = "fin"  # client half-closed after its last byte
+    RESET = "reset"  # RST seen
+    IDLE = "idle"  # no traffic for --idle-timeout
+    END_OF_CAPTURE = "end-of-capture"  # still open when the input ended
+    HOLE = "hole"  # a lost segment never came
+    GAP = "gap"  # the live stream was interrupted
+    GAVE_UP = "gave-up"  # the replayer stopped delivering it (target failed or too slow)
+
+
+@dataclass(slots=True)
+class FlowRecord:
+    """What the flow table knows of one mirrored connection once it has ended."""
+
+    flow: int
+    client: Endpoint
+    server: Endpoint
+    partial: bool  # joined mid-stream
+    outcome: Outcome  # COMPLETE, INCOMPLETE or SKIPPED (delivery failures are the replayer's to add)
+    end: EndReason
+    bytes_delivered: int  # client->server payload bytes handed over as Send actions
+    first_ts: float
+    last_ts: float
+    direction_guessed: bool = False  # no SYN and no --port: the server side is a guess
