@@ -128,16 +128,16 @@ class _MirrorApiClient(k8s.ApiClient):  # type: ignore[misc]
         self.mirror_impersonation = impersonation
         self.mirror_request_timeout = request_timeout
 
-    def request(self, method: str, url: str, query_params: Any = None, headers: Any = None,
-                post_params: Any = None, body: Any = None, _preload_content: bool = True,
-                _request_timeout: Any = None) -> Any:
-        merged = urllib3.HTTPHeaderDict(headers or {})
+    def call_api(self, method: str, url: str, header_params: Any = None, body: Any = None, post_params: Any = None,
+                 _request_timeout: Any = None) -> Any:
+        merged = urllib3.HTTPHeaderDict(header_params or {})
         for name, value in self.mirror_impersonation:
             merged.add(name, value)
         if _request_timeout is None:
             _request_timeout = self.mirror_request_timeout
-        return super().request(method, url,  # type: ignore[misc] query_params=query_params, headers=merged, post_params=post_params,
-                               body=body, _preload_content=_preload_content, _request_timeout=_request_timeout)
+        parent = super()
+        return parent.call_api(  # type: ignore[attr-defined]
+            method, url, header_params=merged, body=body, post_params=post_params, _request_timeout=_request_timeout)
 
 
 @dataclass(slots=True)
@@ -384,3 +384,17 @@ def forbidden(exc: ApiException, verb: str, resource: str, namespace: str, conn:
     as_note = f" (as {who})" if who else ""
     return ClusterError(f'forbidden{as_note}: cannot {verb} {resource} in namespace "{namespace}"; ask your cluster '
                         f"admin for RBAC \"{verb}\" on \"{resource}\" ({api_message(exc)})")
+
+
+def api_failure(exc: ApiException, conn: Connection, *, verb: str, resource: str, namespace: str,
+                name: str | None = None) -> MirrorError:
+    """One-line error for an API answer that stops the run; `resource` as the server names it (deployments.apps)."""
+    if exc.status == 401:
+        return ClusterError(f"the API server rejected your credentials (context {conn.context}); "
+                            "log in again or check the user in your kubeconfig")
+    if exc.status == 403:
+        return forbidden(exc, verb, resource, namespace, conn)
+    if exc.status == 404 and name:
+        return ClusterError(f'{resource} "{name}" not found in namespace "{namespace}"')
+    return ClusterError(f"cannot {verb} {resource}{' ' + name if name else ''} in namespace \"{namespace}\": "
+                        f"{api_message(exc)}")
