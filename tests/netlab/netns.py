@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -101,6 +102,10 @@ ADDR4 = ("198.18.0.1", "198.18.0.2")
 ADDR6 = ("fd00:6d69:7272::1", "fd00:6d69:7272::2")
 
 
+def _mac(ns: Netns, ifname: str) -> str:
+    return str(json.loads(ns.run(["ip", "-j", "link", "show", ifname]).stdout)[0]["address"])
+
+
 def veth_between(client: Netns, server: Netns) -> Link:
     """A veth pair (captures on it are EN10MB); removed with the namespaces."""
     suffix = secrets.token_hex(3)
@@ -108,6 +113,13 @@ def veth_between(client: Netns, server: Netns) -> Link:
     sh(["ip", "link", "add", c_if, "netns", client.name, "type", "veth", "peer", "name", s_if, "netns", server.name])
     add_addresses(client, c_if, ADDR4[0], ADDR6[0])
     add_addresses(server, s_if, ADDR4[1], ADDR6[1])
+    # Static neighbours: a Neighbor Solicitation sent before the peer end is up is lost, and the kernel only
+    # retries a second later; every first IPv6 connection would wait for it.
+    c_mac, s_mac = _mac(client, c_if), _mac(server, s_if)
+    sides = ((client, c_if, s_mac, (ADDR4[1], ADDR6[1])), (server, s_if, c_mac, (ADDR4[0], ADDR6[0])))
+    for ns, ifname, mac, addrs in sides:
+        for addr in addrs:
+            ns.run(["ip", "neigh", "replace", addr, "lladdr", mac, "dev", ifname, "nud", "permanent"])
     return Link(client, server, c_if, s_if, ADDR4[0], ADDR4[1], ADDR6[0], ADDR6[1])
 
 
