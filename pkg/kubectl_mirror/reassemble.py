@@ -1,0 +1,563 @@
+"""Reassembly core: captured TCP segments in, replay actions out.
+
+Pure logic in the style of a sans-I/O protocol layer: no sockets, no files, no clock reads. Time only comes
+from segment timestamps and from `tick(now)`, so a script of segments always yields the same actions.
+
+One `FlowTable` tracks every TCP connection of the capture. For each inbound (client->server) connection it
+emits `Open`, then `Send`s carrying the client's bytes exactly once and in order, then one end action:
+`Close` after a clean FIN, or `Abort` (RESET, HOLE, GAP). A flow is never handed bytes past a hole.
+
+Sequence numbers are raw 32-bit values on the wire; internally every flow also keeps an unbounded "stream
+position" (bytes delivered so far) so the out-of-order buffer never has to think about wrap-around.
+"""
+
+from __future__ import annotations
+
+import enum
+from bisect import bisect_left, bisect_right, insort
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from .model import (
+    ACK,
+    FIN,
+    RST,
+    SYN,
+    Abort,
+    AbortReason,
+    Action,
+    Close,
+    Endpoint,
+    EndReason,
+    FlowRecord,
+    Open,
+    Outcome,
+    Segment,
+    Send,
+)
+
+_MASK = 0xFFFFFFFF
+_HALF = 0x80000000
+_WRAP = 0x100000000
+_CTRL = SYN | FIN | RST
+# Ports below this are "well known / registered"; ephemeral client ports are above it on every common OS.
+_EPHEMERAL = 32768
+
+Key = tuple[str, int, str, int]  # (src host, src port, dst host, dst port) of one direction
+
+
+def _signed(delta: int) -> int:
+    """A 32-bit sequence difference as a signed distance (serial number arithmetic, RFC 1982)."""
+    delta &= _MASK
+    return delta - _WRAP if delta >= _HALF else delta
+
+
+@dataclass
+class FlowConfig:
+    server_port: int | None = None  # --port: inbound means "to this port"; None: learn it from the SYN
+    skip_partial: bool = False  # connections joined mid-stream are tracked but never mirrored
+    hole_timeout: float = 2.0  # capture seconds a gap may stay open without progress before HOLE
+    idle_timeout: float = 300.0  # capture seconds without any segment before a flow is closed; <= 0: never
+    max_ooo_bytes: int = 8 << 20  # out-of-order bytes buffered per flow before it is given up as HOLE
+    tombstone_ttl: float = 120.0  # how long an ended connection still absorbs its stray segments
+    max_tombstones: int = 65536
+
+
+@dataclass
+class ReassemblyStats:
+    segments: int = 0  # every segment fed
+    ignored: int = 0  # not inbound to --port, pure ACKs/RSTs of unknown connections, strays of ended ones
+    dup_bytes: int = 0  # retransmitted or duplicated client bytes trimmed before delivery
+    ooo_segments: int = 0  # client segments that arrived ahead of a gap and were buffered
+    reused_tuples: int = 0  # a new SYN on a 4-tuple that already had a flow
+    flows: int = 0  # flows created (mirrored, skipped or later given up)
+
+
+class _Mode(enum.Enum):
+    ACTIVE = "active"  # mirrored: actions are emitted
+    SKIPPED = "skipped"  # partial flow under skip_partial: tracked so it ends properly, never mirrored
+    MUTED = "muted"  # the replayer gave up: tracked only so its segments open nothing new
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Out-of-order client bytes waiting for a gap: non-overlapping chunks keyed by stream position."""
+
+    starts: list[int] = field(default_factory=list)
+    chunks: dict[int, bytes] = field(default_factory=dict)
+    size: int = 0
+
+    def add(self, pos: int, data: bytes) -> int:
+        """Keep the parts of `data` not held yet (first-received bytes win). Returns how many were kept."""
+        end = pos + len(data)
+        starts, chunks = self.starts, self.chunks
+        i = bisect_right(starts, pos) - 1
+        cur = pos
+        if i >= 0:
+            cur = max(cur, starts[i] + len(chunks[starts[i]]))
+        i += 1
+        pieces: list[tuple[int, bytes]] = []
+        while cur < end:
+            if i < len(starts) and starts[i] < end:
+                s = starts[i]
+                if s > cur:
+                    pieces.append((cur, data[cur - pos : s - pos]))
+                cur = max(cur, s + len(chunks[s]))
+                i += 1
+            else:
+                pieces.append((cur, data[cur - pos :]))
+                cur = end
+        kept = 0
+        for s, piece in pieces:
+            insort(starts, s)
+            chunks[s] = piece
+            kept += len(piece)
+        self.size += kept
+        return kept
+
+    def take(self, pos: int) -> list[bytes]:
+        """Remove and return the chunks that continue the stream at `pos`, in order."""
+        out: list[bytes] = []
+        starts, chunks = self.starts, self.chunks
+        while starts and starts[0] == pos:
+            chunk = chunks.pop(starts.pop(0))
+            out.append(chunk)
+            pos += len(chunk)
+            self.size -= len(chunk)
+        return out
+
+    def cut(self, limit: int) -> None:
+        """Forget every byte at or after `limit` (nothing after a FIN belongs to the stream)."""
+        starts, chunks = self.starts, self.chunks
+        i = bisect_left(starts, limit)
+        for s in starts[i:]:
+            self.size -= len(chunks.pop(s))
+        del starts[i:]
+        if i:
+            s = starts[i - 1]
+            chunk = chunks[s]
+            if s + len(chunk) > limit:
+                chunks[s] = chunk[: limit - s]
+                self.size -= s + len(chunk) - limit
+
+
+@dataclass(slots=True, eq=False)
+class _Flow:
+    id: int
+    client: Endpoint
+    server: Endpoint
+    ckey: Key  # client->server direction
+    skey: Key  # server->client direction
+    partial: bool
+    guessed: bool
+    isn: int | None  # client ISN when the handshake was seen, to tell a retransmitted SYN from a new one
+    start: int  # seq of the first byte this flow can deliver
+    nxt: int  # raw seq of the next client byte to deliver
+    first_ts: float
+    last_ts: float
+    mode: _Mode = _Mode.ACTIVE
+    clean: bool = True  # fast path allowed: mirrored, nothing pending, no FIN seen
+    delivered: int = 0  # stream position of `nxt`: bytes handed out as Send
+    need: int = 0  # stream position up to which bytes are known to exist; beyond `delivered` = a gap
+    fin: int | None = None  # stream position of the client's FIN
+    hole_since: float | None = None  # capture time of the last progress while a gap was pending
+    pending: _Pending | None = None
+
+
+@dataclass(slots=True)
+class _Tomb:
+    isn: int | None
+    expires: float
+
+
+class FlowTable:
+    """Every TCP connection of one capture: `feed` segments, execute the returned actions in order."""
+
+    def __init__(self, config: FlowConfig) -> None:
+        self._cfg = config
+        # Both directions of a live connection map to (flow, segment-is-from-client): one lookup per packet.
+        self._index: dict[Key, tuple[_Flow, bool]] = {}
+        self._flows: dict[int, _Flow] = {}
+        self._holes: dict[int, _Flow] = {}  # flows with a gap pending, so tick() need not scan them all
+        self._tombs: OrderedDict[Key, _Tomb] = OrderedDict()  # keyed by the client->server direction
+        self._finished: list[FlowRecord] = []
+        self._stats = ReassemblyStats()
+        self._fed = 0  # kept apart from _stats: it is bumped on the hot path
+        self._next_id = 1
+        self._open = 0
+        self._next_idle_scan = float("-inf")
+
+    # ---- public API ---------------------------------------------------------------------------------
+
+    @property
+    def open_flows(self) -> int:
+        """Flows being mirrored right now (Open emitted, no end action yet)."""
+        return self._open
+
+    @property
+    def stats(self) -> ReassemblyStats:
+        self._stats.segments = self._fed
+        return self._stats
+
+    def feed(self, seg: Segment) -> list[Action]:
+        self._fed += 1
+        src = seg.src
+        dst = seg.dst
+        key = (src.host, src.port, dst.host, dst.port)
+        hit = self._index.get(key)
+        if hit is None:
+            return self._unknown(key, seg)
+        f, from_client = hit
+        # Fast path: the next in-order bytes of a flow with nothing pending, or a harmless server ACK.
+        if f.clean and not seg.flags & _CTRL:
+            if from_client:
+                if seg.seq == f.nxt and seg.whole:
+                    f.last_ts = seg.ts
+                    data = seg.payload
+                    if not data:
+                        return []
+                    n = len(data)
+                    f.nxt = (f.nxt + n) & _MASK
+                    f.delivered += n
+                    return [Send(f.id, data, seg.ts)]
+            elif not seg.flags & ACK or not 0 < (seg.ack - f.nxt) & _MASK < _HALF:
+                f.last_ts = seg.ts
+                return []
+        f.last_ts = seg.ts
+        if f.mode is not _Mode.ACTIVE:
+            return self._passive(f, from_client, seg)
+        if from_client:
+            return self._client(f, seg)
+        return self._server(f, seg)
+
+    def tick(self, now: float) -> list[Action]:
+        """Hole timeouts, idle expiry and tombstone expiry against the capture clock `now`."""
+        out: list[Action] = []
+        timeout = self._cfg.hole_timeout
+        for f in [f for f in self._holes.values() if f.hole_since is not None and now - f.hole_since >= timeout]:
+            out += self._end(f, now, Abort(f.id, AbortReason.HOLE, now), EndReason.HOLE, Outcome.INCOMPLETE, True)
+        idle = self._cfg.idle_timeout
+        # A full scan per tick would be O(flows) at every call; a sixteenth of the timeout is precise enough.
+        if idle > 0 and now >= self._next_idle_scan:
+            self._next_idle_scan = now + idle / 16
+            for f in [f for f in self._flows.values() if now - f.last_ts >= idle]:
+                out += self._expire_idle(f, now)
+        tombs = self._tombs
+        while tombs:
+            t = next(iter(tombs.values()))
+            if t.expires > now:
+                break
+            tombs.popitem(last=False)
+        return out
+
+    def finish(self) -> list[Action]:
+        """End of input: every flow still open ends now; nothing is remembered afterwards."""
+        out: list[Action] = []
+        for f in list(self._flows.values()):
+            ts = f.last_ts
+            if f.need > f.delivered:
+                out += self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, False)
+            else:
+                out += self._end(f, ts, Close(f.id, ts), EndReason.END_OF_CAPTURE, Outcome.COMPLETE, False)
+        self._tombs.clear()
+        self._next_idle_scan = float("-inf")
+        return out
+
+    def interrupt(self, now: float) -> list[Action]:
+        """The live stream had a gap: no open flow can be trusted any more, and what follows starts afresh."""
+        out: list[Action] = []
+        for f in list(self._flows.values()):
+            out += self._end(f, now, Abort(f.id, AbortReason.GAP, now), EndReason.GAP, Outcome.INCOMPLETE, False)
+        return out
+
+    def give_up(self, flow: int) -> None:
+        """The replayer cannot deliver `flow`: emit nothing more for it, but keep absorbing its segments."""
+        f = self._flows.get(flow)
+        if f is None or f.mode is not _Mode.ACTIVE:
+            return
+        outcome = Outcome.INCOMPLETE if f.need > f.delivered else Outcome.COMPLETE
+        self._finished.append(self._record(f, outcome, EndReason.GAVE_UP))
+        self._open -= 1
+        f.mode = _Mode.MUTED
+        f.clean = False
+        f.pending = None
+        f.hole_since = None
+        self._holes.pop(f.id, None)
+
+    def pop_finished(self) -> list[FlowRecord]:
+        out, self._finished = self._finished, []
+        return out
+
+    # ---- segments of unknown connections ------------------------------------------------------------
+
+    def _unknown(self, key: Key, seg: Segment) -> list[Action]:
+        src, dst, flags = seg.src, seg.dst, seg.flags
+        rkey = (dst.host, dst.port, src.host, src.port)
+        if key == rkey:  # a socket talking to itself: both directions would share one index slot
+            return self._ignore()
+        syn_only = flags & (SYN | ACK) == SYN
+        tomb = self._tombs.get(key)
+        if tomb is not None and syn_only and seg.seq != tomb.isn:
+            # A fresh SYN from the client of an ended connection: the 4-tuple is being reused.
+            del self._tombs[key]
+            self._stats.reused_tuples += 1
+        else:
+            if tomb is None:
+                tomb = self._tombs.get(rkey)
+                key_hit = rkey
+            else:
+                key_hit = key
+            if tomb is not None:
+                tomb.expires = seg.ts + self._cfg.tombstone_ttl
+                self._tombs.move_to_end(key_hit)
+                return self._ignore()
+        direction = self._direction(seg)
+        if direction is None or flags & RST:
+            return self._ignore()
+        client_is_src, guessed = direction
+        if not client_is_src:
+            if flags & (SYN | ACK) == SYN | ACK:
+                # The capture missed the SYN but the SYN+ACK tells the client's ISN: still a whole stream.
+                f = self._new(dst, src, rkey, key, seg, partial=False, guessed=False, isn=(seg.ack - 1) & _MASK)
+                return [Open(f.id, f.client, f.server, False, seg.ts)]
+            return self._ignore()
+        if syn_only:
+            f = self._new(src, dst, key, rkey, seg, partial=False, guessed=False, isn=seg.seq)
+            return [Open(f.id, f.client, f.server, False, seg.ts), *self._client(f, seg)]
+        if flags & SYN or not (seg.payload or flags & FIN or not seg.whole):
+            return self._ignore()  # SYN+ACK from the client side, or a pure ACK: nothing to mirror
+        f = self._new(src, dst, key, rkey, seg, partial=True, guessed=guessed, isn=None)
+        if f.mode is _Mode.SKIPPED:
+            return self._passive(f, True, seg)
+        return [Open(f.id, f.client, f.server, True, seg.ts), *self._client(f, seg)]
+
+    def _direction(self, seg: Segment) -> tuple[bool, bool] | None:
+        """(the sender is the client, the direction is a guess), or None when the segment is not ours."""
+        sport, dport, flags = seg.src.port, seg.dst.port, seg.flags
+        port = self._cfg.server_port
+        if port is not None:
+            if dport == port and sport != port:
+                return True, False
+            if sport == port and dport != port:
+                return False, False
+            if dport != port:
+                return None
+        if flags & (SYN | ACK) == SYN:
+            return True, False
+        if flags & (SYN | ACK) == SYN | ACK:
+            return False, False
+        if sport < _EPHEMERAL <= dport:
+            return False, True
+        if dport < _EPHEMERAL <= sport:
+            return True, True
+        if seg.payload or flags & FIN:
+            return True, True  # the receiver of the first bytes we see is most likely the server
+        return None
+
+    def _new(
+        self, client: Endpoint, server: Endpoint, ckey: Key, skey: Key, seg: Segment, *,
+        partial: bool, guessed: bool, isn: int | None,
+    ) -> _Flow:
+        nxt = seg.seq if isn is None else (isn + 1) & _MASK
+        f = _Flow(self._next_id, client, server, ckey, skey, partial, guessed, isn, nxt, nxt, seg.ts, seg.ts)
+        self._next_id += 1
+        self._stats.flows += 1
+        if partial and self._cfg.skip_partial:
+            f.mode = _Mode.SKIPPED
+            f.clean = False
+        else:
+            self._open += 1
+        self._flows[f.id] = f
+        self._index[ckey] = (f, True)
+        self._index[skey] = (f, False)
+        return f
+
+    def _ignore(self) -> list[Action]:
+        self._stats.ignored += 1
+        return []
+
+    # ---- segments of mirrored flows -----------------------------------------------------------------
+
+    def _client(self, f: _Flow, seg: Segment) -> list[Action]:
+        flags, ts = seg.flags, seg.ts
+        if flags & RST:
+            return self._reset(f, ts)
+        if flags & SYN:
+            if flags & ACK:
+                return self._ignore()
+            if not self._same_syn(f, seg.seq):
+                return self._reuse(f, seg)
+            seq = (seg.seq + 1) & _MASK  # data on a SYN (TCP Fast Open) starts after the SYN's number
+        else:
+            seq = seg.seq
+        if f.need < f.delivered:
+            f.need = f.delivered  # `need` is not maintained on the fast path
+        before = f.delivered
+        out: list[Action] = []
+        pos = before + _signed(seq - f.nxt)
+        data = seg.payload
+        fin_at = pos + len(data)
+        if f.fin is not None and fin_at > f.fin:
+            data = data[: max(0, f.fin - pos)]
+        if not seg.whole:
+            # The bytes exist but are unknown: they count as missing until a retransmission brings them.
+            missing = pos + max(len(data), 1)
+            if f.fin is not None:
+                missing = min(missing, f.fin)
+            f.need = max(f.need, missing)
+        elif data:
+            end = pos + len(data)
+            if end <= before:
+                self._stats.dup_bytes += len(data)
+            else:
+                if pos < before:
+                    self._stats.dup_bytes += before - pos
+                    data = data[before - pos :]
+                    pos = before
+                f.need = max(f.need, end)
+                if pos == before and f.pending is None:
+                    self._advance(f, data)
+                    out.append(Send(f.id, data, ts))
+                else:
+                    if f.pending is None:
+                        f.pending = _Pending()
+                    if pos > before:
+                        self._stats.ooo_segments += 1
+                    self._stats.dup_bytes += len(data) - f.pending.add(pos, data)
+        if flags & FIN and seg.whole and f.fin is None and fin_at >= before:
+            f.fin = fin_at
+            f.need = fin_at
+            if f.pending is not None:
+                f.pending.cut(fin_at)
+        pending = f.pending
+        if pending is not None:
+            if pending.starts and pending.starts[0] == f.delivered:
+                chunks = pending.take(f.delivered)
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                self._advance(f, data)
+                out.append(Send(f.id, data, ts))
+            if not pending.starts:
+                f.pending = None
+            elif pending.size > self._cfg.max_ooo_bytes:
+                out += self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, True)
+                return out
+        if f.fin is not None and f.delivered == f.fin:
+            f.nxt = (f.nxt + 1) & _MASK
+            out += self._end(f, ts, Close(f.id, ts), EndReason.FIN, Outcome.COMPLETE, True)
+            return out
+        if f.need > f.delivered:
+            f.clean = False
+            if f.hole_since is None or f.delivered > before:
+                f.hole_since = ts
+                self._holes[f.id] = f
+            if ts - f.hole_since >= self._cfg.hole_timeout:
+                out += self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, True)
+        else:
+            f.clean = True
+            if f.hole_since is not None:
+                f.hole_since = None
+                del self._holes[f.id]
+        return out
+
+    def _server(self, f: _Flow, seg: Segment) -> list[Action]:
+        flags, ts = seg.flags, seg.ts
+        if flags & RST:
+            return self._reset(f, ts)
+        if flags & ACK and 0 < (seg.ack - f.nxt) & _MASK < _HALF:
+            # The server acknowledged client bytes the capture never had; acknowledged bytes are never
+            # retransmitted, so waiting for the hole timeout would only delay the inevitable.
+            return self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, True)
+        if f.hole_since is not None and ts - f.hole_since >= self._cfg.hole_timeout:
+            return self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, True)
+        return []
+
+    def _passive(self, f: _Flow, from_client: bool, seg: Segment) -> list[Action]:
+        """Skipped or given-up flows: only follow the connection's life so it ends and gets buried."""
+        flags = seg.flags
+        if flags & RST:
+            return self._end(f, seg.ts, None, EndReason.RESET, Outcome.COMPLETE, True)
+        if from_client and flags & (SYN | ACK) == SYN and not self._same_syn(f, seg.seq):
+            return self._reuse(f, seg)
+        if from_client and flags & FIN:
+            return self._end(f, seg.ts, None, EndReason.FIN, Outcome.COMPLETE, True)
+        return []
+
+    def _same_syn(self, f: _Flow, seq: int) -> bool:
+        """Whether a client SYN belongs to this flow (a retransmission) rather than starting a new one."""
+        if f.isn is not None:
+            return seq == f.isn
+        return (seq + 1) & _MASK == f.start  # the handshake of a partial flow, captured late
+
+    def _reuse(self, f: _Flow, seg: Segment) -> list[Action]:
+        """A client SYN with a new ISN on a live 4-tuple: the old connection ended unseen."""
+        self._stats.reused_tuples += 1
+        ts = seg.ts
+        if f.need > f.delivered:
+            out = self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, False)
+        else:
+            # No EndReason says "reused"; the old connection went quiet for good, which is what IDLE means.
+            out = self._end(f, ts, Close(f.id, ts), EndReason.IDLE, Outcome.COMPLETE, False)
+        return out + self._unknown(f.ckey, seg)
+
+    def _reset(self, f: _Flow, ts: float) -> list[Action]:
+        outcome = Outcome.INCOMPLETE if f.need > f.delivered else Outcome.COMPLETE
+        return self._end(f, ts, Abort(f.id, AbortReason.RESET, ts), EndReason.RESET, outcome, True)
+
+    def _expire_idle(self, f: _Flow, now: float) -> list[Action]:
+        if f.mode is _Mode.ACTIVE and f.need > f.delivered:
+            return self._end(f, now, Abort(f.id, AbortReason.HOLE, now), EndReason.HOLE, Outcome.INCOMPLETE, True)
+        # No tombstone: traffic resuming after this long is worth mirroring as a new (partial) flow.
+        return self._end(f, now, Close(f.id, now), EndReason.IDLE, Outcome.COMPLETE, False)
+
+    @staticmethod
+    def _advance(f: _Flow, data: bytes) -> None:
+        n = len(data)
+        f.delivered += n
+        f.nxt = (f.nxt + n) & _MASK
+
+    def _end(
+        self, f: _Flow, ts: float, action: Action | None, end: EndReason, outcome: Outcome, bury: bool
+    ) -> list[Action]:
+        """Forget the flow (leaving a tombstone if asked), record how it ended, and emit its last action."""
+        del self._index[f.ckey]
+        del self._index[f.skey]
+        del self._flows[f.id]
+        self._holes.pop(f.id, None)
+        if bury:
+            self._bury(f.ckey, f.isn, ts)
+        if f.mode is _Mode.MUTED:
+            return []  # its record was written by give_up()
+        if f.mode is _Mode.SKIPPED:
+            self._finished.append(self._record(f, Outcome.SKIPPED, end))
+            return []
+        self._open -= 1
+        self._finished.append(self._record(f, outcome, end))
+        return [] if action is None else [action]
+
+    def _bury(self, key: Key, isn: int | None, ts: float) -> None:
+        cfg = self._cfg
+        if cfg.max_tombstones <= 0:
+            return
+        tombs = self._tombs
+        tombs[key] = _Tomb(isn, ts + cfg.tombstone_ttl)
+        tombs.move_to_end(key)
+        while len(tombs) > cfg.max_tombstones:
+            tombs.popitem(last=False)
+
+    @staticmethod
+    def _record(f: _Flow, outcome: Outcome, end: EndReason) -> FlowRecord:
+        return FlowRecord(
+            flow=f.id,
+            client=f.client,
+            server=f.server,
+            partial=f.partial,
+            outcome=outcome,
+            end=end,
+            bytes_delivered=f.delivered,
+            first_ts=f.first_ts,
+            last_ts=f.last_ts,
+            direction_guessed=f.guessed,
+        )
+
+
+__all__ = ["FlowConfig", "FlowTable", "ReassemblyStats"]
