@@ -1,0 +1,296 @@
+"""FakeCluster: the API server on its own thread and event loop, plus the test-facing set-up methods."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import ipaddress
+import itertools
+import socket
+import subprocess
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from . import objects
+from .resources import BY_KIND
+from .server import ApiServer
+from .settings import Settings
+from .status import ApiError
+from .store import Store
+from .tls import Credentials, write_kubeconfig
+
+Obj = dict[str, Any]
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+WORKLOAD_KINDS = ("ReplicaSet", "StatefulSet", "DaemonSet", "Job")
+
+
+class FakeCluster:
+    def __init__(self, workdir: Path, token: str = "t0ken", user: str = "alice") -> None:
+        self.workdir = Path(workdir)
+        self.settings = Settings(token=token, user=user)
+        self.store = Store()
+        self._server = ApiServer(self.store, self.settings)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._svc_ips = itertools.count(10)
+        self.url = ""
+        self.kubeconfig = self.workdir / "kubeconfig"
+        self.ca_file = self.workdir / "ca.crt"
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def __enter__(self) -> FakeCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        creds = Credentials(self.workdir)
+        self.ca_file = creds.ca_file
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        self.url = f"https://127.0.0.1:{port}"
+        write_kubeconfig(self.kubeconfig, self.url, creds.ca.cert_pem.bytes(), self.settings.user, self.settings.token)
+        self.add_namespace("default")
+        self.add_namespace("kube-system")
+        for node_os in ("linux", "windows"):
+            self.store.create(BY_KIND["Node"], objects.node(node_os))
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(sock, creds, started), name="fake-apiserver",
+                                        daemon=True)
+        self._thread.start()
+        if not started.wait(START_TIMEOUT):
+            raise RuntimeError("fake API server did not start")
+
+    def _serve(self, sock: socket.socket, creds: Credentials, started: threading.Event) -> None:
+        assert self._loop is not None
+        asyncio.set_event_loop(self._loop)
+
+        async def boot() -> None:
+            self._runner = web.AppRunner(self._server.app, handle_signals=False, shutdown_timeout=1.0)
+            await self._runner.setup()
+            await web.SockSite(self._runner, sock, ssl_context=creds.server_context()).start()
+
+        self._loop.run_until_complete(boot())
+        started.set()
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        self._server.processes.kill_all()
+        self.store.close_watchers()
+
+        async def shutdown() -> None:
+            await self._server.kubelet.stop()
+            await self._server.processes.drain(STOP_TIMEOUT / 2)
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(STOP_TIMEOUT)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(STOP_TIMEOUT)
+            if not loop.is_running():
+                loop.close()
+            self._loop = None
+
+    # -- switches ----------------------------------------------------------------------------------------------
+    @property
+    def tap_start_delay(self) -> float:
+        return self.settings.tap_start_delay
+
+    @tap_start_delay.setter
+    def tap_start_delay(self, value: float) -> None:
+        self.settings.tap_start_delay = value
+
+    @property
+    def exec_kill_on_disconnect(self) -> bool:
+        return self.settings.exec_kill_on_disconnect
+
+    @exec_kill_on_disconnect.setter
+    def exec_kill_on_disconnect(self, value: bool) -> None:
+        self.settings.exec_kill_on_disconnect = value
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        with self.settings.lock:
+            return list(self.settings.requests)
+
+    @property
+    def request_urls(self) -> list[tuple[str, str]]:
+        """Like requests, with the query string kept."""
+        with self.settings.lock:
+            return list(self.settings.request_urls)
+
+    def fail_forbidden(self, verb: str, resource: str, subresource: str = "") -> None:
+        self.settings.forbidden.add((verb, resource, subresource))
+
+    def allow_only(self, rules: list[tuple[str, str, str]]) -> None:
+        """RBAC enforcement: only these (verb, resource, subresource) are allowed; "*" matches anything."""
+        self.settings.rbac_allow = list(rules)
+
+    def fail_no_ephemeral_containers(self) -> None:
+        self.settings.no_ephemeral_containers = True
+
+    def fail_image_pull(self, image_prefix: str = "") -> None:
+        self.settings.image_pull_failure_prefix = image_prefix
+
+    def exec_processes(self) -> list[tuple[int, list[str]]]:
+        return self._server.processes.running()
+
+    # -- objects -----------------------------------------------------------------------------------------------
+    def add_namespace(self, name: str, labels: dict[str, str] | None = None) -> Obj:
+        return self.store.create(BY_KIND["Namespace"], objects.namespace(name, labels))
+
+    def _ensure_namespace(self, ns: str) -> None:
+        try:
+            self.store.get(BY_KIND["Namespace"], "", ns)
+        except ApiError:
+            self.add_namespace(ns)
+
+    def add_pod(
+        self,
+        ns: str,
+        name: str,
+        labels: dict[str, str] | None = None,
+        containers: list[Obj] | None = None,
+        netns: str | None = None,
+        phase: str = "Running",
+        ready: bool = True,
+        node_os: str = "linux",
+        pod_ip: str | None = None,
+    ) -> Obj:
+        self._ensure_namespace(ns)
+        containers = copy.deepcopy(containers or [{"name": "app", "image": "nginx:1.27"}])
+        if pod_ip is None and netns is not None:
+            pod_ip = netns_ipv4(netns)
+        pod = objects.pod(ns, name, labels, containers, phase, ready, node_os, pod_ip)
+        self.settings.netns[(ns, name)] = netns
+        owner = self._owner_for(ns, pod["metadata"]["labels"])
+        if owner is not None:
+            self._adopt(pod, owner)
+        return self.store.create(BY_KIND["Pod"], pod)
+
+    def get_pod(self, ns: str, name: str) -> Obj:
+        return self.store.get(BY_KIND["Pod"], ns, name)
+
+    def delete_pod(self, ns: str, name: str) -> None:
+        self.store.delete(BY_KIND["Pod"], ns, name)
+
+    def set_pod_phase(self, ns: str, name: str, phase: str, ready: bool | None = None) -> Obj:
+        """Move a pod on (MODIFIED event), e.g. to see a client notice that its target went away."""
+        pod = self.get_pod(ns, name)
+        pod["status"]["phase"] = phase
+        if ready is not None:
+            for cond in pod["status"]["conditions"]:
+                if cond["type"] in ("Ready", "ContainersReady"):
+                    cond["status"] = "True" if ready else "False"
+            for cs in pod["status"]["containerStatuses"]:
+                cs["ready"] = ready
+        return self.store.update(BY_KIND["Pod"], pod)
+
+    def _owner_for(self, ns: str, labels: dict[str, str]) -> Obj | None:
+        for kind in WORKLOAD_KINDS:
+            for wl in self.store.list(BY_KIND[kind], ns)[0]:
+                selector = wl["spec"]["selector"]["matchLabels"]
+                template_only = {k: v for k, v in selector.items() if k != "pod-template-hash"}
+                if template_only and all(labels.get(k) == v for k, v in template_only.items()):
+                    return wl
+        return None
+
+    @staticmethod
+    def _adopt(pod: Obj, owner: Obj) -> None:
+        meta = pod["metadata"]
+        owner = {**owner, "apiVersion": owner.get("apiVersion", BY_KIND[owner.get("kind", "ReplicaSet")].api_version)}
+        meta["ownerReferences"] = [objects.owner_ref(owner)]
+        pth = owner["spec"]["selector"]["matchLabels"].get("pod-template-hash")
+        if pth:  # a ReplicaSet's pods carry its hash label, and its selector requires it
+            meta.setdefault("labels", {})["pod-template-hash"] = pth
+
+    def _add_workload(self, kind: str, ns: str, name: str, match_labels: dict[str, str], replicas: int,
+                      containers: list[Obj] | None, owner: Obj | None = None) -> Obj:
+        self._ensure_namespace(ns)
+        obj = objects.workload(kind, ns, name, match_labels, replicas,
+                               containers or [{"name": "app", "image": "nginx:1.27"}])
+        if owner is not None:
+            obj["metadata"]["ownerReferences"] = [objects.owner_ref(owner)]
+        created = self.store.create(BY_KIND[kind], obj)
+        self._adopt_existing(ns, created)
+        return created
+
+    def _adopt_existing(self, ns: str, owner: Obj) -> None:
+        selector = {k: v for k, v in owner["spec"]["selector"]["matchLabels"].items() if k != "pod-template-hash"}
+        pods = BY_KIND["Pod"]
+        with self.store.lock:
+            for pod in self.store.list(pods, ns)[0]:
+                labels = pod["metadata"].get("labels") or {}
+                if pod["metadata"].get("ownerReferences") or not all(labels.get(k) == v for k, v in selector.items()):
+                    continue
+                self._adopt(pod, owner)
+                self.store.update(pods, pod)
+
+    def add_deployment(self, ns: str, name: str, match_labels: dict[str, str], replicas: int = 1,
+                       containers: list[Obj] | None = None) -> Obj:
+        self._ensure_namespace(ns)
+        deploy = self.store.create(BY_KIND["Deployment"], objects.workload(
+            "Deployment", ns, name, match_labels, replicas, containers or [{"name": "app", "image": "nginx:1.27"}]))
+        pth = objects.template_hash(ns, name)
+        rs_labels = {**match_labels, "pod-template-hash": pth}
+        rs = objects.workload("ReplicaSet", ns, f"{name}-{pth}", rs_labels, replicas,
+                              containers or [{"name": "app", "image": "nginx:1.27"}])
+        rs["metadata"]["ownerReferences"] = [objects.owner_ref(deploy)]
+        rs["metadata"]["annotations"] = {"deployment.kubernetes.io/revision": "1"}
+        created = self.store.create(BY_KIND["ReplicaSet"], rs)
+        self._adopt_existing(ns, created)
+        return deploy
+
+    def add_replicaset(self, ns: str, name: str, match_labels: dict[str, str], replicas: int = 1,
+                       containers: list[Obj] | None = None) -> Obj:
+        return self._add_workload("ReplicaSet", ns, name, match_labels, replicas, containers)
+
+    def add_statefulset(self, ns: str, name: str, match_labels: dict[str, str], replicas: int = 1,
+                        containers: list[Obj] | None = None) -> Obj:
+        return self._add_workload("StatefulSet", ns, name, match_labels, replicas, containers)
+
+    def add_daemonset(self, ns: str, name: str, match_labels: dict[str, str], replicas: int = 1,
+                      containers: list[Obj] | None = None) -> Obj:
+        return self._add_workload("DaemonSet", ns, name, match_labels, replicas, containers)
+
+    def add_job(self, ns: str, name: str, match_labels: dict[str, str], replicas: int = 1,
+                containers: list[Obj] | None = None) -> Obj:
+        return self._add_workload("Job", ns, name, match_labels, replicas, containers)
+
+    def add_service(self, ns: str, name: str, selector: dict[str, str] | None, ports: list[Obj]) -> Obj:
+        self._ensure_namespace(ns)
+        ip = str(ipaddress.ip_address("10.96.0.0") + next(self._svc_ips))
+        return self.store.create(BY_KIND["Service"], objects.service(ns, name, selector, copy.deepcopy(ports), ip))
+
+
+def netns_ipv4(netns: str) -> str | None:
+    """The first global IPv4 address inside a network namespace, which is what the pod's IP would be."""
+    try:
+        out = subprocess.run(["ip", "-n", netns, "-4", "-o", "addr", "show", "scope", "global"],
+                             capture_output=True, text=True, timeout=5, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        fields = line.split()
+        if "inet" in fields:
+            return fields[fields.index("inet") + 1].split("/")[0]
+    return None

@@ -1,0 +1,54 @@
+"""Commands started through exec, tracked so tests can see what a disconnect left running."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+
+
+class ProcessTable:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: dict[int, tuple[list[str], asyncio.subprocess.Process]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, argv: list[str], proc: asyncio.subprocess.Process) -> None:
+        with self._lock:
+            self._procs[proc.pid] = (argv, proc)
+        task = asyncio.get_running_loop().create_task(self._reap(proc))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def keep(self, task: asyncio.Task[None]) -> None:
+        """Hold a reference to a background pump that must outlive its request handler."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reap(self, proc: asyncio.subprocess.Process) -> None:
+        await proc.wait()
+        with self._lock:
+            self._procs.pop(proc.pid, None)
+
+    def running(self) -> list[tuple[int, list[str]]]:
+        with self._lock:
+            return [(pid, list(argv)) for pid, (argv, proc) in self._procs.items() if proc.returncode is None]
+
+    @staticmethod
+    def kill_group(pid: int) -> None:
+        # Each exec runs in its own session, so the group also holds anything the command forked.
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def kill_all(self) -> None:
+        for pid, _ in self.running():
+            self.kill_group(pid)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for every reaper and pump to finish after kill_all."""
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
