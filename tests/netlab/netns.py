@@ -82,6 +82,10 @@ def add_addresses(
     else:
         ns.run(["ip", "-6", "addr", "add", f"{ip6}/64", "dev", ifname, "nodad"])
     ns.run(["ip", "link", "set", ifname, "up"])
+    if peer6:
+        # An IPv6 "peer" address does not route to the peer on a TUN device (the kernel routes the local
+        # address instead): say it explicitly.
+        ns.run(["ip", "-6", "route", "replace", f"{peer6}/128", "dev", ifname])
 
 
 @dataclass(frozen=True)

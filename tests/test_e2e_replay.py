@@ -1,0 +1,301 @@
+"""Acceptance: real traffic captured with tcpdump in a "pod" namespace, replayed by the real CLI.
+
+Ground truth is what the real server's application received. Every replayed connection must carry exactly
+those bytes (connections matched by content), and the JSON summary must count what happened.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.netlab import traffic
+from tests.netlab.capture import (
+    LINKTYPE_EN10MB,
+    LINKTYPE_LINUX_SLL2,
+    LINKTYPE_RAW,
+    Capture,
+    pcap_linktype,
+    tshark_count,
+)
+from tests.netlab.lab import NsRecorder, ReplayResult, contents, replay, run_cli
+from tests.netlab.netns import Link, netns, veth_lab
+from tests.netlab.recorder import ConnRecord
+from tests.netlab.tunlink import Impairment, tun_between
+
+PORT = 8080
+Drive = Callable[[Link], None]
+
+
+@pytest.fixture
+def veth() -> Iterator[Link]:
+    with veth_lab() as link:
+        yield link
+
+
+def capture(link: Link, pcap: Path, drive: Drive, iface: str | None = None) -> list[ConnRecord]:
+    """Run `drive` against a recorder in the server namespace while tcpdump captures there."""
+    server = NsRecorder(link.server, pcap.with_suffix(".server.json"), PORT).start()
+    try:
+        with Capture(link.server, iface or link.server_if, pcap):
+            drive(link)
+    finally:
+        records = server.stop()
+    assert records, "the scenario produced no traffic"
+    return records
+
+
+def assert_replayed(result: ReplayResult, truth: list[ConnRecord]) -> None:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert contents(result.records) == contents(truth)
+    assert all(r.end == "eof" for r in result.records), [r.end for r in result.records]
+    conns = result.connections
+    assert conns["seen"] == len(truth)
+    assert conns["complete"] == len(truth)
+    for key in ("incomplete", "dropped", "failed", "skipped"):
+        assert conns[key] == 0, (key, conns)
+    assert result.summary["bytes_delivered"] == sum(len(r.data) for r in truth)
+    assert result.summary["packets"] > 0
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str] | ReplayResult) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert lines and lines[-1].startswith("error:"), proc.stderr
+    assert len(lines) == 1, proc.stderr
+
+
+def keepalive_and_raw(host: str, tag: str) -> Drive:
+    def drive(link: Link) -> None:
+        base = f"http://{traffic.url_host(host)}:{PORT}"
+        out = traffic.curl(link.client, [f"{base}/", f"{base}/api/items?page=2", f"{base}/static/app.js"])
+        assert out.count("ok GET") == 3
+        traffic.raw_conns(link.client, host, PORT, 3, 5000, tag=tag)
+
+    return drive
+
+
+@pytest.mark.netns
+def test_curl_keepalive(veth: Link, tmp_path: Path) -> None:
+    pcap = tmp_path / "keepalive.pcap"
+    base = f"http://{veth.server_ip4}:{PORT}"
+    urls = [f"{base}/r{i}?q={'x' * i}" for i in range(6)]
+
+    def drive(link: Link) -> None:
+        traffic.curl(link.client, urls)
+
+    truth = capture(veth, pcap, drive)
+    assert len(truth) == 1 and len(truth[0].requests) == 6
+    result = replay(pcap, expect_conns=1)
+    assert_replayed(result, truth)
+    assert result.records[0].requests == truth[0].requests
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("kind", ["veth-en10mb", "any-sll2", "tun-raw"])
+def test_link_types(kind: str, tmp_path: Path) -> None:
+    pcap = tmp_path / f"{kind}.pcap"
+    if kind == "tun-raw":
+        with netns() as c, netns() as s, tun_between(c, s) as tl:
+            truth = capture(tl.link, pcap, keepalive_and_raw(tl.link.server_ip4, kind))
+    else:
+        with veth_lab() as link:
+            iface = "any" if kind == "any-sll2" else None
+            truth = capture(link, pcap, keepalive_and_raw(link.server_ip4, kind), iface=iface)
+    expected = {"veth-en10mb": LINKTYPE_EN10MB, "any-sll2": LINKTYPE_LINUX_SLL2, "tun-raw": LINKTYPE_RAW}[kind]
+    assert pcap_linktype(pcap) == expected
+    assert_replayed(replay(pcap, expect_conns=len(truth)), truth)
+
+
+@pytest.mark.netns
+def test_200_concurrent_short_connections(veth: Link, tmp_path: Path) -> None:
+    pcap = tmp_path / "many.pcap"
+
+    def drive(link: Link) -> None:
+        traffic.raw_conns(link.client, link.server_ip4, PORT, 200, 700, tag="many")
+
+    truth = capture(veth, pcap, drive)
+    assert contents(truth) == sorted(traffic.payload("many", i, 700) for i in range(200))
+    assert_replayed(replay(pcap, expect_conns=200, http=False), truth)
+
+
+@pytest.mark.netns
+def test_multi_megabyte_upload(veth: Link, tmp_path: Path) -> None:
+    pcap = tmp_path / "upload.pcap"
+    body = tmp_path / "body.bin"
+    body.write_bytes(os.urandom(8 << 20))
+
+    def drive(link: Link) -> None:
+        traffic.curl_upload(link.client, f"http://{link.server_ip4}:{PORT}/upload", body)
+
+    truth = capture(veth, pcap, drive)
+    assert len(truth) == 1 and len(truth[0].data) > 8 << 20
+    result = replay(pcap, expect_conns=1)
+    assert_replayed(result, truth)
+    assert result.records[0].requests == ["PUT /upload"]
+
+
+@pytest.mark.netns
+def test_ipv6(veth: Link, tmp_path: Path) -> None:
+    pcap = tmp_path / "v6.pcap"
+    truth = capture(veth, pcap, keepalive_and_raw(veth.server_ip6, "v6"))
+    assert all(r.client.startswith("[fd00:") for r in truth)
+    assert_replayed(replay(pcap, expect_conns=len(truth)), truth)
+
+
+@pytest.mark.netns
+def test_impaired_link_loss_reorder_duplication(tmp_path: Path) -> None:
+    pcap = tmp_path / "impaired.pcap"
+    imp = Impairment(loss=0.03, dup=0.03, reorder=0.04, delay_ms=1.0, seed=7)
+
+    def drive(link: Link) -> None:
+        traffic.raw_conns(link.client, link.server_ip4, PORT, 12, 100_000, tag="imp", chunks=4, pause=0.01)
+        keepalive_and_raw(link.server_ip6, "imp6")(link)
+
+    with netns() as c, netns() as s, tun_between(c, s, imp) as tl:
+        truth = capture(tl.link, pcap, drive)
+        stats = tl.stop()
+    assert stats.lost > 0 and stats.duplicated > 0 and stats.reordered > 0
+    # Not vacuous: the capture really holds what the replay engine must clean up.
+    assert tshark_count(pcap, "tcp.analysis.retransmission || tcp.analysis.fast_retransmission") > 0
+    assert tshark_count(pcap, "tcp.analysis.out_of_order || tcp.analysis.lost_segment") > 0
+    assert_replayed(replay(pcap, expect_conns=len(truth)), truth)
+
+
+@pytest.mark.netns
+def test_capture_started_mid_connection(veth: Link, tmp_path: Path) -> None:
+    pcap = tmp_path / "mid.pcap"
+    server = NsRecorder(veth.server, tmp_path / "mid.server.json", PORT).start()
+    clients = traffic.TwoPhase(veth.client, veth.server_ip4, PORT, 4, 6000, tag="mid")
+    try:
+        clients.wait_phase1()
+        with Capture(veth.server, veth.server_if, pcap):
+            clients.finish()
+            traffic.raw_conns(veth.client, veth.server_ip4, PORT, 2, 3000, tag="fresh")
+    finally:
+        clients.kill()
+        truth = server.stop()
+    fresh = sorted(bytes(r.data) for r in truth if bytes(r.data).startswith(b"conn-fresh-"))
+    # What the capture could see of a joined connection: the server's bytes from the first late byte on.
+    mid = sorted(bytes(r.data)[bytes(r.data).index(traffic.LATE):] for r in truth if traffic.LATE in r.data)
+    assert len(fresh) == 2 and len(mid) == 4
+
+    result = replay(pcap, ["--port", str(PORT)], expect_conns=6, http=False)
+    assert result.returncode == 0, result.stderr
+    assert contents(result.records) == sorted(fresh + mid)
+    conns = result.connections
+    assert (conns["seen"], conns["partial"], conns["skipped"], conns["incomplete"]) == (6, 4, 0, 0), conns
+
+    skipped = replay(pcap, ["--port", str(PORT), "--skip-partial"], expect_conns=2, http=False)
+    assert skipped.returncode == 0, skipped.stderr
+    assert contents(skipped.records) == fresh
+    conns = skipped.connections
+    assert (conns["seen"], conns["partial"], conns["skipped"], conns["complete"]) == (6, 4, 4, 2), conns
+
+
+def _data_frames(pcap: Path) -> list[tuple[int, int, int, int]]:
+    """(frame, stream, relative seq, length) of every client->server data segment."""
+    out = subprocess.run(["tshark", "-n", "-r", str(pcap), "-Y", f"tcp.dstport=={PORT} && tcp.len>0", "-T", "fields",
+                          "-e", "frame.number", "-e", "tcp.stream", "-e", "tcp.seq", "-e", "tcp.len"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return [tuple(int(x) for x in line.split("\t")) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
+
+
+@pytest.mark.netns
+def test_segment_removed_from_capture_aborts_that_flow(veth: Link, tmp_path: Path) -> None:
+    pcap, holed = tmp_path / "whole.pcap", tmp_path / "holed.pcap"
+    truth = capture(veth, pcap, lambda link: traffic.raw_conns(
+        link.client, link.server_ip4, PORT, 4, 20_000, tag="hole", chunks=5, pause=0.02, sequential=True))
+    frames = _data_frames(pcap)
+    victim_stream = 1
+    seg = [f for f in frames if f[1] == victim_stream]
+    assert len(seg) >= 3, frames
+    frame, _, seq, _ = seg[len(seg) // 2]
+    subprocess.run(["editcap", str(pcap), str(holed), str(frame)], capture_output=True, timeout=60, check=True)
+    hole_at = seq - 1  # tshark's relative seq counts the SYN as 1
+
+    result = replay(holed, expect_conns=4, http=False)
+    assert "Traceback" not in result.stderr
+    conns = result.connections
+    assert (conns["seen"], conns["complete"], conns["incomplete"]) == (4, 3, 1), conns
+    originals = {bytes(r.data) for r in truth}
+    reset = [r for r in result.records if r.end == "reset"]
+    clean = [r for r in result.records if r.end == "eof"]
+    assert len(reset) == 1 and len(clean) == 3, [(r.end, len(r.data)) for r in result.records]
+    assert {bytes(r.data) for r in clean} <= originals
+    got = bytes(reset[0].data)
+    assert len(got) <= hole_at, "bytes after the hole reached the target"
+    assert any(o.startswith(got) and len(o) > hole_at for o in originals - {bytes(r.data) for r in clean})
+
+
+# ---- bad input through the CLI ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_pcap(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[ConnRecord]]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    pcap = tmp_path_factory.mktemp("small") / "small.pcap"
+    with veth_lab() as link:
+        truth = capture(link, pcap, lambda lk: traffic.raw_conns(
+            lk.client, lk.server_ip4, PORT, 8, 6000, tag="seq", sequential=True))
+    return pcap, truth
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pcap"
+    empty.write_bytes(b"")
+    result = replay(empty)
+    assert_one_line_error(result)
+    assert result.records == []
+
+
+def test_text_file_is_not_a_capture(tmp_path: Path) -> None:
+    text = tmp_path / "notes.pcap"
+    text.write_text("this is not a capture\n" * 20)
+    result = replay(text)
+    assert_one_line_error(result)
+    assert result.records == []
+
+
+@pytest.mark.netns
+def test_truncated_capture_replays_the_good_part(small_pcap: tuple[Path, list[ConnRecord]], tmp_path: Path) -> None:
+    pcap, truth = small_pcap
+    data = pcap.read_bytes()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    check = subprocess.run(["tshark", "-n", "-r", str(cut)], capture_output=True, text=True, timeout=60, check=False)
+    assert "cut short in the middle of a packet" in check.stderr, "the cut must land inside a packet"
+
+    result = replay(cut, http=False)
+    assert_one_line_error(result)
+    originals = {bytes(r.data) for r in truth}
+    delivered = [bytes(r.data) for r in result.records]
+    assert sum(1 for d in delivered if d in originals) >= 3, "connections before the cut must arrive whole"
+    assert all(any(o.startswith(d) for o in originals) for d in delivered), "nothing invented, no holes"
+
+
+@pytest.mark.netns
+def test_unreachable_target(small_pcap: tuple[Path, list[ConnRecord]]) -> None:
+    pcap, _ = small_pcap
+    with socket.socket() as s:  # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        proc = run_cli(["replay", str(pcap), "--to", f"127.0.0.1:{port}", "--json"], timeout=60)
+    assert_one_line_error(proc)
+    assert proc.stdout == ""
+
+
+def test_port_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
+    empty = tmp_path / "x.pcap"
+    empty.write_bytes(b"")
+    proc = run_cli(["replay", str(empty), "--to", "127.0.0.1:9", "--port", "70000"], timeout=60)
+    assert proc.returncode == 2
+    assert_one_line_error(proc)
