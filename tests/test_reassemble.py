@@ -152,6 +152,13 @@ def test_overlap_with_buffered_bytes_first_received_wins() -> None:
     assert sent(acts) == b"abcdEFGHij"
 
 
+def test_overlap_starting_inside_a_buffered_chunk() -> None:
+    t = FlowTable(FlowConfig())
+    c = Conn()
+    acts = feed(t, c.syn(), c.data(4, b"efgh"), c.data(6, b"XXij"), c.data(2, b"cdXXXXXXkl"), c.data(0, b"ab"))
+    assert sent(acts) == b"abcdefghijkl"
+
+
 def test_out_of_order_layers_released_when_the_gap_fills() -> None:
     t = FlowTable(FlowConfig())
     c = Conn()
