@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 from .errors import EXIT_USAGE, MirrorError, UsageError
@@ -87,8 +88,15 @@ def add_replay_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--tshark", metavar="PATH", help="tshark to use (default: found on PATH)")
 
 
+class MirrorArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one kubectl-style line that points at --help, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see '{self.prog} --help'")
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = MirrorArgumentParser(
         prog=prog,
         description="Mirror real in-cluster TCP traffic to a service on your machine, read-only.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,7 +109,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"kubectl-mirror {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=MirrorArgumentParser)
     replay = sub.add_parser(
         "replay",
         help="replay a pcap file (or - for stdin) to a local service, offline",
@@ -120,9 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(prog)
     try:
         args = parser.parse_args(argv[1:])
-    except SystemExit as exc:  # argparse already printed usage and the error
-        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    try:
         if args.command == "replay":
             from .pipeline import run_replay
 
