@@ -1,0 +1,259 @@
+"""The run's result: counted as flows end, rendered for humans (stderr) or as stable JSON (--json)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import EXIT_DELIVERY, EXIT_OK
+from .model import EndReason, FlowRecord, Outcome
+from .replay import Delivery
+
+# ---- the --json contract: add fields, never rename or remove them --------------------------------
+
+
+class Connections(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seen: int = Field(default=0, ge=0)  # complete + incomplete + dropped + failed + skipped
+    complete: int = Field(default=0, ge=0)
+    partial: int = Field(default=0, ge=0)  # joined mid-stream; also counted under its outcome
+    incomplete: int = Field(default=0, ge=0)
+    dropped: int = Field(default=0, ge=0)
+    failed: int = Field(default=0, ge=0)
+    skipped: int = Field(default=0, ge=0)
+
+
+class Summary(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str  # pcap path, "-" for stdin, or the pod (namespace/name)
+    target: str  # the --to destination, e.g. 127.0.0.1:8080
+    packets: int = Field(default=0, ge=0)
+    bytes_captured: int = Field(default=0, ge=0)
+    tcp_segments: int = Field(default=0, ge=0)
+    connections: Connections = Field(default_factory=Connections)
+    bytes_delivered: int = Field(default=0, ge=0)
+    stream_gaps: int = Field(default=0, ge=0)  # times the live capture stream was interrupted and reconnected
+    duration_seconds: float = Field(default=0.0, ge=0)
+    direction_guessed: int = Field(default=0, ge=0)  # flows whose server side was a guess (no SYN, no --port)
+    interrupted: bool = False
+    warnings: list[str] = Field(default_factory=list)
+
+
+# ---- merging what the flow table and the replayer each know -------------------------------------
+
+_SEVERITY: dict[Outcome, int] = {Outcome.COMPLETE: 0, Outcome.INCOMPLETE: 1, Outcome.DROPPED: 2, Outcome.FAILED: 3}
+
+
+def merge_outcome(record: FlowRecord, delivery: Delivery | None) -> Outcome:
+    """Worst wins: FAILED > DROPPED > INCOMPLETE > COMPLETE. A skipped flow was never replayed."""
+    if record.outcome is Outcome.SKIPPED:
+        return Outcome.SKIPPED
+    outcome: Outcome = record.outcome
+    if delivery is not None and delivery.outcome is not None and _SEVERITY[delivery.outcome] > _SEVERITY[outcome]:
+        outcome = delivery.outcome
+    if outcome is Outcome.COMPLETE and record.end is EndReason.GAVE_UP:
+        # The replayer stopped it but its verdict got lost: it was not delivered whole, whatever else is true.
+        outcome = Outcome.INCOMPLETE
+    return outcome
+
+
+@dataclass
+class SummaryBuilder:
+    """Counts flows as they end; only flows still waiting for their other half are held in memory.
+
+    The flow table's FlowRecord and the replayer's Delivery of one flow arrive separately and in either
+    order: feed both (add_record / add_delivery) and they are paired by flow id, or pair them yourself
+    with add_flow.
+    """
+
+    source: str
+    target: str
+    packets: int = 0
+    bytes_captured: int = 0
+    tcp_segments: int = 0
+    stream_gaps: int = 0
+    warnings: list[str] = field(default_factory=list)
+    _counts: dict[Outcome, int] = field(init=False, default_factory=lambda: dict.fromkeys(Outcome, 0))
+    _partial: int = field(init=False, default=0)
+    _guessed: int = field(init=False, default=0)
+    _delivered: int = field(init=False, default=0)
+    _records: dict[int, FlowRecord] = field(init=False, default_factory=dict)
+    _deliveries: dict[int, Delivery] = field(init=False, default_factory=dict)
+
+    def add_capture(self, *, packets: int = 0, bytes_captured: int = 0, tcp_segments: int = 0) -> None:
+        self.packets += packets
+        self.bytes_captured += bytes_captured
+        self.tcp_segments += tcp_segments
+
+    def add_stream_gap(self) -> None:
+        self.stream_gaps += 1
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def add_flow(self, record: FlowRecord, delivery: Delivery | None) -> Outcome:
+        """Count one finished flow; returns its final outcome."""
+        outcome = merge_outcome(record, delivery)
+        self._counts[outcome] += 1
+        self._partial += record.partial
+        self._guessed += record.direction_guessed
+        if outcome is not Outcome.SKIPPED:
+            # What the target's kernel accepted, when the replayer says; else what was handed to it.
+            self._delivered += delivery.bytes_sent if delivery is not None else record.bytes_delivered
+        return outcome
+
+    def add_record(self, record: FlowRecord) -> Outcome | None:
+        """A flow ended in the flow table. Counted now if its delivery is known (or none will come)."""
+        if record.outcome is Outcome.SKIPPED:
+            return self.add_flow(record, None)
+        delivery = self._deliveries.pop(record.flow, None)
+        if delivery is None:
+            self._records[record.flow] = record
+            return None
+        return self.add_flow(record, delivery)
+
+    def add_delivery(self, delivery: Delivery) -> Outcome | None:
+        """The replayer finished a flow. Counted now if its record is known."""
+        record = self._records.pop(delivery.flow, None)
+        if record is None:
+            self._deliveries[delivery.flow] = delivery
+            return None
+        return self.add_flow(record, delivery)
+
+    @property
+    def pending(self) -> int:
+        """Flows with only one half known so far."""
+        return len(self._records) + len(self._deliveries)
+
+    def build(self, *, duration_seconds: float, interrupted: bool = False) -> Summary:
+        """The summary so far. Records still without a delivery count as handed over; lone deliveries are
+        flows the flow table never reported, so they are counted on the replayer's word alone."""
+        counts = dict(self._counts)
+        partial, guessed, delivered = self._partial, self._guessed, self._delivered
+        for record in self._records.values():
+            outcome = merge_outcome(record, None)
+            counts[outcome] += 1
+            partial += record.partial
+            guessed += record.direction_guessed
+            delivered += record.bytes_delivered if outcome is not Outcome.SKIPPED else 0
+        for delivery in self._deliveries.values():
+            counts[delivery.outcome or Outcome.COMPLETE] += 1
+            delivered += delivery.bytes_sent
+        return Summary(
+            source=self.source,
+            target=self.target,
+            packets=self.packets,
+            bytes_captured=self.bytes_captured,
+            tcp_segments=self.tcp_segments,
+            connections=Connections(
+                seen=sum(counts.values()),
+                complete=counts[Outcome.COMPLETE],
+                partial=partial,
+                incomplete=counts[Outcome.INCOMPLETE],
+                dropped=counts[Outcome.DROPPED],
+                failed=counts[Outcome.FAILED],
+                skipped=counts[Outcome.SKIPPED],
+            ),
+            bytes_delivered=delivered,
+            stream_gaps=self.stream_gaps,
+            duration_seconds=round(max(0.0, duration_seconds), 3),
+            direction_guessed=guessed,
+            interrupted=interrupted,
+            warnings=list(self.warnings),
+        )
+
+
+def exit_code(summary: Summary) -> int:
+    c = summary.connections
+    return EXIT_DELIVERY if c.failed or c.dropped else EXIT_OK
+
+
+# ---- rendering -----------------------------------------------------------------------------------
+
+
+def render_json(summary: Summary) -> str:
+    return summary.model_dump_json(indent=2)
+
+
+# What a non-zero count means, and what to do about it.
+_HINTS = {
+    "incomplete": ("the capture missed bytes: cut at the hole with a reset, never delivered with holes",
+                   "raise --hole-timeout if packets arrive late"),
+    "dropped": ("your service read too slowly and its buffer overflowed",
+                "raise --flow-buffer or slow down with --speed"),
+    "failed": ("your service refused or reset the connection",
+               "check its logs, and that it is still up at --to"),
+}
+_LABEL = 13
+_FIGURE = 10
+
+
+def render_text(summary: Summary) -> str:
+    """A few aligned lines for stderr: what went where, how much, and what to do about anything wrong."""
+    c = summary.connections
+    header = f"{summary.source} -> {summary.target}"
+    lines = [header + ("  (interrupted)" if summary.interrupted else ""), ""]
+
+    def row(label: str, figure: str, detail: str = "") -> None:
+        lines.append(f"  {label:<{_LABEL}}{figure:>{_FIGURE}}   {detail}".rstrip())
+
+    segments = f"{_count(summary.tcp_segments)} TCP segment{_s(summary.tcp_segments)}"
+    row("packets", _count(summary.packets), f"{_size(summary.bytes_captured)} captured, {segments}")
+    outcomes = [("complete", c.complete), ("incomplete", c.incomplete), ("dropped", c.dropped),
+                ("failed", c.failed), ("skipped", c.skipped)]
+    counted = ", ".join(f"{_count(n)} {name}" for name, n in outcomes if n or name == "complete")
+    row("connections", _count(c.seen), counted)
+    notes = []
+    if c.partial:
+        notes.append(f"{_count(c.partial)} joined mid-stream")
+    if summary.direction_guessed:
+        notes.append(f"{_count(summary.direction_guessed)} with a guessed server side (use --port)")
+    if notes:
+        row("", "", ", ".join(notes))
+    row("delivered", _size(summary.bytes_delivered), f"in {_duration(summary.duration_seconds)}")
+    if summary.stream_gaps:
+        row("stream gaps", _count(summary.stream_gaps), "the live capture reconnected; flows across a gap are cut")
+
+    problems = [(name, n) for name, n in outcomes if n and name in _HINTS]
+    if problems or summary.warnings:
+        lines.append("")
+    for name, n in problems:
+        meaning, action = _HINTS[name]
+        row(name, _count(n), meaning)
+        row("", "", f"-> {action}")
+    for warning in summary.warnings:
+        row("warning", "", warning)
+    return "\n".join(lines) + "\n"
+
+
+def _count(n: int) -> str:
+    return f"{n:,}"
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
