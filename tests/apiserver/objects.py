@@ -162,7 +162,8 @@ def owner_ref(owner: Obj) -> Obj:
 
 
 def workload(kind: str, ns: str, name: str, match_labels: dict[str, str], replicas: int, containers: list[Obj]) -> Obj:
-    template = {"metadata": {"labels": dict(match_labels)}, "spec": {"containers": [_container(c) for c in containers]}}
+    template: Obj = {"metadata": {"labels": dict(match_labels)},
+                     "spec": {"containers": [_container(c) for c in containers]}}
     spec: Obj = {"selector": {"matchLabels": dict(match_labels)}, "template": template}
     status: Obj = {}
     if kind in ("Deployment", "ReplicaSet", "StatefulSet"):

@@ -42,9 +42,11 @@ def apply_patch(content_type: str, target: Obj, patch: Any) -> Obj:
     if not isinstance(patch, dict):
         raise bad_request("json: cannot unmarshal array into Go value of type map[string]interface {}")
     if ctype == MERGE_PATCH:
-        return merge_patch(target, patch)
+        merged: Obj = merge_patch(target, patch)
+        return merged
     if ctype == STRATEGIC:
-        return strategic_merge(target, patch)
+        strategic: Obj = strategic_merge(target, patch)
+        return strategic
     raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - accepted media "
                    f"types include: {JSON_PATCH}, {MERGE_PATCH}, {STRATEGIC}, {APPLY}")
 

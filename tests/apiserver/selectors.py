@@ -16,7 +16,9 @@ _SET_RE = re.compile(r"^\s*([A-Za-z0-9_./-]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
 
 def _split_top_level(text: str) -> list[str]:
     # Commas inside "in (a,b)" belong to the requirement, not the list of requirements.
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "(":
             depth += 1
@@ -99,9 +101,10 @@ def field_selector(text: str | None, kind: str) -> Predicate:
             raise bad_request(f"invalid selector: '{text}'; can't understand '{req}'")
         allowed = _FIELD_LABELS if kind == "Pod" else {"metadata.name", "metadata.namespace"}
         if key not in allowed:
-            raise bad_request(f'field label not supported: {key}')
-        if op == "!=":
-            preds.append(lambda obj, k=key, v=value: _field_value(obj, k) != v)
-        else:
-            preds.append(lambda obj, k=key, v=value: _field_value(obj, k) == v)
+            raise bad_request(f"field label not supported: {key}")
+        preds.append(_field_predicate(key, value, negate=op == "!="))
     return lambda obj: all(p(obj) for p in preds)
+
+
+def _field_predicate(key: str, value: str, negate: bool) -> Predicate:
+    return lambda obj: (_field_value(obj, key) == value) != negate

@@ -16,7 +16,7 @@ from .processes import ProcessTable
 from .resources import BY_KIND, BY_PATH, Resource
 from .selectors import field_selector, label_selector
 from .settings import Settings
-from .status import ApiError, bad_request, forbidden, invalid, no_such_path, rbac_forbidden, unauthorized
+from .status import ApiError, bad_request, conflict, forbidden, invalid, no_such_path, rbac_forbidden, unauthorized
 from .store import Store
 from .tables import to_table, wants_table
 
@@ -200,6 +200,9 @@ class ApiServer:
             if not rv:
                 raise invalid("Pod", name, [{"reason": "FieldValueInvalid", "field": "metadata.resourceVersion",
                                              "message": "Invalid value: 0x0: must be specified for an update"}])
+        if rv and rv != old["metadata"]["resourceVersion"]:
+            # The storage layer compares resourceVersions before validation or admission ever run.
+            raise conflict("pods", name)
         new = ephemeral.merge_into(old, requested)
         ephemeral.apply_defaults(new)
         errs = ephemeral.validate_update(old, new)

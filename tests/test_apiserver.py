@@ -1,0 +1,640 @@
+"""The fake API server against real clients: the kubernetes python client, websocket-client and kubectl."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from http.client import HTTPSConnection
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websocket
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+from kubernetes.stream import stream
+
+from tests.apiserver import FakeCluster, PodNetns
+
+Obj = dict[str, Any]
+KUBECTL = shutil.which("kubectl")
+TAP = {
+    "name": "mirror-tap",
+    "image": "ghcr.io/example/tap:1",
+    "command": ["sleep", "infinity"],
+    "targetContainerName": "web",
+    "securityContext": {"capabilities": {"add": ["NET_RAW"]}},
+}
+WEB = [{"name": "web", "image": "nginx:1.27", "ports": [{"name": "http", "containerPort": 80}]}]
+
+
+@pytest.fixture
+def fc(tmp_path: Path) -> Iterator[FakeCluster]:
+    with FakeCluster(tmp_path, token="t0ken", user="alice") as cluster:
+        cluster.tap_start_delay = 0.05
+        yield cluster
+
+
+@pytest.fixture
+def netns() -> Iterator[PodNetns]:
+    with PodNetns() as pod:
+        yield pod
+
+
+@pytest.fixture
+def core(fc: FakeCluster) -> client.CoreV1Api:
+    return client.CoreV1Api(config.new_client_from_config(config_file=str(fc.kubeconfig)))
+
+
+def raw(fc: FakeCluster, method: str, path: str, body: Any = None, token: str = "t0ken",
+        headers: dict[str, str] | None = None) -> tuple[int, Obj]:
+    ctx = ssl.create_default_context(cafile=str(fc.ca_file))
+    host, port = urllib.parse.urlsplit(fc.url).netloc.split(":")
+    conn = HTTPSConnection(host, int(port), context=ctx, timeout=10)
+    try:
+        hdrs = {"Authorization": f"Bearer {token}", "Accept": "application/json", **(headers or {})}
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def api_error(exc: ApiException) -> Obj:
+    return json.loads(exc.body)  # type: ignore[no-any-return]
+
+
+def add_ephemeral(core: client.CoreV1Api, ns: str, pod: str, container: Obj) -> Obj:
+    body = {"spec": {"ephemeralContainers": [container]}}
+    return core.api_client.sanitize_for_serialization(  # type: ignore[no-any-return]
+        core.patch_namespaced_pod_ephemeralcontainers(pod, ns, body))
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ec_state(fc: FakeCluster, ns: str, pod: str, name: str) -> Obj:
+    for s in fc.get_pod(ns, pod)["status"].get("ephemeralContainerStatuses", []):
+        if s["name"] == name:
+            return s["state"]  # type: ignore[no-any-return]
+    return {}
+
+
+# --- authentication, discovery --------------------------------------------------------------------------------
+
+def test_wrong_token_is_401_status(fc: FakeCluster) -> None:
+    code, body = raw(fc, "GET", "/api/v1/namespaces/default/pods", token="nope")
+    assert code == 401
+    assert body == {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": "Unauthorized", "reason": "Unauthorized", "code": 401}
+    assert raw(fc, "GET", "/api/v1/namespaces/default/pods")[0] == 200
+
+
+def test_tls_is_verified_against_the_test_ca(fc: FakeCluster, tmp_path: Path) -> None:
+    ctx = ssl.create_default_context()  # system CAs only: the fake server's certificate must not pass
+    host, port = urllib.parse.urlsplit(fc.url).netloc.split(":")
+    conn = HTTPSConnection(host, int(port), context=ctx, timeout=10)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        conn.request("GET", "/version")
+    conn.close()
+
+
+def test_discovery_documents(fc: FakeCluster) -> None:
+    assert raw(fc, "GET", "/version")[1]["gitVersion"].startswith("v1.")
+    _, v1 = raw(fc, "GET", "/api/v1")
+    names = {r["name"] for r in v1["resources"]}
+    assert {"pods", "pods/exec", "pods/ephemeralcontainers", "services", "namespaces"} <= names
+    _, groups = raw(fc, "GET", "/apis")
+    assert {g["name"] for g in groups["groups"]} == {"apps", "batch"}
+    _, apps = raw(fc, "GET", "/apis/apps/v1")
+    assert {r["name"] for r in apps["resources"]} >= {"deployments", "replicasets", "statefulsets", "daemonsets"}
+    assert raw(fc, "GET", "/openapi/v2")[0] == 404
+
+
+# --- objects, selectors, watch --------------------------------------------------------------------------------
+
+def test_list_and_get_pods_with_selectors(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_pod("default", "web-1", labels={"app": "web", "tier": "front"}, containers=WEB)
+    fc.add_pod("default", "web-2", labels={"app": "web"}, containers=WEB, phase="Pending", ready=False)
+    fc.add_pod("default", "api-1", labels={"app": "api"})
+    fc.add_pod("other", "web-9", labels={"app": "web"})
+
+    def names(**kw: Any) -> list[str]:
+        return sorted(p.metadata.name for p in core.list_namespaced_pod("default", **kw).items)
+
+    assert names() == ["api-1", "web-1", "web-2"]
+    assert names(label_selector="app=web") == ["web-1", "web-2"]
+    assert names(label_selector="app in (web, api),tier") == ["web-1"]
+    assert names(label_selector="app!=web") == ["api-1"]
+    assert names(label_selector="!tier,app notin (api)") == ["web-2"]
+    assert names(field_selector="status.phase=Running") == ["api-1", "web-1"]
+    assert names(field_selector="metadata.name=web-2") == ["web-2"]
+    assert sorted(p.metadata.name for p in core.list_pod_for_all_namespaces(label_selector="app=web").items) == [
+        "web-1", "web-2", "web-9"]
+
+    pod = core.read_namespaced_pod("web-1", "default")
+    assert pod.metadata.uid and pod.metadata.resource_version
+    assert pod.spec.containers[0].ports[0].container_port == 80 and pod.spec.node_name
+    assert pod.status.phase == "Running" and pod.status.pod_ip
+    assert [c.status for c in pod.status.conditions if c.type == "Ready"] == ["True"]
+    assert pod.status.container_statuses[0].ready is True
+    pending = core.read_namespaced_pod("web-2", "default")
+    assert pending.status.container_statuses[0].state.waiting.reason == "ContainerCreating"
+
+    with pytest.raises(ApiException) as err:
+        core.read_namespaced_pod("nope", "default")
+    assert err.value.status == 404
+    assert api_error(err.value) == {
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": 'pods "nope" not found',
+        "reason": "NotFound", "details": {"name": "nope", "kind": "pods"}, "code": 404}
+    code, body = raw(fc, "GET", "/api/v1/namespaces/default/pods?labelSelector=" + urllib.parse.quote("app in (web"))
+    assert code == 400 and body["reason"] == "BadRequest"
+
+
+def test_list_kind_and_items_like_a_real_server(fc: FakeCluster) -> None:
+    fc.add_pod("default", "web-1")
+    _, body = raw(fc, "GET", "/api/v1/namespaces/default/pods")
+    assert body["kind"] == "PodList" and body["apiVersion"] == "v1" and body["metadata"]["resourceVersion"]
+    assert "kind" not in body["items"][0]
+
+
+def test_workloads_own_their_pods(fc: FakeCluster) -> None:
+    fc.add_pod("default", "web-1", labels={"app": "web"})
+    fc.add_deployment("default", "web", match_labels={"app": "web"}, replicas=2)
+    fc.add_pod("default", "web-2", labels={"app": "web"})
+    fc.add_statefulset("default", "db", match_labels={"app": "db"})
+    fc.add_pod("default", "db-0", labels={"app": "db"})
+    fc.add_job("default", "once", match_labels={"job": "once"})
+    apps = client.AppsV1Api(config.new_client_from_config(config_file=str(fc.kubeconfig)))
+    batch = client.BatchV1Api(config.new_client_from_config(config_file=str(fc.kubeconfig)))
+    deploy = apps.read_namespaced_deployment("web", "default")
+    assert deploy.spec.selector.match_labels == {"app": "web"} and deploy.spec.replicas == 2
+    (rs,) = apps.list_namespaced_replica_set("default").items
+    assert rs.metadata.owner_references[0].kind == "Deployment"
+    assert rs.metadata.owner_references[0].uid == deploy.metadata.uid
+    for name in ("web-1", "web-2"):
+        pod = fc.get_pod("default", name)
+        (ref,) = pod["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
+            "ReplicaSet", rs.metadata.name, rs.metadata.uid, True)
+        assert pod["metadata"]["labels"]["pod-template-hash"] == rs.spec.selector.match_labels["pod-template-hash"]
+    sts = apps.read_namespaced_stateful_set("db", "default")
+    assert fc.get_pod("default", "db-0")["metadata"]["ownerReferences"][0]["uid"] == sts.metadata.uid
+    assert batch.read_namespaced_job("once", "default").spec.selector.match_labels == {"job": "once"}
+    with pytest.raises(ApiException) as err:
+        apps.read_namespaced_daemon_set("web", "default")
+    assert api_error(err.value)["message"] == 'daemonsets.apps "web" not found'
+
+
+def test_services_and_namespaces(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_namespace("shop", labels={"pod-security.kubernetes.io/enforce": "baseline"})
+    fc.add_service("shop", "web", selector={"app": "web"},
+                   ports=[{"name": "http", "port": 80, "targetPort": "http"}, {"name": "m", "port": 9090}])
+    svc = core.read_namespaced_service("web", "shop")
+    assert svc.spec.selector == {"app": "web"}
+    assert [(p.name, p.port, p.target_port) for p in svc.spec.ports] == [("http", 80, "http"), ("m", 9090, 9090)]
+    ns = core.read_namespace("shop")
+    assert ns.metadata.labels["pod-security.kubernetes.io/enforce"] == "baseline"
+    assert ns.metadata.labels["kubernetes.io/metadata.name"] == "shop"
+
+
+def test_watch_streams_added_then_modified(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_pod("default", "web-1", labels={"app": "web"})
+    fc.add_pod("default", "api-1", labels={"app": "api"})
+    timer = threading.Timer(0.3, lambda: fc.set_pod_phase("default", "web-1", "Failed", ready=False))
+    timer.start()
+    seen = []
+    try:
+        w = watch.Watch()
+        for event in w.stream(core.list_namespaced_pod, "default", label_selector="app=web", timeout_seconds=10):
+            seen.append((event["type"], event["object"].metadata.name, event["object"].status.phase))
+            if event["type"] == "MODIFIED":
+                w.stop()
+    finally:
+        timer.cancel()
+    assert seen == [("ADDED", "web-1", "Running"), ("MODIFIED", "web-1", "Failed")]
+
+
+def test_watch_from_resource_version_and_timeout(fc: FakeCluster) -> None:
+    fc.add_pod("default", "web-1")
+    _, listing = raw(fc, "GET", "/api/v1/namespaces/default/pods")
+    rv = listing["metadata"]["resourceVersion"]
+    fc.delete_pod("default", "web-1")
+    fc.add_pod("default", "web-2")
+    ctx = ssl.create_default_context(cafile=str(fc.ca_file))
+    host, port = urllib.parse.urlsplit(fc.url).netloc.split(":")
+    conn = HTTPSConnection(host, int(port), context=ctx, timeout=10)
+    conn.request("GET", f"/api/v1/namespaces/default/pods?watch=true&resourceVersion={rv}&timeoutSeconds=1",
+                 headers={"Authorization": "Bearer t0ken"})
+    lines = conn.getresponse().read().decode().splitlines()  # ends by itself when timeoutSeconds is up
+    conn.close()
+    events = [(e["type"], e["object"]["metadata"]["name"]) for e in map(json.loads, lines)]
+    assert events == [("DELETED", "web-1"), ("ADDED", "web-2")]
+
+
+# --- ephemeral containers -------------------------------------------------------------------------------------
+
+def test_add_ephemeral_container_then_kubelet_runs_it(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_pod("default", "web-1", labels={"app": "web"}, containers=WEB)
+    fc.tap_start_delay = 0.3
+    pod = add_ephemeral(core, "default", "web-1", TAP)
+    (ec,) = pod["spec"]["ephemeralContainers"]
+    assert ec["name"] == "mirror-tap" and ec["securityContext"]["capabilities"]["add"] == ["NET_RAW"]
+    assert ec["terminationMessagePolicy"] == "File"  # defaulted by the server
+    assert (fc.requests[-1]) == ("PATCH", "/api/v1/namespaces/default/pods/web-1/ephemeralcontainers")
+    states = []
+    w = watch.Watch()
+    for event in w.stream(core.list_namespaced_pod, "default", field_selector="metadata.name=web-1",
+                          resource_version=pod["metadata"]["resourceVersion"], timeout_seconds=10):
+        for s in event["object"].status.ephemeral_container_statuses or []:
+            states.append("running" if s.state.running else s.state.waiting.reason)
+        if states and states[-1] == "running":
+            w.stop()
+    assert states == ["ContainerCreating", "running"]
+    assert core.read_namespaced_pod_ephemeralcontainers("web-1", "default").spec.ephemeral_containers[0].name == (
+        "mirror-tap")
+
+
+def test_ephemeral_validation_is_422(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_pod("default", "web-1", containers=WEB)
+
+    def rejected(container: Obj) -> Obj:
+        with pytest.raises(ApiException) as err:
+            add_ephemeral(core, "default", "web-1", container)
+        assert err.value.status == 422
+        return api_error(err.value)
+
+    body = rejected({**TAP, "ports": [{"containerPort": 9}], "readinessProbe": {"exec": {"command": ["true"]}}})
+    assert body["reason"] == "Invalid" and body["details"]["kind"] == "Pod"
+    assert body["message"] == (
+        'Pod "web-1" is invalid: [spec.ephemeralContainers[0].ports: Forbidden: cannot be set for an Ephemeral '
+        "Container, spec.ephemeralContainers[0].readinessProbe: Forbidden: cannot be set for an Ephemeral Container]")
+    assert rejected({**TAP, "name": "web"})["message"] == (
+        'Pod "web-1" is invalid: spec.ephemeralContainers[0].name: Duplicate value: "web"')
+    assert rejected({**TAP, "targetContainerName": "nope"})["details"]["causes"] == [
+        {"reason": "FieldValueNotFound", "message": 'Not found: "nope"',
+         "field": "spec.ephemeralContainers[0].targetContainerName"}]
+    assert "ephemeralContainers" not in fc.get_pod("default", "web-1")["spec"]  # nothing stored by a rejection
+
+    add_ephemeral(core, "default", "web-1", TAP)
+    changed = rejected({**TAP, "image": "other:2"})
+    assert 'existing ephemeral containers "mirror-tap" may not be changed' in changed["message"]
+    with pytest.raises(ApiException) as err:
+        core.patch_namespaced_pod_ephemeralcontainers(
+            "web-1", "default", [{"op": "remove", "path": "/spec/ephemeralContainers/0"}])
+    assert err.value.status == 422
+    assert 'existing ephemeral containers "mirror-tap" may not be removed' in api_error(err.value)["message"]
+
+
+def test_json_patch_and_merge_patch_add(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_pod("default", "web-1", containers=WEB)
+    pod = core.patch_namespaced_pod_ephemeralcontainers(
+        "web-1", "default", [{"op": "add", "path": "/spec/ephemeralContainers", "value": [TAP]}])
+    assert [c.name for c in pod.spec.ephemeral_containers] == ["mirror-tap"]
+    second = {**TAP, "name": "tap-2"}
+    current = fc.get_pod("default", "web-1")["spec"]["ephemeralContainers"]
+    code, body = raw(fc, "PATCH", "/api/v1/namespaces/default/pods/web-1/ephemeralcontainers",
+                     {"spec": {"ephemeralContainers": [*current, second]}},
+                     headers={"Content-Type": "application/merge-patch+json"})
+    assert code == 200, body
+    assert [c["name"] for c in body["spec"]["ephemeralContainers"]] == ["mirror-tap", "tap-2"]
+
+
+def test_put_with_stale_resource_version_is_409(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_pod("default", "web-1", containers=WEB)
+    stale = fc.get_pod("default", "web-1")
+    add_ephemeral(core, "default", "web-1", TAP)
+    stale["spec"]["ephemeralContainers"] = [{**TAP, "name": "late"}]
+    code, body = raw(fc, "PUT", "/api/v1/namespaces/default/pods/web-1/ephemeralcontainers", stale)
+    assert code == 409 and body["reason"] == "Conflict"
+    assert body["message"].startswith('Operation cannot be fulfilled on pods "web-1": the object has been modified')
+    fresh = fc.get_pod("default", "web-1")
+    fresh["spec"]["ephemeralContainers"].append({**TAP, "name": "late"})
+    code, body = raw(fc, "PUT", "/api/v1/namespaces/default/pods/web-1/ephemeralcontainers", fresh)
+    assert code == 200 and [c["name"] for c in body["spec"]["ephemeralContainers"]] == ["mirror-tap", "late"]
+
+
+def test_rbac_forbidden_message(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_pod("default", "web-1", containers=WEB)
+    fc.fail_forbidden(verb="patch", resource="pods", subresource="ephemeralcontainers")
+    with pytest.raises(ApiException) as err:
+        add_ephemeral(core, "default", "web-1", TAP)
+    assert err.value.status == 403
+    assert api_error(err.value) == {
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": 'pods "web-1" is forbidden: User "alice" cannot patch resource "pods/ephemeralcontainers" in API '
+                   'group "" in the namespace "default"',
+        "reason": "Forbidden", "details": {"name": "web-1", "kind": "pods"}, "code": 403}
+    assert core.read_namespaced_pod("web-1", "default").spec.ephemeral_containers is None
+
+
+def test_rbac_allow_list(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_pod("default", "web-1", containers=WEB)
+    fc.allow_only([("get", "pods", ""), ("patch", "pods", "ephemeralcontainers")])
+    core.read_namespaced_pod("web-1", "default")
+    add_ephemeral(core, "default", "web-1", TAP)
+    with pytest.raises(ApiException) as err:
+        core.list_namespaced_pod("default")
+    assert api_error(err.value)["message"] == (
+        'pods is forbidden: User "alice" cannot list resource "pods" in API group "" in the namespace "default"')
+
+
+def test_pod_security_baseline_rejects_net_raw(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_namespace("shop", labels={"pod-security.kubernetes.io/enforce": "baseline"})
+    fc.add_pod("shop", "web-1", containers=WEB)
+    with pytest.raises(ApiException) as err:
+        add_ephemeral(core, "shop", "web-1", TAP)
+    assert err.value.status == 403
+    assert api_error(err.value)["message"] == (
+        'pods "web-1" is forbidden: violates PodSecurity "baseline:latest": non-default capabilities (container '
+        '"mirror-tap" must not include "NET_RAW" in securityContext.capabilities.add)')
+    without = {k: v for k, v in TAP.items() if k != "securityContext"}
+    add_ephemeral(core, "shop", "web-1", without)
+
+
+def test_pod_security_restricted_lists_every_violation(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_namespace("locked", labels={"pod-security.kubernetes.io/enforce": "restricted"})
+    compliant_app = {**WEB[0], "securityContext": {
+        "runAsNonRoot": True, "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"}}}
+    fc.add_pod("locked", "web-1", containers=[compliant_app])
+    with pytest.raises(ApiException) as err:
+        add_ephemeral(core, "locked", "web-1", TAP)
+    assert api_error(err.value)["message"] == (
+        'pods "web-1" is forbidden: violates PodSecurity "restricted:latest": allowPrivilegeEscalation != false '
+        '(container "mirror-tap" must set securityContext.allowPrivilegeEscalation=false), unrestricted capabilities '
+        '(container "mirror-tap" must set securityContext.capabilities.drop=["ALL"]; container "mirror-tap" must not '
+        'include "NET_RAW" in securityContext.capabilities.add), runAsNonRoot != true (pod or container "mirror-tap" '
+        'must set securityContext.runAsNonRoot=true), seccompProfile (pod or container "mirror-tap" must set '
+        'securityContext.seccompProfile.type to "RuntimeDefault" or "Localhost")')
+    ok = {**TAP, "securityContext": compliant_app["securityContext"]}
+    add_ephemeral(core, "locked", "web-1", ok)
+
+
+def test_pod_security_privileged_allows_net_raw(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_namespace("ops", labels={"pod-security.kubernetes.io/enforce": "privileged"})
+    fc.add_pod("ops", "web-1", containers=WEB)
+    assert add_ephemeral(core, "ops", "web-1", TAP)["spec"]["ephemeralContainers"][0]["name"] == "mirror-tap"
+
+
+def test_no_ephemeral_containers_subresource_is_404(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_pod("default", "web-1", containers=WEB)
+    fc.fail_no_ephemeral_containers()
+    with pytest.raises(ApiException) as err:
+        add_ephemeral(core, "default", "web-1", TAP)
+    assert err.value.status == 404
+    assert api_error(err.value)["message"] == "the server could not find the requested resource"
+
+
+def test_image_pull_failure_states(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_pod("default", "web-1", containers=WEB)
+    fc.fail_image_pull(image_prefix="ghcr.io/example/")
+    add_ephemeral(core, "default", "web-1", TAP)
+    wait_for(lambda: ec_state(fc, "default", "web-1", "mirror-tap").get("waiting", {}).get("reason") == "ErrImagePull",
+             what="ErrImagePull")
+    wait_for(lambda: ec_state(fc, "default", "web-1", "mirror-tap").get("waiting", {}).get("reason")
+             == "ImagePullBackOff", what="ImagePullBackOff")
+    add_ephemeral(core, "default", "web-1", {**TAP, "name": "other", "image": "busybox:1.36"})
+    wait_for(lambda: "running" in ec_state(fc, "default", "web-1", "other"), what="other running")
+
+
+# --- exec -----------------------------------------------------------------------------------------------------
+
+class ExecResult:
+    def __init__(self) -> None:
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.status: Obj | None = None
+        self.protocol = ""
+
+
+def exec_url(fc: FakeCluster, ns: str, pod: str, argv: list[str], container: str = "", stdin: bool = False) -> str:
+    query = [("command", a) for a in argv] + [("stdout", "true"), ("stderr", "true")]
+    if container:
+        query.append(("container", container))
+    if stdin:
+        query.append(("stdin", "true"))
+    return fc.url.replace("https://", "wss://") + f"/api/v1/namespaces/{ns}/pods/{pod}/exec?" + urllib.parse.urlencode(
+        query)
+
+
+def ws_connect(fc: FakeCluster, url: str, protocols: list[str]) -> websocket.WebSocket:
+    return websocket.create_connection(url, header=["Authorization: Bearer t0ken"], subprotocols=protocols,
+                                       sslopt={"ca_certs": str(fc.ca_file)}, timeout=30)
+
+
+def ws_exec(fc: FakeCluster, ns: str, pod: str, argv: list[str], container: str = "",
+            protocols: tuple[str, ...] = ("v5.channel.k8s.io", "v4.channel.k8s.io"),
+            stdin_data: bytes | None = None) -> ExecResult:
+    ws = ws_connect(fc, exec_url(fc, ns, pod, argv, container, stdin=stdin_data is not None), list(protocols))
+    result = ExecResult()
+    result.protocol = ws.getsubprotocol() or ""
+    try:
+        if stdin_data is not None:
+            ws.send_binary(b"\x00" + stdin_data)
+            ws.send_binary(bytes((255, 0)))  # v5: close stdin
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            opcode, data = ws.recv_data()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                break
+            if not data:
+                continue
+            if data[0] == 1:
+                result.stdout += data[1:]
+            elif data[0] == 2:
+                result.stderr += data[1:]
+            elif data[0] == 3:
+                result.status = json.loads(data[1:])
+    except websocket.WebSocketConnectionClosedException:
+        pass
+    finally:
+        ws.close()
+    return result
+
+
+@pytest.fixture
+def netpod(fc: FakeCluster, netns: PodNetns) -> PodNetns:
+    fc.add_pod("default", "web-1", labels={"app": "web"}, containers=WEB, netns=netns.name)
+    return netns
+
+
+@pytest.mark.netns
+def test_exec_runs_inside_the_pod_network_namespace(fc: FakeCluster, core: client.CoreV1Api, netpod: PodNetns) -> None:
+    assert fc.get_pod("default", "web-1")["status"]["podIP"] == netpod.ip
+    out = stream(core.connect_get_namespaced_pod_exec, "web-1", "default", command=["ip", "-o", "-4", "addr"],
+                 stderr=True, stdin=False, stdout=True, tty=False)
+    assert f"inet {netpod.ip}/30" in out
+    assert netpod.host_ip + "/" not in out  # the host side of the veth is not visible from inside
+    result = ws_exec(fc, "default", "web-1", ["ip", "-o", "link"])
+    assert result.protocol == "v5.channel.k8s.io"
+    assert result.status == {"metadata": {}, "status": "Success"}
+    assert sorted(line.split(":")[1].strip().split("@")[0] for line in result.stdout.decode().splitlines()) == [
+        "eth0", "lo"]
+
+
+@pytest.mark.netns
+def test_exec_streams_binary_exactly(fc: FakeCluster, netpod: PodNetns, tmp_path: Path) -> None:
+    blob = tmp_path / "blob"
+    with open("/dev/urandom", "rb") as src:
+        blob.write_bytes(src.read(10 << 20))
+    for protocols in (("v5.channel.k8s.io",), ("v4.channel.k8s.io",)):
+        result = ws_exec(fc, "default", "web-1", ["cat", str(blob)], protocols=protocols)
+        assert result.protocol == protocols[0]
+        assert len(result.stdout) == 10 << 20
+        assert hashlib.sha256(result.stdout).hexdigest() == hashlib.sha256(blob.read_bytes()).hexdigest()
+        assert result.status == {"metadata": {}, "status": "Success"}
+
+
+@pytest.mark.netns
+def test_exec_base64_protocol(fc: FakeCluster, netpod: PodNetns) -> None:
+    ws = ws_connect(fc, exec_url(fc, "default", "web-1", ["printf", "\\001\\377x"]), ["v4.base64.channel.k8s.io"])
+    frames = []
+    try:
+        while True:
+            opcode, data = ws.recv_data()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                break
+            frames.append((opcode, data))
+    except websocket.WebSocketConnectionClosedException:
+        pass
+    ws.close()
+    stdout = [d for op, d in frames if op == websocket.ABNF.OPCODE_TEXT and d[:1] == b"1"]
+    assert stdout == [b"1" + __import__("base64").b64encode(b"\x01\xffx")]
+
+
+@pytest.mark.netns
+def test_exec_stdin_and_v5_close(fc: FakeCluster, netpod: PodNetns) -> None:
+    data = bytes(range(256)) * 1000
+    result = ws_exec(fc, "default", "web-1", ["sha256sum"], stdin_data=data)
+    assert result.stdout.decode().split()[0] == hashlib.sha256(data).hexdigest()
+    assert result.status == {"metadata": {}, "status": "Success"}
+
+
+@pytest.mark.netns
+def test_exec_exit_code_and_stderr(fc: FakeCluster, netpod: PodNetns) -> None:
+    result = ws_exec(fc, "default", "web-1", ["sh", "-c", "echo oops >&2; exit 7"])
+    assert result.stderr == b"oops\n"
+    assert result.status is not None
+    assert result.status["status"] == "Failure" and result.status["reason"] == "NonZeroExitCode"
+    assert result.status["details"] == {"causes": [{"reason": "ExitCode", "message": "7"}]}
+    missing = ws_exec(fc, "default", "web-1", ["no-such-binary-km"])
+    assert missing.status is not None and missing.status["reason"] == "InternalError"
+    assert 'exec: "no-such-binary-km": executable file not found in $PATH' in missing.status["message"]
+
+
+@pytest.mark.netns
+def test_exec_container_errors(fc: FakeCluster, core: client.CoreV1Api, netpod: PodNetns) -> None:
+    with pytest.raises(websocket.WebSocketBadStatusException) as bad:
+        ws_exec(fc, "default", "web-1", ["true"], container="nope")
+    assert bad.value.status_code == 400
+    assert json.loads(bad.value.resp_body)["message"] == "container nope is not valid for pod web-1"
+    fc.tap_start_delay = 5.0
+    add_ephemeral(core, "default", "web-1", TAP)
+    with pytest.raises(websocket.WebSocketBadStatusException) as waiting:
+        ws_exec(fc, "default", "web-1", ["true"], container="mirror-tap")
+    assert waiting.value.status_code == 500
+    assert waiting.value.resp_body == b'container not found ("mirror-tap")'
+    fc.add_pod("default", "ghost", containers=WEB, netns=None)
+    with pytest.raises(websocket.WebSocketBadStatusException) as ghost:
+        ws_exec(fc, "default", "ghost", ["true"])
+    assert json.loads(ghost.value.resp_body)["message"].startswith("error dialing backend")
+
+
+@pytest.mark.netns
+def test_exec_in_running_ephemeral_container(fc: FakeCluster, core: client.CoreV1Api, netpod: PodNetns) -> None:
+    add_ephemeral(core, "default", "web-1", TAP)
+    wait_for(lambda: "running" in ec_state(fc, "default", "web-1", "mirror-tap"), what="tap running")
+    result = ws_exec(fc, "default", "web-1", ["ip", "-o", "-4", "addr", "show", "eth0"], container="mirror-tap")
+    assert netpod.ip in result.stdout.decode()
+
+
+@pytest.mark.netns
+def test_disconnect_leaves_the_process_running_unless_told(fc: FakeCluster, netpod: PodNetns) -> None:
+    ws = ws_connect(fc, exec_url(fc, "default", "web-1", ["sleep", "37"]), ["v5.channel.k8s.io"])
+    wait_for(lambda: [p for p in fc.exec_processes() if p[1] == ["sleep", "37"]], what="sleep started")
+    ws.close()
+    time.sleep(0.5)  # give the server every chance to (wrongly) clean up; not a timing assertion
+    (pid, argv), = fc.exec_processes()
+    assert argv == ["sleep", "37"]
+    assert Path(f"/proc/{pid}/ns/net").resolve() != Path("/proc/self/ns/net").resolve()  # inside the pod's netns
+    Path(f"/proc/{pid}").stat()  # still alive
+
+    fc.exec_kill_on_disconnect = True
+    ws = ws_connect(fc, exec_url(fc, "default", "web-1", ["sleep", "38"]), ["v5.channel.k8s.io"])
+    wait_for(lambda: [p for p in fc.exec_processes() if p[1] == ["sleep", "38"]], what="second sleep started")
+    ws.close()
+    wait_for(lambda: not [p for p in fc.exec_processes() if p[1] == ["sleep", "38"]], what="killed on disconnect")
+    assert [argv for _, argv in fc.exec_processes()] == [["sleep", "37"]]
+
+
+@pytest.mark.netns
+def test_exit_kills_what_is_left(tmp_path: Path, netns: PodNetns) -> None:
+    with FakeCluster(tmp_path) as cluster:
+        cluster.add_pod("default", "web-1", containers=WEB, netns=netns.name)
+        ws = ws_connect(cluster, exec_url(cluster, "default", "web-1", ["sleep", "39"]), ["v5.channel.k8s.io"])
+        ((pid, _),) = wait_for(cluster.exec_processes, what="sleep started")
+        ws.close()
+    assert not Path(f"/proc/{pid}").exists() or "sleep" not in Path(f"/proc/{pid}/cmdline").read_text()
+
+
+@pytest.mark.netns
+def test_exec_throughput_websocket_client(fc: FakeCluster, netpod: PodNetns) -> None:
+    start = time.monotonic()
+    result = ws_exec(fc, "default", "web-1", ["head", "-c", "50M", "/dev/zero"])
+    elapsed = time.monotonic() - start
+    assert len(result.stdout) == 50 << 20 and result.stdout.count(0) == len(result.stdout)
+    print(f"\nwebsocket-client exec: {len(result.stdout) / elapsed / 1e6:.0f} MB/s")
+
+
+# --- real kubectl ---------------------------------------------------------------------------------------------
+
+def kubectl(fc: FakeCluster, *args: str) -> subprocess.CompletedProcess[bytes]:
+    assert KUBECTL is not None
+    return subprocess.run([KUBECTL, "--kubeconfig", str(fc.kubeconfig), *args], capture_output=True, timeout=60,
+                          check=False)
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
+def test_kubectl_get_pods(fc: FakeCluster) -> None:
+    fc.add_pod("default", "web-1", containers=WEB)
+    fc.add_pod("default", "web-2", containers=WEB, phase="Pending", ready=False)
+    out = kubectl(fc, "get", "pods", "-n", "default")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.decode().splitlines()]
+    assert rows[0][:3] == ["NAME", "READY", "STATUS"]
+    assert [r[:3] for r in rows[1:]] == [["web-1", "1/1", "Running"], ["web-2", "0/1", "ContainerCreating"]]
+    as_json = json.loads(kubectl(fc, "get", "pod", "web-1", "-o", "json").stdout)
+    assert as_json["kind"] == "Pod" and as_json["metadata"]["name"] == "web-1"
+    denied = kubectl(fc, "--token", "wrong", "get", "pods")
+    assert denied.returncode != 0 and b"Unauthorized" in denied.stderr
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
+def test_kubectl_exec(fc: FakeCluster, netpod: PodNetns) -> None:
+    out = kubectl(fc, "exec", "web-1", "--", "echo", "hi")
+    assert (out.returncode, out.stdout) == (0, b"hi\n"), out.stderr
+    assert ("GET", "/api/v1/namespaces/default/pods/web-1/exec") in fc.requests
+    failed = kubectl(fc, "exec", "web-1", "--", "sh", "-c", "exit 3")
+    assert failed.returncode == 3 and b"command terminated with exit code 3" in failed.stderr
+    start = time.monotonic()
+    big = kubectl(fc, "exec", "web-1", "--", "head", "-c", "50M", "/dev/zero")
+    elapsed = time.monotonic() - start
+    assert big.returncode == 0 and len(big.stdout) == 50 << 20
+    print(f"\nkubectl exec: {len(big.stdout) / elapsed / 1e6:.0f} MB/s")
