@@ -590,3 +590,22 @@ def test_stats() -> None:
     feed(t, c.sack(0), c.syn(), c.data(4, b"x"), c.data(0, b"abcd"), c.data(0, b"ab"))
     s = t.stats
     assert (s.segments, s.ignored, s.ooo_segments, s.dup_bytes, s.flows) == (5, 1, 1, 2, 1)
+
+
+def test_reuse_after_give_up_opens_a_new_flow() -> None:
+    t = FlowTable(FlowConfig())
+    a, b = Conn(isn=1000), Conn(isn=5_000_000)
+    feed(t, a.syn(), a.data(0, b"one"))
+    t.give_up(1)
+    t.pop_finished()
+    acts = feed(t, a.data(3, b"more"), b.syn(1.0), b.data(0, b"two", 1.0))
+    assert acts == [Open(2, CLIENT, SERVER, False, 1.0), Send(2, b"two", 1.0)]
+    assert t.pop_finished() == []  # the given-up flow was already recorded once
+
+
+def test_rst_and_server_data_of_unknown_connections_open_nothing() -> None:
+    t = FlowTable(FlowConfig())
+    c = Conn()
+    assert feed(t, c.rst(0), c.srst(), c.sack(0, payload=b"response bytes")) == []
+    assert t.stats.ignored == 3
+    assert len(t._flows) == 0

@@ -42,7 +42,8 @@ def transmissions(draw: st.DrawFn, max_len: int = 3000) -> tuple[bytes, int, lis
         size = draw(st.integers(1, max_piece))
         pieces.append(Piece(pos, stream[pos : pos + size]))
         pos += size
-    if pieces and draw(st.booleans()):
+    fin_on_last = draw(st.booleans())
+    if pieces and fin_on_last:
         pieces[-1].fin = True
     else:
         pieces.append(Piece(len(stream), b"", fin=True))
