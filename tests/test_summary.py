@@ -1,0 +1,219 @@
+"""The run summary: merging verdicts, counting as flows end, and both renderings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from kubectl_mirror.errors import EXIT_DELIVERY, EXIT_OK
+from kubectl_mirror.model import Endpoint, EndReason, FlowRecord, Outcome
+from kubectl_mirror.replay import Delivery
+from kubectl_mirror.summary import (
+    Connections,
+    Summary,
+    SummaryBuilder,
+    exit_code,
+    merge_outcome,
+    render_json,
+    render_text,
+)
+
+CLIENT = Endpoint("10.0.0.1", 40000)
+SERVER = Endpoint("10.0.0.2", 80)
+
+
+def record(
+    flow: int,
+    outcome: Outcome = Outcome.COMPLETE,
+    *,
+    end: EndReason = EndReason.FIN,
+    sent: int = 100,
+    partial: bool = False,
+    guessed: bool = False,
+) -> FlowRecord:
+    return FlowRecord(flow, CLIENT, SERVER, partial, outcome, end, sent, 0.0, 1.0, guessed)
+
+
+def delivery(flow: int, outcome: Outcome | None = None, sent: int = 100) -> Delivery:
+    return Delivery(flow, outcome, sent, None if outcome is None else "why")
+
+
+# ---- merge_outcome -------------------------------------------------------------------------------
+
+WORST_FIRST = [Outcome.FAILED, Outcome.DROPPED, Outcome.INCOMPLETE, Outcome.COMPLETE]
+
+
+@pytest.mark.parametrize("mine", [Outcome.COMPLETE, Outcome.INCOMPLETE])
+@pytest.mark.parametrize("theirs", [None, Outcome.DROPPED, Outcome.FAILED])
+def test_merge_worst_wins(mine: Outcome, theirs: Outcome | None) -> None:
+    got = merge_outcome(record(1, mine), delivery(1, theirs))
+    candidates = [mine] if theirs is None else [mine, theirs]
+    assert got is min(candidates, key=WORST_FIRST.index)
+
+
+def test_merge_without_delivery_keeps_the_flow_tables_verdict() -> None:
+    assert merge_outcome(record(1), None) is Outcome.COMPLETE
+    assert merge_outcome(record(1, Outcome.INCOMPLETE, end=EndReason.HOLE), None) is Outcome.INCOMPLETE
+
+
+def test_merge_skipped_stays_skipped() -> None:
+    assert merge_outcome(record(1, Outcome.SKIPPED), delivery(1, Outcome.FAILED)) is Outcome.SKIPPED
+
+
+def test_merge_given_up_flow_is_never_complete() -> None:
+    assert merge_outcome(record(1, end=EndReason.GAVE_UP), None) is Outcome.INCOMPLETE
+    assert merge_outcome(record(1, end=EndReason.GAVE_UP), delivery(1, Outcome.DROPPED)) is Outcome.DROPPED
+
+
+# ---- counting ------------------------------------------------------------------------------------
+
+
+def test_builder_counts_every_outcome_and_pairs_in_either_order() -> None:
+    b = SummaryBuilder("capture.pcap", "127.0.0.1:8080")
+    # record first, then delivery
+    assert b.add_record(record(1, sent=1000)) is None
+    assert b.add_delivery(delivery(1, sent=1000)) is Outcome.COMPLETE
+    # delivery first, then record
+    assert b.add_delivery(delivery(2, Outcome.DROPPED, sent=300)) is None
+    assert b.add_record(record(2, sent=5000, partial=True)) is Outcome.DROPPED
+    b.add_flow(record(3, Outcome.INCOMPLETE, end=EndReason.HOLE, sent=40, partial=True), delivery(3, sent=40))
+    b.add_flow(record(4, sent=7, guessed=True), delivery(4, Outcome.FAILED, sent=0))
+    assert b.add_record(record(5, Outcome.SKIPPED, sent=0, partial=True)) is Outcome.SKIPPED  # no delivery will come
+    b.add_flow(record(6, sent=1), delivery(6, sent=1))
+    assert b.pending == 0
+    b.add_capture(packets=10, bytes_captured=2000, tcp_segments=9)
+    b.add_capture(packets=5, bytes_captured=1000, tcp_segments=4)
+    b.add_stream_gap()
+    b.warn("tshark reported malformed packets")
+    b.warn("tshark reported malformed packets")
+
+    s = b.build(duration_seconds=12.3456, interrupted=True)
+
+    assert s.connections == Connections(
+        seen=6, complete=2, partial=3, incomplete=1, dropped=1, failed=1, skipped=1
+    )
+    # What reached the target, on the replayer's word: not what the flow table handed over.
+    assert s.bytes_delivered == 1000 + 300 + 40 + 0 + 1
+    assert (s.packets, s.bytes_captured, s.tcp_segments) == (15, 3000, 13)
+    assert s.stream_gaps == 1 and s.direction_guessed == 1
+    assert s.duration_seconds == 12.346 and s.interrupted
+    assert s.warnings == ["tshark reported malformed packets"]
+
+
+def test_builder_holds_only_unpaired_flows() -> None:
+    b = SummaryBuilder("pod", "127.0.0.1:8080")
+    for flow in range(10_000):
+        b.add_record(record(flow))
+        b.add_delivery(delivery(flow))
+        assert b.pending == 0
+    assert b.build(duration_seconds=1).connections.complete == 10_000
+
+
+def test_build_counts_the_unpaired_halves() -> None:
+    b = SummaryBuilder("pod", "t")
+    b.add_record(record(1, sent=10))  # the replayer never reported it
+    b.add_delivery(delivery(2, Outcome.FAILED, sent=3))  # the flow table never reported it
+    s = b.build(duration_seconds=0)
+    assert (s.connections.seen, s.connections.complete, s.connections.failed) == (2, 1, 1)
+    assert s.bytes_delivered == 13
+    assert b.pending == 2  # build() does not consume: it can be called for progress
+
+
+# ---- exit code -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("connections", "code"),
+    [
+        (Connections(seen=3, complete=1, incomplete=1, skipped=1), EXIT_OK),
+        (Connections(), EXIT_OK),
+        (Connections(seen=2, complete=1, dropped=1), EXIT_DELIVERY),
+        (Connections(seen=2, complete=1, failed=1), EXIT_DELIVERY),
+    ],
+)
+def test_exit_code(connections: Connections, code: int) -> None:
+    assert exit_code(Summary(source="s", target="t", connections=connections)) == code
+
+
+# ---- rendering -----------------------------------------------------------------------------------
+
+
+def full_summary() -> Summary:
+    return Summary(
+        source="capture.pcap",
+        target="127.0.0.1:8080",
+        packets=123_456,
+        bytes_captured=98_765_432,
+        tcp_segments=120_000,
+        connections=Connections(seen=1240, complete=1200, partial=12, incomplete=20, dropped=15, failed=5),
+        bytes_delivered=80_000_000,
+        stream_gaps=2,
+        duration_seconds=83.2,
+        direction_guessed=3,
+        interrupted=True,
+        warnings=["tshark reported 12 malformed packets"],
+    )
+
+
+def test_json_round_trips_through_the_model() -> None:
+    s = full_summary()
+    text = render_json(s)
+    assert Summary.model_validate_json(text) == s
+    data = json.loads(text)
+    # The --json contract: these names are public.
+    assert list(data) == [
+        "source", "target", "packets", "bytes_captured", "tcp_segments", "connections", "bytes_delivered",
+        "stream_gaps", "duration_seconds", "direction_guessed", "interrupted", "warnings",
+    ]
+    assert list(data["connections"]) == ["seen", "complete", "partial", "incomplete", "dropped", "failed", "skipped"]
+    assert data["connections"]["dropped"] == 15 and data["bytes_delivered"] == 80_000_000
+
+
+def test_json_rejects_unknown_fields_and_negative_counts() -> None:
+    with pytest.raises(ValidationError):
+        Summary.model_validate({"source": "s", "target": "t", "packet": 1})
+    with pytest.raises(ValidationError):
+        Connections(seen=-1)
+
+
+def test_text_shows_every_figure_and_a_hint_per_problem() -> None:
+    text = render_text(full_summary())
+    assert text.splitlines()[0] == "capture.pcap -> 127.0.0.1:8080  (interrupted)"
+    for figure in ("123,456", "94.2 MiB captured", "120,000 TCP segments", "1,240", "1,200 complete",
+                   "20 incomplete", "15 dropped", "5 failed", "12 joined mid-stream", "3 with a guessed server side",
+                   "76.3 MiB", "in 1m23s", "tshark reported 12 malformed packets"):
+        assert figure in text, figure
+    assert "--hole-timeout" in text
+    assert "--flow-buffer" in text and "--speed" in text
+    assert "refused or reset" in text
+    assert "stream gaps" in text
+
+
+def test_text_columns_line_up() -> None:
+    lines = [line for line in render_text(full_summary()).splitlines()[2:] if line]
+    # Every detail starts in one column; every figure is right-aligned just before it.
+    assert all(line[25:28] == "   " and line[28] != " " for line in lines), lines
+    with_figures = [line for line in lines if line[15:25].strip()]
+    assert len(with_figures) == 7  # packets, connections, delivered, gaps and the three problems
+    assert all(line[24] != " " for line in with_figures), with_figures
+
+
+def test_text_stays_quiet_when_all_is_well() -> None:
+    s = Summary(
+        source="default/web-7d9f",
+        target="[::1]:8080",
+        packets=10,
+        bytes_captured=900,
+        tcp_segments=1,
+        connections=Connections(seen=1, complete=1),
+        bytes_delivered=12,
+        duration_seconds=1.5,
+    )
+    text = render_text(s)
+    assert text.splitlines()[0] == "default/web-7d9f -> [::1]:8080"
+    assert "900 B captured, 1 TCP segment\n" in text
+    assert "1 complete" in text and "12 B" in text and "in 1.5s" in text
+    for word in ("incomplete", "dropped", "failed", "skipped", "warning", "->  ", "mid-stream", "gaps"):
+        assert word not in text, word
