@@ -247,6 +247,31 @@ def test_watch_from_resource_version_and_timeout(fc: FakeCluster) -> None:
     assert events == [("DELETED", "web-1"), ("ADDED", "web-2")]
 
 
+def test_selector_watch_sees_objects_leave_and_enter(fc: FakeCluster, core: client.CoreV1Api) -> None:
+    fc.add_pod("default", "web-1", labels={"app": "web"})
+    fc.add_pod("default", "web-2", labels={"app": "web"}, phase="Pending", ready=False)
+
+    def move() -> None:
+        fc.set_pod_phase("default", "web-1", "Failed", ready=False)
+        fc.set_pod_phase("default", "web-2", "Running", ready=True)
+
+    timer = threading.Timer(0.3, move)
+    timer.start()
+    seen = []
+    try:
+        w = watch.Watch()
+        for event in w.stream(core.list_namespaced_pod, "default", field_selector="status.phase=Running",
+                              timeout_seconds=10):
+            seen.append((event["type"], event["object"].metadata.name))
+            if len(seen) == 3:
+                w.stop()
+    finally:
+        timer.cancel()
+    assert seen == [("ADDED", "web-1"), ("DELETED", "web-1"), ("ADDED", "web-2")]
+    failed = fc.get_pod("default", "web-1")["status"]["containerStatuses"][0]["state"]
+    assert failed["terminated"]["exitCode"] == 137
+
+
 # --- ephemeral containers -------------------------------------------------------------------------------------
 
 def test_add_ephemeral_container_then_kubelet_runs_it(fc: FakeCluster, core: client.CoreV1Api) -> None:
@@ -638,3 +663,23 @@ def test_kubectl_exec(fc: FakeCluster, netpod: PodNetns) -> None:
     elapsed = time.monotonic() - start
     assert big.returncode == 0 and len(big.stdout) == 50 << 20
     print(f"\nkubectl exec: {len(big.stdout) / elapsed / 1e6:.0f} MB/s")
+
+
+@pytest.mark.netns
+def test_deleting_the_pod_ends_its_exec_sessions(fc: FakeCluster, netpod: PodNetns) -> None:
+    ws = ws_connect(fc, exec_url(fc, "default", "web-1", ["sleep", "41"]), ["v5.channel.k8s.io"])
+    try:
+        wait_for(fc.exec_processes, what="sleep started")
+        fc.delete_pod("default", "web-1")
+        status = None
+        deadline = time.monotonic() + 20
+        while status is None and time.monotonic() < deadline:
+            opcode, data = ws.recv_data()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                break
+            if data[:1] == b"\x03":
+                status = json.loads(data[1:])
+    finally:
+        ws.close()
+    assert status is not None and status["details"]["causes"] == [{"reason": "ExitCode", "message": "137"}]
+    wait_for(lambda: fc.exec_processes() == [], what="process reaped")

@@ -20,7 +20,7 @@ from .resources import BY_KIND
 from .server import ApiServer
 from .settings import Settings
 from .status import ApiError
-from .store import Store
+from .store import Store, now_rfc3339
 from .tls import Credentials, write_kubeconfig
 
 Obj = dict[str, Any]
@@ -191,7 +191,9 @@ class FakeCluster:
         return self.store.get(BY_KIND["Pod"], ns, name)
 
     def delete_pod(self, ns: str, name: str) -> None:
+        """Delete a pod (DELETED event); its exec'd processes die with its containers."""
         self.store.delete(BY_KIND["Pod"], ns, name)
+        self._server.processes.kill_pod((ns, name))
 
     def set_pod_phase(self, ns: str, name: str, phase: str, ready: bool | None = None) -> Obj:
         """Move a pod on (MODIFIED event), e.g. to see a client notice that its target went away."""
@@ -203,6 +205,16 @@ class FakeCluster:
                     cond["status"] = "True" if ready else "False"
             for cs in pod["status"]["containerStatuses"]:
                 cs["ready"] = ready
+        if phase in ("Succeeded", "Failed"):
+            code = 0 if phase == "Succeeded" else 137
+            finished = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                       "finishedAt": now_rfc3339()}}
+            for key in ("containerStatuses", "ephemeralContainerStatuses"):
+                for cs in pod["status"].get(key, []):
+                    cs["state"], cs["ready"], cs["started"] = dict(finished), False, False
+            updated = self.store.update(BY_KIND["Pod"], pod)
+            self._server.processes.kill_pod((ns, name))  # the containers are gone, so is anything exec'd in them
+            return updated
         return self.store.update(BY_KIND["Pod"], pod)
 
     def _owner_for(self, ns: str, labels: dict[str, str]) -> Obj | None:

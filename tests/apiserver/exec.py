@@ -88,7 +88,10 @@ def start_failure(argv: list[str]) -> Obj:
 
 
 class ExecSession:
-    def __init__(self, ws: web.WebSocketResponse, protocol: str, settings: Settings, table: ProcessTable) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, protocol: str, settings: Settings, table: ProcessTable, pod: tuple[str, str]
+    ) -> None:
+        self.pod = pod
         self.ws = ws
         self.b64 = protocol == V4_B64
         self.v5 = protocol == V5
@@ -152,7 +155,7 @@ class ExecSession:
             stdin=pipe if stdin else null, stdout=pipe if stdout else null, stderr=pipe if stderr else null,
             start_new_session=True, limit=PIPE_LIMIT,
         )
-        self.table.add(argv, proc)
+        self.table.add(argv, proc, self.pod)
         pumps = [asyncio.ensure_future(self.pump(s, ch)) for s, ch in ((proc.stdout, STDOUT), (proc.stderr, STDERR))
                  if s is not None]
         for task in pumps:
@@ -210,5 +213,6 @@ async def handle(
         return web.Response(status=400, text=f"requested protocol(s) are not supported; supports {list(SUPPORTED)}")
     ws = web.WebSocketResponse(protocols=[protocol], compress=False, max_msg_size=16 << 20, autoping=True)
     await ws.prepare(request)
-    await ExecSession(ws, protocol, settings, table).run(netns, argv, stdin, stdout, stderr)
+    pod_key = (pod["metadata"]["namespace"], name)
+    await ExecSession(ws, protocol, settings, table, pod_key).run(netns, argv, stdin, stdout, stderr)
     return ws

@@ -12,11 +12,13 @@ class ProcessTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._procs: dict[int, tuple[list[str], asyncio.subprocess.Process]] = {}
+        self._owners: dict[int, tuple[str, str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def add(self, argv: list[str], proc: asyncio.subprocess.Process) -> None:
+    def add(self, argv: list[str], proc: asyncio.subprocess.Process, pod: tuple[str, str]) -> None:
         with self._lock:
             self._procs[proc.pid] = (argv, proc)
+            self._owners[proc.pid] = pod
         task = asyncio.get_running_loop().create_task(self._reap(proc))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -30,6 +32,7 @@ class ProcessTable:
         await proc.wait()
         with self._lock:
             self._procs.pop(proc.pid, None)
+            self._owners.pop(proc.pid, None)
 
     def running(self) -> list[tuple[int, list[str]]]:
         with self._lock:
@@ -42,6 +45,13 @@ class ProcessTable:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def kill_pod(self, pod: tuple[str, str]) -> None:
+        """A deleted or stopped pod takes its containers' processes with it."""
+        with self._lock:
+            pids = [pid for pid, owner in self._owners.items() if owner == pod]
+        for pid in pids:
+            self.kill_group(pid)
 
     def kill_all(self) -> None:
         for pid, _ in self.running():

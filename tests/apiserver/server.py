@@ -34,6 +34,22 @@ def respond(obj: Any, status: int = 200) -> web.Response:
     return web.Response(text=dumps(obj), status=status, content_type="application/json")
 
 
+def filter_event(event: Obj, matches: bool, shown: set[str]) -> Obj | None:
+    """A selector watch sees objects enter (ADDED) and leave (DELETED) its selection, like the watch cache does."""
+    uid = event["object"]["metadata"]["uid"]
+    # Replayed history (a resume from a resourceVersion) keeps its type: the client already knows what matched.
+    replayed = event.pop("replayed", False)
+    if event["type"] == "DELETED" or not matches:
+        if uid not in shown and not (replayed and matches):
+            return None
+        shown.discard(uid)
+        return {"type": "DELETED", "object": event["object"]}
+    if event["type"] == "MODIFIED" and uid not in shown and not replayed:
+        event = {"type": "ADDED", "object": event["object"]}
+    shown.add(uid)
+    return event
+
+
 class ApiServer:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
@@ -115,7 +131,10 @@ class ApiServer:
         if verb == "watch":
             return await self.watch(request, res, ns)
         if verb == "delete":
-            return respond(self.store.delete(res, ns, name))
+            deleted = self.store.delete(res, ns, name)
+            if res is PODS:
+                self.processes.kill_pod((ns, name))
+            return respond(deleted)
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
     @staticmethod
@@ -154,6 +173,7 @@ class ApiServer:
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, min(timeout, WATCH_DEFAULT_TIMEOUT))
+        shown: set[str] = set()  # uids this watcher has been shown as matching its selectors
         try:
             while True:
                 remaining = deadline - loop.time()
@@ -165,7 +185,8 @@ class ApiServer:
                     break
                 if event is None:
                     break
-                if match_l(event["object"]) and match_f(event["object"]):
+                event = filter_event(event, match_l(event["object"]) and match_f(event["object"]), shown)
+                if event is not None:
                     await resp.write((dumps(event) + "\n").encode())
         except (ConnectionError, RuntimeError):
             pass  # the client went away

@@ -143,7 +143,7 @@ class Store:
                     raise gone(f"too old resource version: {since_rv} ({oldest - 1})")
                 for ev_rv, ev_type, r, ns, obj in self._history:
                     if ev_rv > rv and r == res.name and (not namespace or ns == namespace):
-                        w.queue.put_nowait({"type": ev_type, "object": copy.deepcopy(obj)})
+                        w.queue.put_nowait({"type": ev_type, "object": copy.deepcopy(obj), "replayed": True})
             self._watchers.append(w)
         return w
 
