@@ -111,6 +111,16 @@ def test_builder_holds_only_unpaired_flows() -> None:
     assert b.build(duration_seconds=1).connections.complete == 10_000
 
 
+def test_batches_and_capture_figures_from_the_pipeline() -> None:
+    b = SummaryBuilder("pod", "t")
+    b.add_records([record(1), record(2, Outcome.SKIPPED)])
+    b.add_deliveries([delivery(1, Outcome.DROPPED)])
+    s = b.build(duration_seconds=1, packets=7, bytes_captured=70, tcp_segments=6, stream_gaps=1, open_flows=4)
+    assert (s.connections.seen, s.connections.dropped, s.connections.skipped) == (2, 1, 1)
+    assert (s.packets, s.bytes_captured, s.tcp_segments, s.stream_gaps, s.open_flows) == (7, 70, 6, 1, 4)
+    assert "open_flows" not in render_json(s)  # progress-only
+
+
 def test_build_counts_the_unpaired_halves() -> None:
     b = SummaryBuilder("pod", "t")
     b.add_record(record(1, sent=10))  # the replayer never reported it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,6 +41,8 @@ class Summary(BaseModel):
     direction_guessed: int = Field(default=0, ge=0)  # flows whose server side was a guess (no SYN, no --port)
     interrupted: bool = False
     warnings: list[str] = Field(default_factory=list)
+    # Progress snapshots only (flows still open mid-run); never part of the --json output.
+    open_flows: int | None = Field(default=None, exclude=True)
 
 
 # ---- merging what the flow table and the replayer each know -------------------------------------
@@ -124,14 +127,37 @@ class SummaryBuilder:
             return None
         return self.add_flow(record, delivery)
 
+    def add_records(self, records: Iterable[FlowRecord]) -> None:
+        for record in records:
+            self.add_record(record)
+
+    def add_deliveries(self, deliveries: Iterable[Delivery]) -> None:
+        """Feed Replayer.pop_finished() here: final deliveries only, each once."""
+        for delivery in deliveries:
+            self.add_delivery(delivery)
+
     @property
     def pending(self) -> int:
         """Flows with only one half known so far."""
         return len(self._records) + len(self._deliveries)
 
-    def build(self, *, duration_seconds: float, interrupted: bool = False) -> Summary:
-        """The summary so far. Records still without a delivery count as handed over; lone deliveries are
-        flows the flow table never reported, so they are counted on the replayer's word alone."""
+    def build(
+        self,
+        *,
+        duration_seconds: float,
+        interrupted: bool = False,
+        packets: int | None = None,
+        bytes_captured: int | None = None,
+        tcp_segments: int | None = None,
+        stream_gaps: int | None = None,
+        open_flows: int | None = None,
+    ) -> Summary:
+        """The summary so far; it does not consume anything, so it also serves progress snapshots.
+
+        Capture figures given here replace what add_capture()/add_stream_gap() counted. Records still without
+        a delivery count as handed over; lone deliveries are flows the flow table never reported, counted on
+        the replayer's word alone.
+        """
         counts = dict(self._counts)
         partial, guessed, delivered = self._partial, self._guessed, self._delivered
         for record in self._records.values():
@@ -146,9 +172,9 @@ class SummaryBuilder:
         return Summary(
             source=self.source,
             target=self.target,
-            packets=self.packets,
-            bytes_captured=self.bytes_captured,
-            tcp_segments=self.tcp_segments,
+            packets=self.packets if packets is None else packets,
+            bytes_captured=self.bytes_captured if bytes_captured is None else bytes_captured,
+            tcp_segments=self.tcp_segments if tcp_segments is None else tcp_segments,
             connections=Connections(
                 seen=sum(counts.values()),
                 complete=counts[Outcome.COMPLETE],
@@ -159,11 +185,12 @@ class SummaryBuilder:
                 skipped=counts[Outcome.SKIPPED],
             ),
             bytes_delivered=delivered,
-            stream_gaps=self.stream_gaps,
+            stream_gaps=self.stream_gaps if stream_gaps is None else stream_gaps,
             duration_seconds=round(max(0.0, duration_seconds), 3),
             direction_guessed=guessed,
             interrupted=interrupted,
             warnings=list(self.warnings),
+            open_flows=open_flows,
         )
 
 
