@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import http.server
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+import trustme
 import yaml
 
-from kubectl_mirror.errors import UsageError
+from kubectl_mirror.errors import ClusterError, UsageError
+from kubectl_mirror.execstream import open_exec
 from kubectl_mirror.flags import add_connection_flags, connect, parse_request_timeout
+from kubectl_mirror.target import resolve
+from tests.apiserver import FakeCluster
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -160,3 +170,146 @@ def test_default_location(tmp_path: Path) -> None:
     kubeconfig(tmp_path / ".kube" / "config", current="home", contexts={"home": {"cluster": "h", "user": "u"}},
                clusters={"h": "https://home.example"}, users={"u": {}})
     assert connect(parse(), environ={"HOME": str(tmp_path)}).context == "home"
+
+
+# ---- against servers: what actually goes over the wire ------------------------------------------------------
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers every request with a 403 Status and keeps its headers."""
+
+    seen: ClassVar[list[tuple[str, Message]]] = []
+
+    def do_GET(self) -> None:
+        type(self).seen.append((self.path, self.headers))
+        body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden",
+                           "code": 403, "message": "recorded"}).encode()
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[str, list[tuple[str, Message]]]]:
+    seen: list[tuple[str, Message]] = []
+    handler = type("Handler", (_Recorder,), {"seen": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_impersonation_reaches_the_server_on_rest_and_exec(
+        recorder: tuple[str, list[tuple[str, Message]]], tmp_path: Path) -> None:
+    url, seen = recorder
+    conn = connect(parse("--server", url, "--token", "tk", "--as", "bob", "--as-group", "dev", "--as-group", "ops",
+                         "--as-uid", "42"), environ={"HOME": str(tmp_path)})
+    with pytest.raises(ClusterError, match=r"forbidden \(as bob\): cannot get pods"):
+        resolve(conn, "web-1", selector=None, container=None, port=None, all_pods=False)
+    with pytest.raises(ClusterError, match=r"forbidden \(as bob\): cannot create pods/exec"):
+        open_exec(conn, "default", "web-1", "app", ["true"])
+    assert [path.split("?")[0] for path, _ in seen] == ["/api/v1/namespaces/default/pods/web-1",
+                                                        "/api/v1/namespaces/default/pods/web-1/exec"]
+    for _, headers in seen:
+        assert headers.get_all("Impersonate-User") == ["bob"]
+        assert headers.get_all("Impersonate-Group") == ["dev", "ops"]  # one header per group, as kubectl sends
+        assert headers.get_all("Impersonate-Uid") == ["42"]
+        assert headers.get("Authorization") == "Bearer tk"
+
+
+def fake_conn(fc: FakeCluster, *extra: str, environ: dict[str, str] | None = None) -> Any:
+    return connect(parse("--kubeconfig", str(fc.kubeconfig), *extra), environ=environ or {})
+
+
+def test_real_server_with_merged_kubeconfigs(tmp_path: Path) -> None:
+    with FakeCluster(fcdir(tmp_path)) as fc:
+        fc.add_pod("team", "web-1", containers=[{"name": "app", "image": "x", "ports": [{"containerPort": 80}]}])
+        extra = kubeconfig(tmp_path / "extra.yaml", current="elsewhere",
+                           contexts={"elsewhere": {"cluster": "x", "user": "y", "namespace": "team"}},
+                           clusters={"x": "https://192.0.2.1:6443"}, users={"y": {"token": "nope"}})
+        env = {"KUBECONFIG": f"{fc.kubeconfig}:{extra}", "HOME": str(tmp_path)}
+        conn = connect(parse("-n", "team"), environ=env)
+        assert conn.context == "fake"  # the first file's current-context
+        [t] = resolve(conn, "web-1", selector=None, container=None, port=None, all_pods=False)
+        assert (t.namespace, t.port) == ("team", 80)
+
+
+def test_exec_plugin_credentials_on_a_real_server(tmp_path: Path) -> None:
+    with FakeCluster(fcdir(tmp_path), token="plugin-t0ken") as fc:
+        fc.add_pod("default", "web-1", containers=[{"name": "app", "image": "x", "ports": [{"containerPort": 80}]}])
+        plugin = tmp_path / "cred"
+        plugin.write_text('#!/bin/sh\necho \'{"apiVersion":"client.authentication.k8s.io/v1beta1",'
+                          '"kind":"ExecCredential","status":{"token":"plugin-t0ken"}}\'\n')
+        plugin.chmod(0o755)
+        doc = yaml.safe_load(fc.kubeconfig.read_text())
+        for user in doc["users"]:
+            user["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": str(plugin),
+                                     "interactiveMode": "Never"}}
+        cfg = tmp_path / "plugin.yaml"
+        cfg.write_text(yaml.safe_dump(doc))
+        conn = connect(parse("--kubeconfig", str(cfg)), environ={})
+        [t] = resolve(conn, "web-1", selector=None, container=None, port=None, all_pods=False)
+        assert t.pod == "web-1"
+        bad = connect(parse("--kubeconfig", str(cfg), "--token", "wrong"), environ={})
+        with pytest.raises(ClusterError, match="rejected your credentials"):
+            resolve(bad, "web-1", selector=None, container=None, port=None, all_pods=False)
+
+
+def test_unreachable_server(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        conn = connect(parse("--server", f"https://127.0.0.1:{port}", "--token", "x"), environ={"HOME": str(tmp_path)})
+        with pytest.raises(ClusterError) as err:
+            resolve(conn, "web-1", selector=None, container=None, port=None, all_pods=False)
+        assert str(err.value).startswith(f"cannot reach the Kubernetes API server at https://127.0.0.1:{port} (")
+        assert "\n" not in str(err.value)
+        with pytest.raises(ClusterError, match="cannot reach the Kubernetes API server"):
+            open_exec(conn, "default", "web-1", "app", ["true"])
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_tls_failures(tmp_path: Path) -> None:
+    other_ca = trustme.CA()
+    other = tmp_path / "other-ca.pem"
+    other_ca.cert_pem.write_to_path(str(other))
+    with FakeCluster(fcdir(tmp_path)) as fc:
+        for flags in (["--certificate-authority", str(other)], ["--tls-server-name", "wrong.example"]):
+            conn = fake_conn(fc, *flags)
+            with pytest.raises(ClusterError) as err:
+                resolve(conn, "web-1", selector=None, container=None, port=None, all_pods=False)
+            assert str(err.value).startswith(f"TLS failure talking to {fc.url}: ")
+            assert "\n" not in str(err.value)
+            with pytest.raises(ClusterError, match="TLS failure"):
+                open_exec(conn, "default", "web-1", "app", ["true"])
+        # --insecure-skip-tls-verify gets past a CA that does not match (the pod does not exist: a 404 is fine).
+        conn = fake_conn(fc, "--certificate-authority", str(other), "--insecure-skip-tls-verify")
+        with pytest.raises(ClusterError, match='pods "web-1" not found'):
+            resolve(conn, "web-1", selector=None, container=None, port=None, all_pods=False)
+
+
+def test_request_timeout_applies(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)  # accepts the TCP connection, never answers: only a timeout ends the request
+        port = s.getsockname()[1]
+        conn = connect(parse("--server", f"https://127.0.0.1:{port}", "--token", "x", "--request-timeout", "1s"),
+                       environ={"HOME": str(tmp_path)})
+        assert conn.request_timeout == 1.0
+        with pytest.raises(ClusterError, match="cannot reach the Kubernetes API server"):
+            resolve(conn, "web-1", selector=None, container=None, port=None, all_pods=False)
+
+
+def fcdir(tmp_path: Path) -> Path:
+    path = tmp_path / "fc"
+    path.mkdir(exist_ok=True)
+    return path
