@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -540,7 +543,7 @@ def test_exec_base64_protocol(fc: FakeCluster, netpod: PodNetns) -> None:
         pass
     ws.close()
     stdout = [d for op, d in frames if op == websocket.ABNF.OPCODE_TEXT and d[:1] == b"1"]
-    assert stdout == [b"1" + __import__("base64").b64encode(b"\x01\xffx")]
+    assert stdout == [b"1" + base64.b64encode(b"\x01\xffx")]
 
 
 @pytest.mark.netns
@@ -656,6 +659,10 @@ def test_kubectl_exec(fc: FakeCluster, netpod: PodNetns) -> None:
     out = kubectl(fc, "exec", "web-1", "--", "echo", "hi")
     assert (out.returncode, out.stdout) == (0, b"hi\n"), out.stderr
     assert ("GET", "/api/v1/namespaces/default/pods/web-1/exec") in fc.requests
+    data = bytes(range(256)) * 4096
+    piped = subprocess.run([str(KUBECTL), "--kubeconfig", str(fc.kubeconfig), "exec", "-i", "web-1", "--", "sha256sum"],
+                           input=data, capture_output=True, timeout=60, check=False)
+    assert piped.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest(), piped.stderr  # stdin, then v5 close
     failed = kubectl(fc, "exec", "web-1", "--", "sh", "-c", "exit 3")
     assert failed.returncode == 3 and b"command terminated with exit code 3" in failed.stderr
     start = time.monotonic()
@@ -683,3 +690,31 @@ def test_deleting_the_pod_ends_its_exec_sessions(fc: FakeCluster, netpod: PodNet
         ws.close()
     assert status is not None and status["details"]["causes"] == [{"reason": "ExitCode", "message": "137"}]
     wait_for(lambda: fc.exec_processes() == [], what="process reaped")
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump not installed")
+def test_tcpdump_through_exec_streams_pcap_and_outlives_the_client(fc: FakeCluster, netpod: PodNetns) -> None:
+    argv = ["tcpdump", "-p", "-i", "any", "-U", "-s", "0", "-w", "-", "tcp port 9"]
+    ws = ws_connect(fc, exec_url(fc, "default", "web-1", argv), ["v5.channel.k8s.io"])
+    stdout = bytearray()
+    try:
+        wait_for(lambda: [p for p in fc.exec_processes() if p[1] == argv], what="tcpdump started")
+        deadline = time.monotonic() + 20
+        while len(stdout) < 24 + 3 * 16 and time.monotonic() < deadline:  # pcap header + three packet headers
+            with contextlib.suppress(OSError):  # refused: the SYN and the RST are the packets captured
+                socket.create_connection((netpod.ip, 9), timeout=1).close()
+            ws.settimeout(1)
+            try:
+                _opcode, data = ws.recv_data()
+            except websocket.WebSocketTimeoutException:
+                continue
+            if data[:1] == b"\x01":
+                stdout += data[1:]
+    finally:
+        ws.close()
+    assert bytes(stdout[:4]) in (bytes.fromhex("d4c3b2a1"), bytes.fromhex("a1b2c3d4"))  # a pcap stream
+    assert len(stdout) >= 24 + 3 * 16
+    # As on a real cluster, killing the client does not stop the capture: the plugin must clean up itself.
+    time.sleep(0.3)
+    assert [argv for _, argv in fc.exec_processes()] == [argv]
