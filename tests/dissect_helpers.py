@@ -159,7 +159,7 @@ def tcpdump(path: Path, iface: str, bpf: str, *, extra: Iterable[str] = ()) -> I
     """Run tcpdump until the block ends; waits (bounded) until it is really listening."""
     # -Z root: tcpdump would otherwise drop to a user that cannot write into pytest's tmp dirs;
     # --immediate-mode: without it the last packets can sit in the kernel ring when tcpdump is stopped.
-    cmd = ["tcpdump", "-i", iface, "-U", "-s", "0", "-n", "-Z", "root", "--immediate-mode", *extra,
+    cmd = ["tcpdump", "-i", iface, "-U", "-s", "0", "-n", "-Z", "root", "--immediate-mode", "-B", "16384", *extra,
            "-w", str(path), bpf]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     cap = Capture(path, proc)
@@ -188,6 +188,7 @@ def tcpdump(path: Path, iface: str, bpf: str, *, extra: Iterable[str] = ()) -> I
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        cap.stderr_lines = proc.stderr.read().decode(errors="replace").splitlines()
         proc.stderr.close()
 
 
@@ -217,6 +218,7 @@ def loopback_traffic(srv: socket.socket, chunks: list[bytes], *, connections: in
             c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for chunk in chunks:
                 c.sendall(chunk)
+                time.sleep(0.001)  # a busy test machine: let tcpdump keep up rather than drop
     t.join(timeout=20)
     assert not t.is_alive(), "sink did not finish"
     assert received == [sum(map(len, chunks))] * connections

@@ -51,7 +51,7 @@ PREFERENCES = (
 )
 
 MAX_AHEAD_RECORDS = 50_000  # records handed to tshark whose lines have not been read yet
-MAX_AHEAD_BYTES = 32 << 20
+MAX_AHEAD_BYTES = 16 << 20
 READ_SIZE = 256 * 1024
 
 
@@ -292,6 +292,8 @@ class Dissector:
                     break
         except ToolError as exc:
             self._tool_error = exc
+        except Exception as exc:  # a bug here must end the run with a message, not hang it
+            self._tool_error = ToolError(f"the dissector's feeder failed ({exc!r}): please report this bug")
         finally:
             self._feeder_done = True
             if self._tee is not None:
@@ -451,6 +453,8 @@ class Dissector:
             inst.proc.kill()
             code = inst.proc.wait()
         stdin_closed = inst.proc.stdin is None or inst.proc.stdin.closed
+        if inst.header is None and stdin_closed:
+            code = 0  # it was given nothing at all (empty or unreadable input): its complaint adds nothing
         if code != 0 or not stdin_closed:
             if not self._closed:
                 detail = inst.last_stderr()
