@@ -136,8 +136,8 @@ def test_exec_forbidden(fc: FakeCluster, conn: Connection) -> None:
                                      'admin for RBAC "create" on "pods/exec"')
 
 
-def test_exec_sends_impersonation(fc: FakeCluster) -> None:
-    # The test server does not implement impersonation; a wrong token shows the auth header is what we send.
+def test_exec_bad_credentials(fc: FakeCluster) -> None:
+    # Impersonation on exec is checked in test_flags (the test server does not implement it).
     bad = connection(fc, "--token", "wrong")
     with pytest.raises(ClusterError, match="rejected your credentials"):
         open_exec(bad, "default", "web-1", "app", ["true"])
