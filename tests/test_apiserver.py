@@ -718,3 +718,19 @@ def test_tcpdump_through_exec_streams_pcap_and_outlives_the_client(fc: FakeClust
     # As on a real cluster, killing the client does not stop the capture: the plugin must clean up itself.
     time.sleep(0.3)
     assert [argv for _, argv in fc.exec_processes()] == [argv]
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
+def test_kubectl_debug_patches_ephemeral_containers(fc: FakeCluster) -> None:
+    fc.add_pod("default", "web-1", containers=WEB)
+    ok = kubectl(fc, "debug", "web-1", "--image=busybox:1.36", "--target=web", "--profile=general", "-c", "dbg",
+                 "--", "sleep", "100")
+    assert ok.returncode == 0, ok.stderr
+    (ec,) = fc.get_pod("default", "web-1")["spec"]["ephemeralContainers"]
+    assert (ec["name"], ec["targetContainerName"], ec["command"]) == ("dbg", "web", ["sleep", "100"])
+    fc.add_namespace("shop", labels={"pod-security.kubernetes.io/enforce": "baseline"})
+    fc.add_pod("shop", "web-1", containers=WEB)
+    denied = kubectl(fc, "debug", "-n", "shop", "web-1", "--image=busybox:1.36", "--profile=netadmin", "-c", "dbg")
+    assert denied.returncode != 0
+    assert (b'violates PodSecurity "baseline:latest": non-default capabilities (container "dbg" must not include '
+            b'"NET_ADMIN", "NET_RAW" in securityContext.capabilities.add)') in denied.stderr
