@@ -63,6 +63,10 @@ class DemoServer:
         requests = [ln.decode("ascii", "replace") for ln in lines if REQUEST_LINE.match(ln)]
         first = requests or [repr(bytes(lines[0][:40]))[2:-1] if lines else ""]
         with self.lock:
+            if number == 1 and not data:
+                # kubectl mirror connects once before anything else, so a typo in --to fails fast.
+                print("  [server] connection 1: reachability check from kubectl mirror (no data)", flush=True)
+                return
             print(f"  [server] connection {number}: {len(data)} bytes, {ended}", flush=True)
             for line in first:
                 print(f"  [server]   {line}", flush=True)

@@ -84,7 +84,15 @@ def replay(pcap: Path, extra: list[str] | None = None, expect_conns: int = 0, ti
         rec.wait_idle(expect_conns, timeout=15.0 if out.returncode in (0, 3) else 2.0)
     finally:
         records = rec.stop(grace=5.0)
-    return ReplayResult(out.returncode, out.stdout, out.stderr, records)
+    return ReplayResult(out.returncode, out.stdout, out.stderr, without_probe(records))
+
+
+def without_probe(records: list[ConnRecord]) -> list[ConnRecord]:
+    """Drop the one empty connection `--to`'s reachability check makes before anything is replayed."""
+    for i, r in enumerate(records):
+        if not r.data:
+            return records[:i] + records[i + 1 :]
+    return records
 
 
 def contents(records: list[ConnRecord]) -> list[bytes]:

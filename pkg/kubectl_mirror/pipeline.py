@@ -1,0 +1,325 @@
+"""The engine's main loop: capture bytes in, mirrored connections out.
+
+One thread runs a selectors loop over tshark's output and every local socket, so a slow target can only
+ever cost its own flow (the replayer drops it) and never stalls reading the capture. The stages it wires
+are free of each other: dissect yields Segments, the flow table turns them into actions, the replayer
+executes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import BinaryIO
+
+from .dissect import Dissector, TsharkInfo, find_tshark
+from .errors import EXIT_INTERRUPTED, InputError, MirrorError, UsageError
+from .model import Action, Segment
+from .pcap import PcapWriter
+from .reassemble import FlowConfig, FlowTable
+from .replay import Destination, ReplayConfig, Replayer, check_target, parse_to
+from .summary import Summary, SummaryBuilder, exit_code, render_json, render_text
+
+# How often the flow table's timers run, in capture seconds (offline) or wall seconds (live).
+TICK_EVERY = 0.25
+# Longest the loop sleeps when nothing happens: bounds how late timers and Ctrl-C are noticed.
+IDLE_WAIT = 0.1
+
+
+@dataclass
+class EngineOptions:
+    dest: Destination
+    flow: FlowConfig
+    replay: ReplayConfig
+    tshark: TsharkInfo
+    speed: float = 0.0  # 0: as fast as possible; 1: the capture's own timing; 2: twice as fast
+    live: bool = False
+    handover_every: int = 100_000
+    tee: PcapWriter | None = None
+    # Live runs stop by themselves after this many seconds / packets (None: never).
+    duration: float | None = None
+    max_packets: int | None = None
+    progress: Callable[[Summary], None] | None = None
+    progress_every: float = 1.0
+
+
+@dataclass
+class _Pacer:
+    """Holds segments back so they leave at the capture's own pace (scaled by --speed)."""
+
+    speed: float
+    _first_ts: float | None = None
+    _start: float = 0.0
+
+    def due(self, ts: float) -> float:
+        if self.speed <= 0:
+            return 0.0
+        if self._first_ts is None:
+            self._first_ts, self._start = ts, time.monotonic()
+        return self._start + max(0.0, ts - self._first_ts) / self.speed
+
+
+@dataclass
+class _StopFlag:
+    """Ctrl-C once asks the loop to stop cleanly; twice exits at once."""
+
+    requested: bool = False
+    reason: str = ""
+    _previous: object = field(default=None, repr=False)
+
+    def install(self) -> None:
+        def on_sigint(signum: int, frame: FrameType | None) -> None:
+            if self.requested:
+                # The second Ctrl-C: the user wants out now, whatever is still buffered.
+                os._exit(EXIT_INTERRUPTED)
+            self.requested, self.reason = True, "interrupted"
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not the main thread (tests running the engine in a thread)
+            self._previous = None
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+
+
+class Engine:
+    """Runs one mirroring session over one or more capture streams.
+
+    Several streams happen in live mode when the exec stream drops and is reopened: the gap between them
+    ends every open flow as incomplete, because bytes may have been lost in between.
+    """
+
+    def __init__(self, options: EngineOptions, source_name: str) -> None:
+        self.options = options
+        self.table = FlowTable(options.flow)
+        self.replayer = Replayer(options.dest, options.replay)
+        self.builder = SummaryBuilder(source=source_name, target=str(options.dest))
+        self.stop = _StopFlag()
+        self._pacer = _Pacer(options.speed)
+        self._last_ts: float | None = None
+        self._last_tick_ts: float = 0.0
+        self._last_seg_wall = time.monotonic()
+        self._started = time.monotonic()
+        self._last_progress = self._started
+        self._gaps = 0
+        self._packets_before = 0  # packets of streams already finished
+        self._bytes_before = 0
+        self._segments_before = 0
+        self._input_error: MirrorError | None = None
+
+    # ---- public --------------------------------------------------------------------------------
+
+    def run(self, sources: Iterable[BinaryIO]) -> Summary:
+        self.stop.install()
+        try:
+            for index, source in enumerate(sources):
+                if index > 0:
+                    self._gaps += 1
+                    self._execute(self.table.interrupt(self._capture_now()))
+                self._run_stream(source)
+                if self.stop.requested or self._input_error is not None:
+                    break
+            self._execute(self.table.finish())
+            self._collect()
+            self.replayer.drain(self.options.replay.drain_timeout)
+            self._collect()
+        finally:
+            self.stop.uninstall()
+        return self.summary()
+
+    @property
+    def input_error(self) -> MirrorError | None:
+        """The capture's own damage (truncated, malformed): raised after the summary is shown."""
+        return self._input_error
+
+    def summary(self) -> Summary:
+        return self.builder.build(
+            packets=self._packets_before,
+            bytes_captured=self._bytes_before,
+            tcp_segments=self._segments_before,
+            stream_gaps=self._gaps,
+            duration_seconds=time.monotonic() - self._started,
+            interrupted=self.stop.requested and self.stop.reason == "interrupted",
+        )
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def _run_stream(self, source: BinaryIO) -> None:
+        opts = self.options
+        dissector = Dissector(
+            source, opts.tshark, handover_every=opts.handover_every, tee=opts.tee, live=opts.live
+        )
+        held: deque[Segment] = deque()
+        try:
+            dissector.start()
+            while not self.stop.requested:
+                if held:
+                    self._release(held)
+                    continue
+                if dissector.done:
+                    break
+                self.replayer.poll(IDLE_WAIT, dissector.fileno())
+                segments = dissector.read_segments()
+                if segments:
+                    held.extend(segments)
+                    self._release(held)
+                self._housekeeping(dissector)
+            if self.stop.requested:
+                held.clear()
+            try:
+                dissector.raise_if_failed()
+            except InputError as exc:
+                self._input_error = exc
+        finally:
+            stats = dissector.stats
+            dissector.close()
+            self._packets_before += stats.packets
+            self._bytes_before += stats.bytes_captured
+            self._segments_before += stats.tcp_segments
+
+    def _release(self, held: deque[Segment]) -> None:
+        """Feed held segments to the flow table, as fast as --speed allows."""
+        feed, execute = self.table.feed, self.replayer.execute
+        pacer = self._pacer
+        while held:
+            seg = held[0]
+            due = pacer.due(seg.ts)
+            if due:
+                wait = due - time.monotonic()
+                if wait > 0:
+                    # Keep serving sockets while the capture's clock catches up.
+                    self.replayer.poll(min(wait, IDLE_WAIT))
+                    self._timers()
+                    return
+            held.popleft()
+            self._last_ts = seg.ts
+            actions = feed(seg)
+            if actions:
+                execute(actions)
+        self._last_seg_wall = time.monotonic()
+        self._timers()
+
+    def _housekeeping(self, dissector: Dissector) -> None:
+        self._timers()
+        opts = self.options
+        if opts.duration is not None and time.monotonic() - self._started >= opts.duration:
+            self.stop.requested, self.stop.reason = True, "duration"
+        if opts.max_packets is not None and self._packets_before + dissector.stats.packets >= opts.max_packets:
+            self.stop.requested, self.stop.reason = True, "count"
+        if opts.progress is not None:
+            now = time.monotonic()
+            if now - self._last_progress >= opts.progress_every:
+                self._last_progress = now
+                snapshot = self.builder.build(
+                    packets=self._packets_before + dissector.stats.packets,
+                    bytes_captured=self._bytes_before + dissector.stats.bytes_captured,
+                    tcp_segments=self._segments_before + dissector.stats.tcp_segments,
+                    stream_gaps=self._gaps,
+                    duration_seconds=now - self._started,
+                    interrupted=False,
+                    open_flows=self.table.open_flows,
+                )
+                opts.progress(snapshot)
+
+    def _capture_now(self) -> float:
+        """The capture clock: the last segment's time, advanced by wall time in live mode when idle."""
+        if self._last_ts is None:
+            return 0.0
+        if self.options.live:
+            return self._last_ts + (time.monotonic() - self._last_seg_wall)
+        return self._last_ts
+
+    def _timers(self) -> None:
+        gave_up = self.replayer.pop_gave_up()
+        for flow in gave_up:
+            self.table.give_up(flow)
+        now = self._capture_now()
+        if now - self._last_tick_ts >= TICK_EVERY:
+            self._last_tick_ts = now
+            self._execute(self.table.tick(now))
+        self._collect()
+
+    def _execute(self, actions: Sequence[Action]) -> None:
+        if actions:
+            self.replayer.execute(actions)
+
+    def _collect(self) -> None:
+        # A flow can end in the table while its bytes are still queued for the target, so records and
+        # deliveries arrive separately; the builder pairs them by flow id.
+        records = self.table.pop_finished()
+        if records:
+            self.builder.add_records(records)
+        deliveries = self.replayer.pop_finished()
+        if deliveries:
+            self.builder.add_deliveries(deliveries)
+
+
+# ---- `kubectl mirror replay` -----------------------------------------------------------------------
+
+
+def flow_config(args: argparse.Namespace, server_port: int | None) -> FlowConfig:
+    return FlowConfig(
+        server_port=server_port,
+        skip_partial=args.skip_partial,
+        hole_timeout=args.hole_timeout,
+        idle_timeout=args.idle_timeout,
+    )
+
+
+def replay_config(args: argparse.Namespace) -> ReplayConfig:
+    return ReplayConfig(flow_buffer=args.flow_buffer, max_buffer=max(args.max_buffer, args.flow_buffer))
+
+
+def _open_input(path: str, stack: ExitStack) -> BinaryIO:
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return stack.enter_context(open(path, "rb", buffering=0))
+    except FileNotFoundError:
+        raise InputError(f"cannot read {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"cannot read {path}: it is a directory, not a pcap file") from None
+    except PermissionError:
+        raise InputError(f"cannot read {path}: permission denied") from None
+
+
+def report(summary: Summary, args: argparse.Namespace) -> None:
+    if getattr(args, "json", False):
+        print(render_json(summary), flush=True)
+    elif not getattr(args, "quiet", False):
+        print(render_text(summary), file=sys.stderr, flush=True)
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    if not args.to:
+        raise UsageError("replay needs --to [HOST]:PORT, the local service to mirror to (for example --to :8080)")
+    dest = parse_to(args.to)
+    # Before anything else: a typo in --to must fail fast, with nothing started.
+    check_target(dest)
+    tshark = find_tshark(args.tshark)
+    with ExitStack() as stack:
+        source = _open_input(args.file, stack)
+        options = EngineOptions(
+            dest=dest,
+            flow=flow_config(args, args.port),
+            replay=replay_config(args),
+            tshark=tshark,
+            speed=args.speed,
+        )
+        engine = Engine(options, source_name=args.file)
+        summary = engine.run([source])
+    report(summary, args)
+    if engine.input_error is not None:
+        raise engine.input_error
+    return exit_code(summary)
+
