@@ -299,8 +299,10 @@ class Dissector:
             if self._tee is not None:
                 try:
                     self._tee.flush()
-                except OSError:
-                    pass
+                except OSError as exc:
+                    if self._tool_error is None:
+                        self._tool_error = ToolError(f"cannot write the capture copy (-w): {exc.strerror or exc}; "
+                                                     f"free some space or choose another path")
             for inst in self._instances[-1:]:
                 self._close_stdin(inst)
             standby, self._standby = self._standby, None
@@ -333,12 +335,18 @@ class Dissector:
         stats.packets += len(batch)
         stats.bytes_captured += sum(r.orig_len for r in batch)
         if self._tee is not None:
-            for rec in batch:
-                self._tee.write_record(rec)
-            if self._live:
-                self._tee.flush()
+            try:
+                for rec in batch:
+                    self._tee.write_record(rec)
+                if self._live:
+                    self._tee.flush()
+            except OSError as exc:
+                raise ToolError(f"cannot write the capture copy (-w): {exc.strerror or exc}; free some space or "
+                                f"choose another path") from None
         i = 0
         while i < len(batch):
+            if self._stop:
+                return False  # closing: spawn and feed nothing more
             inst = self._instances[-1]
             if inst.written >= self._handover_every:
                 inst = self._handover(inst)
