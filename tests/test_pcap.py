@@ -143,6 +143,20 @@ def test_writer_passthrough_and_mode(tmp_path: Path) -> None:
     assert out.read_bytes() == data
 
 
+def test_writer_continues_one_file_across_streams(tmp_path: Path) -> None:
+    first = classic_pcap(1, [(1.0, FRAMES[0])])
+    second = classic_pcap(1, [(2.0, FRAMES[1])])  # a reconnected stream: a new reader, the same header
+    out = tmp_path / "tee.pcap"
+    with PcapWriter(out) as w:
+        for data in (first, second):
+            for rec in PcapReader(io.BytesIO(data)):
+                w.write_record(rec)
+        with pytest.raises(InputError, match="format changed mid-stream"):
+            for rec in PcapReader(io.BytesIO(classic_pcap(101, [(3.0, b"\x45")]))):
+                w.write_record(rec)
+    assert out.read_bytes() == first + second[24:]
+
+
 def test_writer_builds_classic_pcaps(tmp_path: Path) -> None:
     out = tmp_path / "synthetic.pcap"
     with PcapWriter(out, linktype=101) as w:

@@ -410,10 +410,18 @@ class PcapWriter:
     def write_record(self, rec: Record) -> None:
         if rec.header is not self._header:
             old = self._header
-            if old is not None and rec.header.startswith(old):
+            if old is None:
+                self._append(rec.header)
+            elif rec.header.startswith(old):
                 self._append(rec.header[len(old) :])  # interfaces added to the same pcapng section
-            elif old is None or rec.header != old:
-                self._append(rec.header)  # first header, or a new pcapng section
+            elif rec.header[:4] in _PCAP_MAGICS or old[:4] in _PCAP_MAGICS:
+                # A classic pcap has one header for the whole file (e.g. a reconnected live stream):
+                # continuing is only right if the records keep their meaning.
+                if rec.header[:4] != old[:4] or rec.header[20:24] != old[20:24]:
+                    raise InputError("the capture format changed mid-stream, so -w cannot continue one file: "
+                                     "restart with a new -w path")
+            else:
+                self._append(rec.header)  # a new pcapng section
             self._header = rec.header
         self._append(rec.raw)
 
