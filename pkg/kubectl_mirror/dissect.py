@@ -228,7 +228,7 @@ class Dissector:
         self._fed_bytes = 0
         self._used_records = 0
         self._used_bytes = 0
-        self._endpoints: dict[tuple[str, int], Endpoint] = {}
+        self._endpoints: dict[tuple[str, str], Endpoint] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -487,54 +487,60 @@ class Dissector:
         inst.retired = True
 
     def _parse(self, inst: _Instance, out: list[Segment], limit: int) -> None:
+        # One loop with everything in locals: this runs once per packet and is most of the caller's CPU.
         lines = inst.lines
         stop = min(len(lines), inst.line_pos + limit)
+        records = inst.records
+        popped, base = inst.popped, inst.base
+        endpoint = self._endpoint
+        stats = self.stats
+        used_records = used_bytes = non_tcp = tcp = 0
+        append = out.append
         for k in range(inst.line_pos, stop):
-            self._parse_line(inst, lines[k], out)
+            f = lines[k].split("\t")
+            try:
+                number = int(f[0])
+            except ValueError:
+                continue
+            skip = number - popped - 1
+            if skip < 0 or skip >= len(records):
+                continue  # not a frame we sent (only if tshark misbehaves): ignore the line
+            for _ in range(skip):
+                used_bytes += len(records.popleft().raw)
+            rec = records.popleft()
+            used_bytes += len(rec.raw)
+            used_records += skip + 1
+            non_tcp += skip
+            popped = number
+            try:
+                seq, ack, tcp_len, flags = int(f[7]), int(f[8]), int(f[9]), int(f[10], 16)
+                src, dst = endpoint(f[1] or f[2], f[3]), endpoint(f[4] or f[5], f[6])
+            except (ValueError, IndexError):
+                non_tcp += 1  # a malformed TCP header: tshark could not read the fields
+                continue
+            payload = tcp_payload(rec.linktype, rec.data, tcp_len)
+            tcp += 1
+            if payload is None:
+                append(Segment(rec.ts, src, dst, seq, ack, flags, b"", False, base + number))
+            else:
+                append(Segment(rec.ts, src, dst, seq, ack, flags, payload, True, base + number))
+        inst.popped = popped
+        self._used_records += used_records
+        self._used_bytes += used_bytes
+        stats.non_tcp += non_tcp
+        stats.tcp_segments += tcp
         inst.line_pos = stop
         if stop >= len(lines):
             inst.lines = []
             inst.line_pos = 0
 
-    def _parse_line(self, inst: _Instance, line: str, out: list[Segment]) -> None:
-        f = line.split("\t")
-        try:
-            number = int(f[0])
-        except (ValueError, IndexError):
-            return
-        records = inst.records
-        skip = number - inst.popped - 1
-        if skip < 0 or skip >= len(records):
-            return  # not a frame we sent (cannot happen unless tshark misbehaves): ignore the line
-        used_bytes = 0
-        for _ in range(skip):
-            used_bytes += len(records.popleft().raw)
-        rec = records.popleft()
-        used_bytes += len(rec.raw)
-        inst.popped = number
-        self._used_records += skip + 1
-        self._used_bytes += used_bytes
-        stats = self.stats
-        stats.non_tcp += skip
-        try:
-            sport, dport, seq, ack, tcp_len, flags = int(f[3]), int(f[6]), int(f[7]), int(f[8]), int(f[9]), \
-                int(f[10], 16)
-        except (ValueError, IndexError):
-            stats.non_tcp += 1  # malformed TCP header: tshark could not read the fields
-            return
-        payload = tcp_payload(rec.linktype, rec.data, tcp_len)
-        stats.tcp_segments += 1
-        out.append(Segment(rec.ts, self._endpoint(f[1] or f[2], sport), self._endpoint(f[4] or f[5], dport),
-                           seq, ack, flags, payload if payload is not None else b"", payload is not None,
-                           inst.base + number))
-
-    def _endpoint(self, host: str, port: int) -> Endpoint:
+    def _endpoint(self, host: str, port: str) -> Endpoint:
         key = (host, port)
         ep = self._endpoints.get(key)
         if ep is None:
             if len(self._endpoints) > 100_000:
                 self._endpoints.clear()  # bounded: a port scan must not grow memory forever
-            ep = self._endpoints[key] = Endpoint(host, port)
+            ep = self._endpoints[key] = Endpoint(host, int(port))
         return ep
 
     # ---- blocking convenience ---------------------------------------------------------------------------------

@@ -94,8 +94,11 @@ def run_one(mode: str, path: Path, repeat: int, handover: int) -> dict[str, floa
             packets = d.stats.packets
             restarts = d.stats.tshark_restarts
     wall = time.monotonic() - start
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     result = {
         "wall": wall,
+        "self_cpu": me.ru_utime + me.ru_stime,
+        "tshark_cpu": kids.ru_utime + kids.ru_stime,
         "packets": packets,
         "self_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "tshark_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
@@ -133,7 +136,8 @@ def main() -> int:
         rate = r["packets"] / r["wall"]
         extra = f", {r['restarts']:.0f} handovers" if "restarts" in r else ""
         print(f"{mode:10} {r['packets']:9.0f} packets  best {r['wall']:6.2f} s  {rate:9.0f} pkt/s  "
-              f"self RSS {r['self_rss_mb']:5.0f} MB  tshark peak RSS {r['tshark_rss_mb']:5.0f} MB{extra}")
+              f"CPU self {r['self_cpu']:5.2f} s tshark {r['tshark_cpu']:5.2f} s  "
+              f"RSS self {r['self_rss_mb']:4.0f} MB tshark peak {r['tshark_rss_mb']:4.0f} MB{extra}")
     ratio = best["tshark"]["wall"] / best["dissector"]["wall"]
     print(f"dissector speed vs tshark alone: {ratio:.2f}x (best of {args.runs}; target >= 0.85x)")
     return 0
