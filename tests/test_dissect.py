@@ -314,3 +314,23 @@ def test_close_while_the_live_source_is_silent(tshark: TsharkInfo) -> None:
         d.close()
         assert all(p.poll() is not None for p in procs)
         assert not d.done
+
+
+def test_read_segments_respects_max_items(tshark: TsharkInfo) -> None:
+    data = classic_pcap(101, [(float(i), tcp_ip(*V4, 40000, 8080, i, 0, ACK, b"%02d" % i)) for i in range(30)])
+    with io.BytesIO(data) as f, Dissector(f, tshark, handover_every=11) as d, selectors.DefaultSelector() as sel:
+        d.start()
+        got: list[Segment] = []
+        deadline = time.monotonic() + 30
+        while not d.done and time.monotonic() < deadline:
+            batch = d.read_segments(max_items=4)
+            assert len(batch) <= 4
+            got += batch
+            if not batch and not d.done:
+                fd = d.fileno()
+                sel.register(fd, selectors.EVENT_READ)
+                sel.select(timeout=0.5)
+                sel.unregister(fd)
+        d.raise_if_failed()
+    assert [s.payload for s in got] == [b"%02d" % i for i in range(30)]
+    assert (d.stats.tcp_segments, d.stats.tshark_restarts) == (30, 2)
