@@ -503,6 +503,16 @@ def test_interrupt_forgets_open_flows() -> None:
     assert acts == [Open(2, CLIENT, SERVER, True, 6.0), Send(2, b"cd", 6.0)]
 
 
+def test_interrupt_of_one_pod_leaves_the_other_pods_flows_alone() -> None:
+    t = FlowTable(FlowConfig())
+    a = Conn()
+    b = Conn(client=Endpoint("10.0.0.9", 40001), server=Endpoint("10.0.0.3", 8080))
+    feed(t, a.syn(), a.data(0, b"ab"), b.syn(), b.data(0, b"xy"))
+    assert t.interrupt(5.0, servers={"10.0.0.3"}) == [Abort(2, AbortReason.GAP, 5.0)]
+    assert one_record(t).flow == 2
+    assert feed(t, a.data(2, b"cd", 6.0)) == [Send(1, b"cd", 6.0)]
+
+
 def test_cut_segment_is_a_hole_that_a_retransmission_fills() -> None:
     t = FlowTable(FlowConfig())
     c = Conn()

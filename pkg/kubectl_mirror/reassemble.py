@@ -14,6 +14,7 @@ position" (bytes delivered so far) so the out-of-order buffer never has to think
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -263,10 +264,16 @@ class FlowTable:
         self._next_idle_scan = float("-inf")
         return out
 
-    def interrupt(self, now: float) -> list[Action]:
-        """The live stream had a gap: no open flow can be trusted any more, and what follows starts afresh."""
+    def interrupt(self, now: float, servers: Collection[str] | None = None) -> list[Action]:
+        """The live stream had a gap: no open flow can be trusted any more, and what follows starts afresh.
+
+        `servers` limits it to flows whose server address is one of these (the pod whose stream dropped, when
+        several pods feed one run); None means every flow.
+        """
         out: list[Action] = []
         for f in list(self._flows.values()):
+            if servers is not None and f.server.host not in servers:
+                continue
             out += self._end(f, now, Abort(f.id, AbortReason.GAP, now), EndReason.GAP, Outcome.INCOMPLETE, False)
         return out
 
