@@ -14,9 +14,9 @@ position" (bytes delivered so far) so the out-of-order buffer never has to think
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .model import (
