@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__
-from .errors import EXIT_USAGE, MirrorError, UsageError
+from .errors import MirrorError, UsageError
 
 
 def prog_name(argv0: str) -> str:
@@ -66,12 +66,13 @@ def parse_port(text: str) -> int:
     return port
 
 
-def add_replay_flags(p: argparse.ArgumentParser) -> None:
+def add_replay_flags(p: argparse.ArgumentParser, *, live: bool = False) -> None:
     """Flags shared by `replay` and live mirroring: how flows are rebuilt and delivered."""
     g = p.add_argument_group("Delivery")
     g.add_argument("--to", metavar="[HOST]:PORT", help="local service to mirror to (:8080 means 127.0.0.1:8080)")
-    g.add_argument("--speed", type=float, default=0.0, metavar="X",
-                   help="1 keeps the capture's timing, 2 is twice as fast; 0 (default) is as fast as possible")
+    if not live:
+        g.add_argument("--speed", type=float, default=0.0, metavar="X",
+                       help="1 keeps the capture's timing, 2 is twice as fast; 0 (default) is as fast as possible")
     g.add_argument("--skip-partial", action="store_true",
                    help="drop connections already open when the capture started (default: replay them)")
     g.add_argument("--hole-timeout", type=parse_duration, default=2.0, metavar="DURATION",
@@ -95,45 +96,102 @@ class MirrorArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see '{self.prog} --help'")
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
+SUBCOMMANDS = ("replay",)
+
+
+def _epilog(prog: str) -> str:
+    return (
+        "Examples:\n"
+        f"  {prog} deploy/web --to :8080\n"
+        f"  {prog} -n shop svc/api --port http --to :9000 -w api.pcapng\n"
+        f"  {prog} pod/x -w - | wireshark -k -i -\n"
+        f"  {prog} replay api.pcap --to :8080 --speed 2\n"
+        "\nExit codes: 0 ok; 1 error; 2 usage; 3 the run finished but connections failed or were dropped at the "
+        "local service; 130 interrupted twice."
+    )
+
+
+def build_live_parser(prog: str) -> argparse.ArgumentParser:
+    from .flags import add_connection_flags
+    from .tap import DEFAULT_IMAGE
+
     parser = MirrorArgumentParser(
         prog=prog,
-        description="Mirror real in-cluster TCP traffic to a service on your machine, read-only.",
+        usage=f"{prog} [TYPE/NAME | -l SELECTOR] [--to [HOST]:PORT] [flags]\n       {prog} replay FILE --to "
+              "[HOST]:PORT [flags]",
+        description=(
+            "Mirror real in-cluster TCP traffic to a service on your machine, read-only.\n\n"
+            "Every connection the pod receives on the port is replayed to --to, byte for byte, one local\n"
+            "connection each; responses are discarded and nothing flows back into the cluster. Without --to,\n"
+            "the capture is written to a file (-w).\n\n"
+            "Commands:\n"
+            "  replay FILE    replay a pcap/pcapng file (or - for stdin) offline; see '" + prog + " replay --help'"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_epilog(prog),
+    )
+    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("ref", nargs="?", metavar="TYPE/NAME",
+                        help="pod/po, deploy, sts, ds, rs, job or svc and a name; a bare NAME is a pod")
+    t = parser.add_argument_group("Target")
+    t.add_argument("-l", "--selector", metavar="SELECTOR", help="pick pods by label instead of TYPE/NAME")
+    t.add_argument("-c", "--container", metavar="NAME", help="the container whose port to capture")
+    t.add_argument("--port", metavar="PORT", help="port number or name (default: the one declared port)")
+    t.add_argument("--all-pods", action="store_true", help="mirror every matching pod at once, not just the first")
+    tap = parser.add_argument_group("Tap")
+    tap.add_argument("--image", default=DEFAULT_IMAGE, metavar="IMAGE", help="tap image with tcpdump")
+    tap.add_argument("--image-pull-policy", default="IfNotPresent", choices=("Always", "IfNotPresent", "Never"),
+                     help="pull policy of the tap image")
+    tap.add_argument("--tap-timeout", type=parse_duration, default=120.0, metavar="DURATION",
+                     help="how long to wait for the tap to run")
+    cap = parser.add_argument_group("Capture")
+    cap.add_argument("--filter", metavar="BPF", help="extra pcap-filter expression, and'ed with the port")
+    cap.add_argument("-w", "--write", metavar="FILE", help="also write the capture to FILE (pcapng; - for stdout)")
+    cap.add_argument("--duration", type=parse_duration, metavar="DURATION", help="stop after this long (e.g. 30s)")
+    cap.add_argument("--count", type=int, metavar="N", help="stop after N packets")
+    add_replay_flags(parser, live=True)
+    add_connection_flags(parser)
+    return parser
+
+
+def build_replay_parser(prog: str) -> argparse.ArgumentParser:
+    replay = MirrorArgumentParser(
+        prog=f"{prog} replay",
+        description="Replay every inbound TCP connection of a capture to a local service, byte-exact, offline.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "Examples:\n"
-            f"  {prog} deploy/web --to :8080\n"
-            f"  {prog} replay api.pcap --to :8080 --speed 2\n"
-            "\nExit codes: 0 ok, 1 error, 2 usage, 3 some flows failed or were dropped at the target, "
-            "130 interrupted twice"
+            f"  {prog} replay api.pcap --to :8080\n"
+            f"  {prog} replay api.pcap --to :8080 --speed 1 --port 80\n"
+            f"  tcpdump -i any -U -w - port 80 | {prog} replay - --to :8080\n"
+            "\nExit codes: 0 ok; 1 error; 2 usage; 3 connections failed or were dropped at the local service."
         ),
-    )
-    parser.add_argument("--version", action="version", version=f"kubectl-mirror {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=MirrorArgumentParser)
-    replay = sub.add_parser(
-        "replay",
-        help="replay a pcap file (or - for stdin) to a local service, offline",
-        description="Replay every inbound TCP connection of a capture to a local service, byte-exact.",
     )
     replay.add_argument("file", metavar="FILE", help="pcap or pcapng file, or - for stdin")
     replay.add_argument("--port", type=parse_port, metavar="PORT",
                         help="server port in the capture (default: the side that received the SYN)")
     add_replay_flags(replay)
-    return parser
+    return replay
+
+
+def version_text() -> str:
+    return f"kubectl-mirror {__version__}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     prog = prog_name(argv[0] if argv else "kubectl-mirror")
-    parser = build_parser(prog)
+    rest = argv[1:]
     try:
-        args = parser.parse_args(argv[1:])
-        if args.command == "replay":
+        if rest and rest[0] == "replay":
+            args = build_replay_parser(prog).parse_args(rest[1:])
             from .pipeline import run_replay
 
             return int(run_replay(args))
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        args = build_live_parser(prog).parse_args(rest)
+        from .live import run_live
+
+        return int(run_live(args))
     except MirrorError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code

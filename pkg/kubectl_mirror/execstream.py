@@ -46,7 +46,9 @@ def capture_argv(port: int, user_filter: str | None) -> list[str]:
     expression = f"tcp port {port}"
     if user_filter and user_filter.strip():
         expression += f" and ({user_filter.strip()})"
-    return ["tcpdump", "-p", "-i", "any", "-U", "-s", "0", "-w", "-", expression]
+    # --immediate-mode: otherwise libpcap hands packets over in blocks up to a second late (latency), and the
+    # ring's last block is lost when tcpdump is stopped.
+    return ["tcpdump", "--immediate-mode", "-p", "-i", "any", "-U", "-s", "0", "-w", "-", expression]
 
 
 def exec_url(host: str, namespace: str, pod: str, container: str, argv: Sequence[str]) -> str:

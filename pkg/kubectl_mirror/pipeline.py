@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import BinaryIO
 
+from .capture import Gap
 from .dissect import Dissector, TsharkInfo, find_tshark
 from .errors import EXIT_INTERRUPTED, InputError, MirrorError, UsageError
 from .model import Action, Segment
@@ -49,6 +50,10 @@ class EngineOptions:
     max_packets: int | None = None
     progress: Callable[[Summary], None] | None = None
     progress_every: float = 1.0
+    # Live: gaps in a pod's stream (flows to that pod end as incomplete), and how a stop reaches the capture.
+    gaps: Callable[[], list[Gap]] | None = None
+    on_stop: Callable[[], None] | None = None
+    stop_grace: float = 10.0  # after on_stop, how long the rest of the stream may take to arrive
 
 
 @dataclass
@@ -68,19 +73,30 @@ class _Pacer:
 
 
 @dataclass
-class _StopFlag:
-    """Ctrl-C once asks the loop to stop cleanly; twice exits at once."""
+class StopFlag:
+    """Ctrl-C once asks the run to stop cleanly; twice exits at once."""
 
     requested: bool = False
     reason: str = ""
+    on_first: Callable[[], None] | None = None  # called from the signal handler: must only start things
     _previous: object = field(default=None, repr=False)
+
+    def request(self, reason: str) -> None:
+        if not self.requested:
+            self.requested, self.reason = True, reason
+
+    @property
+    def interrupted(self) -> bool:
+        return self.requested and self.reason == "interrupted"
 
     def install(self) -> None:
         def on_sigint(signum: int, frame: FrameType | None) -> None:
-            if self.requested:
+            if self.requested and self.reason == "interrupted":
                 # The second Ctrl-C: the user wants out now, whatever is still buffered.
                 os._exit(EXIT_INTERRUPTED)
             self.requested, self.reason = True, "interrupted"
+            if self.on_first is not None:
+                self.on_first()
 
         try:
             self._previous = signal.signal(signal.SIGINT, on_sigint)
@@ -104,7 +120,7 @@ class Engine:
         self.table = FlowTable(options.flow)
         self.replayer = Replayer(options.dest, options.replay)
         self.builder = SummaryBuilder(source=source_name, target=str(options.dest))
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
         self._pacer = _Pacer(options.speed)
         self._last_ts: float | None = None
         self._last_tick_ts: float = 0.0
@@ -116,6 +132,8 @@ class Engine:
         self._bytes_before = 0
         self._segments_before = 0
         self._input_error: MirrorError | None = None
+        self._pending_gaps: list[Gap] = []
+        self._gap_seen_at = 0.0
 
     # ---- public --------------------------------------------------------------------------------
 
@@ -138,6 +156,10 @@ class Engine:
         return self.summary()
 
     @property
+    def gap_count(self) -> int:
+        return self._gaps
+
+    @property
     def input_error(self) -> MirrorError | None:
         """The capture's own damage (truncated, malformed): raised after the summary is shown."""
         return self._input_error
@@ -149,7 +171,7 @@ class Engine:
             tcp_segments=self._segments_before,
             stream_gaps=self._gaps,
             duration_seconds=time.monotonic() - self._started,
-            interrupted=self.stop.requested and self.stop.reason == "interrupted",
+            interrupted=self.stop.interrupted,
         )
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -160,9 +182,19 @@ class Engine:
             source, opts.tshark, handover_every=opts.handover_every, tee=opts.tee, live=opts.live
         )
         held: deque[Segment] = deque()
+        grace_until: float | None = None
         try:
             dissector.start()
-            while not self.stop.requested:
+            while True:
+                if self.stop.requested:
+                    if opts.on_stop is None:
+                        break
+                    if grace_until is None:
+                        # Live: the remote tcpdump is told to stop and flushes; what it still sends is used.
+                        opts.on_stop()
+                        grace_until = time.monotonic() + opts.stop_grace
+                    elif time.monotonic() >= grace_until:
+                        break
                 if held:
                     self._release(held)
                     continue
@@ -174,8 +206,7 @@ class Engine:
                     held.extend(segments)
                     self._release(held)
                 self._housekeeping(dissector)
-            if self.stop.requested:
-                held.clear()
+            held.clear()
             try:
                 dissector.raise_if_failed()
             except InputError as exc:
@@ -191,8 +222,12 @@ class Engine:
         """Feed held segments to the flow table, as fast as --speed allows."""
         feed, execute = self.table.feed, self.replayer.execute
         pacer = self._pacer
+        gaps = self._pending_gaps
         while held:
             seg = held[0]
+            if gaps and seg.frame > gaps[0].after_frame:
+                # Everything the pod sent before its stream dropped has been fed: end its flows now.
+                self._apply_gap(gaps.pop(0))
             due = pacer.due(seg.ts)
             if due:
                 wait = due - time.monotonic()
@@ -209,13 +244,26 @@ class Engine:
         self._last_seg_wall = time.monotonic()
         self._timers()
 
+    def _apply_gap(self, gap: Gap) -> None:
+        self._gaps += 1
+        self._execute(self.table.interrupt(self._capture_now(), gap.servers or None))
+
     def _housekeeping(self, dissector: Dissector) -> None:
         self._timers()
         opts = self.options
+        if opts.gaps is not None:
+            new = opts.gaps()
+            if new:
+                self._pending_gaps.extend(new)
+                self._gap_seen_at = time.monotonic()
+            elif self._pending_gaps and time.monotonic() - self._gap_seen_at > 1.0:
+                # No later segment came to order it against: whatever preceded the gap has been fed by now.
+                while self._pending_gaps:
+                    self._apply_gap(self._pending_gaps.pop(0))
         if opts.duration is not None and time.monotonic() - self._started >= opts.duration:
-            self.stop.requested, self.stop.reason = True, "duration"
+            self.stop.request("duration")
         if opts.max_packets is not None and self._packets_before + dissector.stats.packets >= opts.max_packets:
-            self.stop.requested, self.stop.reason = True, "count"
+            self.stop.request("count")
         if opts.progress is not None:
             now = time.monotonic()
             if now - self._last_progress >= opts.progress_every:

@@ -1,0 +1,250 @@
+"""The live capture: every tapped pod's tcpdump stream, merged into one pcapng byte stream.
+
+One interface per pod (its `if_name` is `namespace/pod`), so `-w` files say where each packet came from and
+pods whose tcpdump writes different link types can share one stream. When a pod's exec stream drops, a new
+capture is started with backoff and the gap is reported, so the engine can end that pod's open flows as
+incomplete: bytes may have been lost in between.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol
+
+from .errors import InputError, MirrorError
+from .pcap import PcapReader, Record
+
+# ---- pcapng blocks (section header, interface description, enhanced packet) -----------------------------
+
+_SHB, _IDB, _EPB = 0x0A0D0D0A, 0x00000001, 0x00000006
+_BYTE_ORDER_MAGIC = 0x1A2B3C4D
+_OPT_END, _IF_NAME, _IF_TSRESOL = 0, 2, 9
+MAX_SNAPLEN = 262144
+
+
+def _pad4(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 4)
+
+
+def _option(code: int, value: bytes) -> bytes:
+    return struct.pack("<HH", code, len(value)) + _pad4(value)
+
+
+def _block(kind: int, body: bytes) -> bytes:
+    total = 12 + len(body)
+    return struct.pack("<II", kind, total) + body + struct.pack("<I", total)
+
+
+def section_header() -> bytes:
+    # Section length -1: unknown, as for any stream written before its end is known.
+    return _block(_SHB, struct.pack("<IHHq", _BYTE_ORDER_MAGIC, 1, 0, -1))
+
+
+def interface_block(linktype: int, name: str) -> bytes:
+    options = _option(_IF_NAME, name.encode()) + _option(_IF_TSRESOL, bytes([9])) + _option(_OPT_END, b"")
+    return _block(_IDB, struct.pack("<HHI", linktype, 0, MAX_SNAPLEN) + options)
+
+
+def packet_block(interface: int, ts_ns: int, data: bytes, orig_len: int) -> bytes:
+    head = struct.pack("<IIIII", interface, ts_ns >> 32, ts_ns & 0xFFFFFFFF, len(data), orig_len)
+    return _block(_EPB, head + _pad4(data))
+
+
+# ---- one pod's capture ---------------------------------------------------------------------------------
+
+
+class PodCapture(Protocol):
+    """What the merger needs of one pod: a way to (re)start its capture and to stop it for good."""
+
+    @property
+    def name(self) -> str:
+        """`namespace/pod`, the interface name in the merged stream."""
+
+    @property
+    def server_hosts(self) -> frozenset[str]:
+        """The pod's addresses: flows to them end when this pod's stream has a gap."""
+
+    def start(self) -> BinaryIO:
+        """Start tcpdump and return its pcap stdout. Raises MirrorError when it cannot."""
+
+    def stop(self) -> None:
+        """Make sure the remote tcpdump is gone and close the stream. Safe to call twice."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """A pod's stream dropped after `after_frame` records of the merged stream had been written."""
+
+    pod: str
+    servers: frozenset[str]
+    after_frame: int
+    reason: str
+
+
+@dataclass
+class CaptureStats:
+    records: int = 0
+    reconnects: int = 0
+    failed_pods: list[str] = field(default_factory=list)
+
+
+class LiveCapture:
+    """Merges the pods' captures into `self.stream` (the read end of a pipe), in arrival order."""
+
+    def __init__(self, pods: Sequence[PodCapture], *, reconnect_attempts: int = 5, backoff: float = 0.5,
+                 max_backoff: float = 8.0, sleep: Callable[[float], None] = time.sleep) -> None:
+        self._pods = pods
+        self._attempts = reconnect_attempts
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._sleep = sleep
+        read_fd, self._write_fd = os.pipe()
+        self.stream: BinaryIO = os.fdopen(read_fd, "rb", buffering=0)
+        self._lock = threading.Lock()
+        self._interfaces: dict[tuple[str, int], int] = {}
+        self._gaps: list[Gap] = []
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._alive = 0
+        self.stats = CaptureStats()
+        self.errors: list[MirrorError] = []
+
+    # ---- public ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every pod's capture; the first start of each must succeed, or the run does not begin."""
+        streams: list[BinaryIO] = []
+        try:
+            for pod in self._pods:
+                streams.append(pod.start())
+        except BaseException:
+            for pod in self._pods[: len(streams)]:
+                pod.stop()
+            raise
+        self._write(section_header())
+        self._alive = len(self._pods)
+        for pod, stream in zip(self._pods, streams, strict=True):
+            t = threading.Thread(target=self._run_pod, args=(pod, stream), name=f"capture {pod.name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def pop_gaps(self) -> list[Gap]:
+        with self._lock:
+            gaps, self._gaps = self._gaps, []
+        return gaps
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop every remote tcpdump (they flush and exit, so the stream ends cleanly), then wait for the readers."""
+        self._stopping.set()
+        stoppers = [threading.Thread(target=pod.stop, daemon=True) for pod in self._pods]
+        for t in stoppers:
+            t.start()
+        deadline = time.monotonic() + timeout
+        for t in [*stoppers, *self._threads]:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._close_write()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # ---- the pod threads ---------------------------------------------------------------------------
+
+    def _run_pod(self, pod: PodCapture, stream: BinaryIO) -> None:
+        try:
+            while True:
+                reason = self._pump(pod, stream)
+                if self._stopping.is_set():
+                    return
+                with self._lock:
+                    self._gaps.append(Gap(pod.name, pod.server_hosts, self.stats.records, reason))
+                pod.stop()
+                restarted = self._restart(pod)
+                if restarted is None:
+                    return
+                stream = restarted
+        finally:
+            with self._lock:
+                self._alive -= 1
+                last = self._alive == 0
+            if last:
+                self._close_write()
+
+    def _pump(self, pod: PodCapture, stream: BinaryIO) -> str:
+        """Copy one capture's records into the merged stream until it ends; return why it ended."""
+        reader = PcapReader(stream)
+        try:
+            # Read to the end even when stopping: tcpdump flushes its last packets when it is told to stop.
+            while True:
+                batch = reader.read_batch()
+                if not batch:
+                    return "the exec stream ended"
+                self._write_records(pod, batch)
+        except InputError as exc:
+            return f"the capture stream broke: {exc.message}"
+        except MirrorError as exc:
+            return f"the exec stream failed: {exc.message}"
+        except Exception as exc:  # the WebSocket library's own errors: a dropped stream, whatever the cause
+            return f"the exec stream failed: {exc.__class__.__name__}: {exc}"
+
+    def _restart(self, pod: PodCapture) -> BinaryIO | None:
+        delay = self._backoff
+        last: MirrorError | None = None
+        for _ in range(self._attempts):
+            if self._stopping.wait(delay):
+                return None
+            try:
+                stream = pod.start()
+            except MirrorError as exc:
+                last = exc
+                delay = min(delay * 2, self._max_backoff)
+                continue
+            with self._lock:
+                self.stats.reconnects += 1
+            return stream
+        with self._lock:
+            self.stats.failed_pods.append(pod.name)
+            if last is not None:
+                self.errors.append(last)
+        return None
+
+    def _write_records(self, pod: PodCapture, batch: list[Record]) -> None:
+        blocks: list[bytes] = []
+        with self._lock:
+            for rec in batch:
+                key = (pod.name, rec.linktype)
+                iface = self._interfaces.get(key)
+                if iface is None:
+                    # Interface ids are the order of their blocks in the section: assign under the lock.
+                    iface = self._interfaces[key] = len(self._interfaces)
+                    blocks.append(interface_block(rec.linktype, pod.name))
+                blocks.append(packet_block(iface, round(rec.ts * 1e9), rec.data, rec.orig_len))
+            self.stats.records += len(batch)
+            # Written under the lock so blocks of two pods never interleave and ids stay in order.
+            self._write(b"".join(blocks))
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._write_fd, view)
+            except BrokenPipeError:
+                self._stopping.set()  # the engine stopped reading: nothing more to deliver
+                return
+            except OSError:
+                return
+            view = view[n:]
+
+    def _close_write(self) -> None:
+        with self._lock:
+            fd, self._write_fd = self._write_fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

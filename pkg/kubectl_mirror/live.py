@@ -1,0 +1,170 @@
+"""`kubectl mirror TYPE/NAME [--to :PORT]`: resolve, tap, capture, and feed the replay engine live.
+
+The order matters for the user's cluster: `--to` is checked and tshark found before the pod is touched, so a
+typo never leaves an ephemeral container behind (they cannot be removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from typing import BinaryIO, cast
+
+from .capture import LiveCapture
+from .dissect import TsharkInfo, find_tshark
+from .errors import MirrorError, UsageError
+from .execstream import ExecProcess, start_capture, stop_remote
+from .flags import Connection, connect
+from .pcap import PcapReader, PcapWriter
+from .pipeline import Engine, EngineOptions, StopFlag, flow_config, replay_config, report
+from .replay import Destination, check_target, parse_to
+from .summary import Summary, SummaryBuilder, exit_code
+from .tap import Tap, ensure_tap
+from .target import PodTarget, resolve
+
+
+class KubePodCapture:
+    """tcpdump in one pod's tap, over the exec WebSocket."""
+
+    def __init__(self, conn: Connection, target: PodTarget, tap: Tap, user_filter: str | None) -> None:
+        self.conn, self.target, self.tap, self.user_filter = conn, target, tap, user_filter
+        self.name = f"{target.namespace}/{target.pod}"
+        self.server_hosts = frozenset({target.pod_ip}) if target.pod_ip else frozenset()
+        self._proc: ExecProcess | None = None
+        self._lock = threading.Lock()
+        self.stop_errors: list[MirrorError] = []
+
+    def start(self) -> BinaryIO:
+        proc = start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter)
+        with self._lock:
+            self._proc = proc
+        return cast(BinaryIO, proc.stdout)
+
+    def stop(self) -> None:
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            # Closing the stream is not enough: kubelets leave exec'd processes running.
+            stop_remote(self.conn, self.target, self.tap, proc)
+        except MirrorError as exc:
+            self.stop_errors.append(exc)
+        finally:
+            proc.close()
+
+
+def describe(targets: list[PodTarget]) -> str:
+    first = targets[0]
+    more = f" (+{len(targets) - 1} more)" if len(targets) > 1 else ""
+    return f"{first.namespace}/{first.pod}:{first.port}{more}"
+
+
+def default_capture_file(targets: list[PodTarget]) -> str:
+    return f"mirror-{targets[0].pod}-{time.strftime('%Y%m%d-%H%M%S')}.pcapng"
+
+
+def run_live(args: argparse.Namespace) -> int:
+    if not args.ref and not args.selector:
+        raise UsageError("name what to mirror: TYPE/NAME (for example deploy/web) or -l SELECTOR")
+    dest: Destination | None = None
+    tshark: TsharkInfo | None = None
+    if args.to:
+        dest = parse_to(args.to)
+        # Before the pod is touched: ephemeral containers cannot be removed, so fail on a typo first.
+        check_target(dest)
+        tshark = find_tshark(args.tshark)
+    conn = connect(args)
+    try:
+        targets = resolve(conn, args.ref or "", selector=args.selector, container=args.container, port=args.port,
+                          all_pods=args.all_pods)
+        pods = [KubePodCapture(conn, t, _tap(conn, t, args), args.filter) for t in targets]
+        capture = LiveCapture(pods)
+        capture.start()
+        if not args.quiet:
+            where = str(dest) if dest else f"capture only, {_capture_path(args, targets)}"
+            print(f"mirroring {describe(targets)} -> {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        try:
+            if dest is not None and tshark is not None:
+                summary = _mirror(capture, args, targets, dest, tshark)
+            else:
+                summary = _capture_only(capture, args, targets)
+        finally:
+            capture.stop()
+        summary.warnings.extend(err.message for pod in pods for err in pod.stop_errors)
+        summary.warnings.extend(err.message for err in capture.errors)
+    finally:
+        conn.close()
+    report(summary, args)
+    return exit_code(summary)
+
+
+def _tap(conn: Connection, target: PodTarget, args: argparse.Namespace) -> Tap:
+    tap = ensure_tap(conn, target, image=args.image, pull_policy=args.image_pull_policy, timeout=args.tap_timeout)
+    if tap.fallback and not args.quiet:
+        print(f"note: Pod Security refused NET_RAW in namespace {target.namespace}; tap {tap.name} runs with the "
+              "container runtime's default capabilities instead", file=sys.stderr)
+    return tap
+
+
+def _capture_path(args: argparse.Namespace, targets: list[PodTarget]) -> str:
+    return str(args.write) if args.write else default_capture_file(targets)
+
+
+def _writer(path: str) -> PcapWriter:
+    return PcapWriter(sys.stdout.buffer) if path == "-" else PcapWriter(path)
+
+
+def _mirror(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTarget], dest: Destination,
+            tshark: TsharkInfo) -> Summary:
+    tee = _writer(args.write) if args.write else None
+    options = EngineOptions(
+        dest=dest,
+        flow=flow_config(args, targets[0].port),
+        replay=replay_config(args),
+        tshark=tshark,
+        live=True,
+        tee=tee,
+        duration=args.duration,
+        max_packets=args.count,
+        gaps=capture.pop_gaps,
+        # Called from the loop or a signal handler: only start the stop, the loop reads what still comes.
+        on_stop=lambda: threading.Thread(target=capture.stop, daemon=True).start(),
+    )
+    engine = Engine(options, source_name=describe(targets))
+    try:
+        return engine.run([capture.stream])
+    finally:
+        if tee is not None:
+            tee.close()
+
+
+def _capture_only(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTarget]) -> Summary:
+    """No --to: write the capture (what ksniff users expect) and count what went by."""
+    path = _capture_path(args, targets)
+    writer = _writer(path)
+    stop = StopFlag(on_first=lambda: threading.Thread(target=capture.stop, daemon=True).start())
+    stop.install()
+    started = time.monotonic()
+    packets = captured = 0
+    try:
+        for rec in PcapReader(capture.stream):
+            writer.write_record(rec)
+            packets += 1
+            captured += rec.orig_len
+            over_count = args.count is not None and packets >= args.count
+            if over_count or (args.duration is not None and time.monotonic() - started >= args.duration):
+                stop.request("count" if over_count else "duration")
+                threading.Thread(target=capture.stop, daemon=True).start()
+                break
+    finally:
+        stop.uninstall()
+        writer.close()
+    if path != "-" and not args.quiet:
+        print(f"wrote {packets} packets to {path}", file=sys.stderr)
+    builder = SummaryBuilder(source=describe(targets), target=f"capture only: {path}")
+    return builder.build(packets=packets, bytes_captured=captured, tcp_segments=packets,
+                         stream_gaps=len(capture.pop_gaps()), duration_seconds=time.monotonic() - started,
+                         interrupted=stop.interrupted)
