@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__
-from .errors import MirrorError, UsageError
+from .errors import EXIT_INTERRUPTED, MirrorError, UsageError
 
 
 def prog_name(argv0: str) -> str:
@@ -56,6 +57,17 @@ def parse_size(text: str) -> int:
     return value
 
 
+def parse_verbosity(text: str) -> int:
+    """kubectl writes -v=6; argparse hands a short option's value over with the '=' still on."""
+    try:
+        level = int(text.lstrip("="))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid verbosity {text!r}: expected a number from 0 to 9") from None
+    if not 0 <= level <= 9:
+        raise argparse.ArgumentTypeError(f"invalid verbosity {level}: expected 0 to 9")
+    return level
+
+
 def parse_port(text: str) -> int:
     try:
         port = int(text)
@@ -84,8 +96,12 @@ def add_replay_flags(p: argparse.ArgumentParser, *, live: bool = False) -> None:
     g.add_argument("--max-buffer", type=parse_size, default=128 << 20, metavar="SIZE",
                    help="bytes buffered over all flows before the largest is dropped")
     o = p.add_argument_group("Output")
-    o.add_argument("--json", action="store_true", help="print the summary as JSON")
-    o.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    o.add_argument("-o", "--output", choices=("text", "json"), default="text",
+                   help="the final summary: a table on stderr (text) or JSON on stdout (json)")
+    o.add_argument("--json", dest="output", action="store_const", const="json", help="same as -o json")
+    o.add_argument("-q", "--quiet", action="store_true", help="no status line, no notes; errors only")
+    o.add_argument("-v", "--v", dest="verbosity", nargs="?", const=1, default=0, type=parse_verbosity,
+                   metavar="N", help="diagnostics on stderr: -v or -v=N (N up to 9; payload bytes only at 9)")
     o.add_argument("--tshark", metavar="PATH", help="tshark to use (default: found on PATH)")
 
 
@@ -103,7 +119,7 @@ def _epilog(prog: str) -> str:
     return (
         "Examples:\n"
         f"  {prog} deploy/web --to :8080\n"
-        f"  {prog} -n shop svc/api --port http --to :9000 -w api.pcapng\n"
+        f"  {prog} -n shop svc/api --port http --to :9000 -w api.pcap\n"
         f"  {prog} pod/x -w - | wireshark -k -i -\n"
         f"  {prog} replay api.pcap --to :8080 --speed 2\n"
         "\nExit codes: 0 ok; 1 error; 2 usage; 3 the run finished but connections failed or were dropped at the "
@@ -130,7 +146,7 @@ def build_live_parser(prog: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_epilog(prog),
     )
-    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--version", action=VersionAction, help="print versions (plugin, tshark, python client)")
     parser.add_argument("ref", nargs="?", metavar="TYPE/NAME",
                         help="pod/po, deploy, sts, ds, rs, job or svc and a name; a bare NAME is a pod")
     t = parser.add_argument_group("Target")
@@ -175,7 +191,44 @@ def build_replay_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def version_text() -> str:
-    return f"kubectl-mirror {__version__}"
+    """The plugin's version, and what it found of the two things it depends on most."""
+    from importlib import metadata
+
+    from .dissect import find_tshark
+
+    try:
+        tshark = "tshark " + ".".join(map(str, find_tshark(None).version))
+    except MirrorError as exc:
+        tshark = f"tshark: {exc.message}"
+    try:
+        client = f"kubernetes python client {metadata.version('kubernetes')}"
+    except metadata.PackageNotFoundError:
+        client = "kubernetes python client: not installed"
+    return f"kubectl-mirror {__version__}\n{tshark}\n{client}"
+
+
+class VersionAction(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=str(kwargs.get("help", "")))
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit(0)
+
+
+def setup_logging(verbosity: int) -> None:
+    """-v levels as kubectl users read them: 1-3 what happens, 4+ details. Tokens and payloads are never logged."""
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity < 4 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("kubectl_mirror")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    # The python client logs request bodies and headers (tokens) at DEBUG: keep it quiet at every level.
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,10 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if rest and rest[0] == "replay":
             args = build_replay_parser(prog).parse_args(rest[1:])
+            setup_logging(args.verbosity)
             from .pipeline import run_replay
 
             return int(run_replay(args))
         args = build_live_parser(prog).parse_args(rest)
+        setup_logging(args.verbosity)
         from .live import run_live
 
         return int(run_live(args))
@@ -196,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 __all__ = ["UsageError", "main", "prog_name"]

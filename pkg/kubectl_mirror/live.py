@@ -18,7 +18,7 @@ from .errors import MirrorError, UsageError
 from .execstream import ExecProcess, start_capture, stop_remote
 from .flags import Connection, connect
 from .pcap import PcapReader, PcapWriter
-from .pipeline import Engine, EngineOptions, StopFlag, flow_config, replay_config, report
+from .pipeline import Engine, EngineOptions, StopFlag, flow_config, replay_config, report, status_line
 from .replay import Destination, check_target, parse_to
 from .summary import Summary, SummaryBuilder, exit_code
 from .tap import Tap, ensure_tap
@@ -133,10 +133,15 @@ def _mirror(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTar
         # Called from the loop or a signal handler: only start the stop, the loop reads what still comes.
         on_stop=lambda: threading.Thread(target=capture.stop, daemon=True).start(),
     )
+    status = status_line(args)
+    if status is not None:
+        options.progress, options.progress_every = status, status.every
     engine = Engine(options, source_name=describe(targets))
     try:
         return engine.run([capture.stream])
     finally:
+        if status is not None:
+            status.clear()
         if tee is not None:
             tee.close()
 

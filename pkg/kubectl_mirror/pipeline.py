@@ -25,6 +25,7 @@ from .dissect import Dissector, TsharkInfo, find_tshark
 from .errors import EXIT_INTERRUPTED, InputError, MirrorError, UsageError
 from .model import Action, Segment
 from .pcap import PcapWriter
+from .progress import StatusLine
 from .reassemble import FlowConfig, FlowTable
 from .replay import Destination, ReplayConfig, Replayer, check_target, parse_to
 from .summary import Summary, SummaryBuilder, exit_code, render_json, render_text
@@ -342,10 +343,19 @@ def _open_input(path: str, stack: ExitStack) -> BinaryIO:
 
 
 def report(summary: Summary, args: argparse.Namespace) -> None:
-    if getattr(args, "json", False):
-        print(render_json(summary), flush=True)
+    """The final summary: JSON on stdout for scripts, a table on stderr for people.
+
+    With `-w -` stdout carries the pcap and nothing else, so even JSON goes to stderr then.
+    """
+    stdout_free = getattr(args, "write", None) != "-"
+    if getattr(args, "output", "text") == "json":
+        print(render_json(summary), file=sys.stdout if stdout_free else sys.stderr, flush=True)
     elif not getattr(args, "quiet", False):
         print(render_text(summary), file=sys.stderr, flush=True)
+
+
+def status_line(args: argparse.Namespace) -> StatusLine | None:
+    return None if getattr(args, "quiet", False) else StatusLine(sys.stderr)
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -363,9 +373,18 @@ def run_replay(args: argparse.Namespace) -> int:
             replay=replay_config(args),
             tshark=tshark,
             speed=args.speed,
+            # A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on lines it has.
+            live=args.file == "-",
         )
+        status = status_line(args)
+        if status is not None and status.tty:
+            options.progress, options.progress_every = status, status.every
         engine = Engine(options, source_name=args.file)
-        summary = engine.run([source])
+        try:
+            summary = engine.run([source])
+        finally:
+            if status is not None:
+                status.clear()
     report(summary, args)
     if engine.input_error is not None:
         raise engine.input_error

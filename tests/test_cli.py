@@ -1,0 +1,126 @@
+"""The command line's face: names, help, errors, output modes. Real subprocesses of the entry script."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubectl_mirror.cli import main, parse_duration, parse_size, parse_verbosity, prog_name
+from kubectl_mirror.progress import StatusLine
+from kubectl_mirror.summary import Connections, Summary
+from tests.netlab.recorder import Recorder
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "kubectl-mirror"
+SAMPLE = REPO / "samples" / "web.pcap"
+
+
+def run(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_prog_name_follows_kubectl_plugin_naming() -> None:
+    assert prog_name("/home/me/.krew/bin/kubectl-mirror") == "kubectl mirror"
+    assert prog_name("mirror.py") == "mirror.py"
+
+
+DURATIONS = [("500ms", 0.5), ("30s", 30.0), ("2m", 120.0), ("1h", 3600.0), ("7", 7.0)]
+
+
+@pytest.mark.parametrize(("text", "seconds"), DURATIONS)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_sizes_and_verbosity() -> None:
+    assert parse_size("4MiB") == 4 << 20 and parse_size("512k") == 512 << 10
+    assert parse_verbosity("=6") == 6 and parse_verbosity("2") == 2
+
+
+def test_help_speaks_as_kubectl_mirror() -> None:
+    out = run("--help")
+    assert out.returncode == 0
+    assert "kubectl mirror [TYPE/NAME" in out.stdout and "deploy/web --to :8080" in out.stdout
+    assert "Exit codes" in out.stdout
+    replay = run("replay", "--help")
+    assert replay.returncode == 0 and "kubectl mirror replay" in replay.stdout and "--speed" in replay.stdout
+
+
+def test_version_names_tshark_and_the_client() -> None:
+    out = run("--version")
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("kubectl-mirror ") and lines[1].startswith("tshark 4.")
+    assert lines[2].startswith("kubernetes python client ")
+
+
+@pytest.mark.parametrize("argv", [["replay", "x.pcap", "--port", "0"], ["--bogus"], ["replay"], ["-v=12", "pod/x"]])
+def test_bad_flags_are_one_line(argv: list[str]) -> None:
+    out = run(*argv)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and "--help" in out.stderr
+
+
+def test_nothing_to_mirror_says_what_to_name() -> None:
+    out = run("--to", ":9")
+    assert out.returncode == 2 and "TYPE/NAME" in out.stderr
+
+
+def test_output_json_is_the_summary_model() -> None:
+    rec = Recorder("127.0.0.1", 0, http=True).start()
+    try:
+        out = run("replay", str(SAMPLE), "--to", f"127.0.0.1:{rec.port}", "-o", "json")
+    finally:
+        rec.stop(grace=5.0)
+    assert out.returncode == 0, out.stderr
+    summary = Summary.model_validate(json.loads(out.stdout))
+    assert summary.connections.complete == 5 and summary.bytes_delivered > 0
+    assert out.stderr == ""  # -o json: the table is not printed as well
+
+
+def test_quiet_text_mode_prints_nothing_on_success() -> None:
+    rec = Recorder("127.0.0.1", 0, http=True).start()
+    try:
+        out = run("replay", str(SAMPLE), "--to", f"127.0.0.1:{rec.port}", "-q")
+    finally:
+        rec.stop(grace=5.0)
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
+
+
+def _snapshot(packets: int, captured: int, seconds: float) -> Summary:
+    return Summary(source="ns/web-1:80", target="127.0.0.1:8080", packets=packets, bytes_captured=captured,
+                   tcp_segments=packets, connections=Connections(seen=3, complete=2, incomplete=1),
+                   bytes_delivered=captured, duration_seconds=seconds, open_flows=1)
+
+
+def test_status_line_redraws_in_place_on_a_terminal() -> None:
+    buf = io.StringIO()
+    line = StatusLine(buf, tty=True)
+    line(_snapshot(10, 1000, 1.0))
+    line(_snapshot(20, 3_000_000, 2.0))
+    line.clear()
+    text = buf.getvalue()
+    assert text.count("\r\x1b[2K") == 3 and "\n" not in text
+    assert "00:00:02  20 packets  3.0 MB  connections: 1 open, 2 replayed, 1 incomplete" in text
+
+
+def test_status_line_is_plain_lines_in_a_log() -> None:
+    buf = io.StringIO()
+    line = StatusLine(buf, tty=False)
+    line(_snapshot(10, 1000, 1.0))
+    line.clear()
+    assert buf.getvalue().count("\n") == 1 and "\x1b" not in buf.getvalue()
+
+
+def test_main_returns_usage_code_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["kubectl-mirror", "replay", str(SAMPLE), "--to", "nonsense"]) == 2
+    assert capsys.readouterr().err.startswith("error: invalid --to")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__]))
