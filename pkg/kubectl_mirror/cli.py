@@ -141,7 +141,8 @@ def build_live_parser(prog: str) -> argparse.ArgumentParser:
             "connection each; responses are discarded and nothing flows back into the cluster. Without --to,\n"
             "the capture is written to a file (-w).\n\n"
             "Commands:\n"
-            "  replay FILE    replay a pcap/pcapng file (or - for stdin) offline; see '" + prog + " replay --help'"
+            "  replay FILE    replay a pcap/pcapng file (or - for stdin) offline; see '" + prog + " replay --help'\n"
+            "  status         which pods carry a tap and whether a capture runs; see '" + prog + " status --help'"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_epilog(prog),
@@ -188,6 +189,25 @@ def build_replay_parser(prog: str) -> argparse.ArgumentParser:
                         help="server port in the capture (default: the side that received the SYN)")
     add_replay_flags(replay)
     return replay
+
+
+def build_status_parser(prog: str) -> argparse.ArgumentParser:
+    from .flags import add_connection_flags
+
+    status = MirrorArgumentParser(
+        prog=f"{prog} status",
+        description="Which pods carry a tap (ephemeral containers stay for the pod's life), its image, its state, "
+                    "and whether a capture runs in it now.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Examples:\n  {prog} status\n  {prog} status deploy/web -n shop\n  {prog} status -l app=web -o json",
+    )
+    status.add_argument("ref", nargs="?", metavar="TYPE/NAME", help="limit to these pods (default: the namespace)")
+    status.add_argument("-l", "--selector", metavar="SELECTOR", help="limit to pods with these labels")
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text", help="table or JSON")
+    status.add_argument("-v", "--v", dest="verbosity", nargs="?", const=1, default=0, type=parse_verbosity,
+                        metavar="N", help="diagnostics on stderr")
+    add_connection_flags(status)
+    return status
 
 
 def version_text() -> str:
@@ -242,6 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .pipeline import run_replay
 
             return int(run_replay(args))
+        if rest and rest[0] == "status":
+            args = build_status_parser(prog).parse_args(rest[1:])
+            setup_logging(args.verbosity)
+            from .status import run_status
+
+            return int(run_status(args))
         args = build_live_parser(prog).parse_args(rest)
         setup_logging(args.verbosity)
         from .live import run_live

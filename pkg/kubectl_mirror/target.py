@@ -346,6 +346,40 @@ def _states(pods: list[Pod]) -> str:
     return shown + (f" and {len(pods) - 5} more" if len(pods) > 5 else "")
 
 
+@dataclass(frozen=True, slots=True)
+class PodSelection:
+    """The pods TYPE/NAME or -l stands for, before readiness or ports are looked at."""
+
+    pods: list[Pod]
+    source: str  # "deployment web", "selector app=web", "pod web-1": for messages
+    query: str | None  # the label selector; None when a pod was named directly
+    service: Service | None  # set for svc/NAME: its ports map --port to the pods' targetPort
+
+
+def select_pods(conn: Connection, ref: str, selector: str | None) -> PodSelection:
+    namespace = conn.namespace
+    if selector is not None and not ref:
+        return PodSelection(list_pods(conn, namespace, selector), f"selector {selector}", selector, None)
+    if selector is not None:
+        raise UsageError("give either TYPE/NAME or -l/--selector, not both")
+    kind, name = parse_ref(ref)
+    obj = _read(conn, kind, name, namespace)
+    if kind.name == "pod":
+        return PodSelection([Pod.model_validate(obj)], f"pod {name}", None, None)
+    service: Service | None = None
+    if kind.name == "service":
+        service = Service.model_validate(obj)
+        sel = service.spec.get("selector") or {}
+        if not sel:
+            raise ClusterError(f"service {name} has no selector, so no pods to follow; name a pod instead")
+        query = ",".join(f"{k}={v}" for k, v in sorted(sel.items()))
+    else:
+        query = Workload.model_validate(obj).selector().to_query()
+        if not query:
+            raise ClusterError(f"{kind.name} {name} has no selector; name a pod instead")
+    return PodSelection(list_pods(conn, namespace, query), f"{kind.name} {name}", query, service)
+
+
 def resolve(conn: Connection, ref: str, *, selector: str | None, container: str | None, port: str | None,
             all_pods: bool) -> list[PodTarget]:
     """The pod(s) to capture on: the first Ready pod, or every Ready one with all_pods.
@@ -353,39 +387,23 @@ def resolve(conn: Connection, ref: str, *, selector: str | None, container: str 
     `ref` is TYPE/NAME or a pod name; with `selector` (-l) `ref` may be empty and pods are picked by label.
     """
     namespace = conn.namespace
-    what = "--port"
+    sel = select_pods(conn, ref, selector)
+    if sel.query is None:
+        pod = sel.pods[0]
+        if pod.status.phase != "Running" or pod.metadata.deletion_timestamp:
+            raise ClusterError(f"pod {pod.metadata.name} is not running ({pod.describe_state()}); "
+                               "wait for it or pick another pod")
+        return [_target(conn, pod, container, port, "--port")]
     want: str | int | None = port
-    if selector is not None and not ref:
-        query, source = selector, f"selector {selector}"
-    else:
-        if selector is not None:
-            raise UsageError("give either TYPE/NAME or -l/--selector, not both")
-        kind, name = parse_ref(ref)
-        obj = _read(conn, kind, name, namespace)
-        if kind.name == "pod":
-            pod = Pod.model_validate(obj)
-            if pod.status.phase != "Running" or pod.metadata.deletion_timestamp:
-                raise ClusterError(f"pod {name} is not running ({pod.describe_state()}); "
-                                   "wait for it or pick another pod")
-            return [_target(conn, pod, container, want, what)]
-        if kind.name == "service":
-            svc = Service.model_validate(obj)
-            sel = svc.spec.get("selector") or {}
-            if not sel:
-                raise ClusterError(f"service {name} has no selector, so no pods to follow; name a pod instead")
-            query = ",".join(f"{k}={v}" for k, v in sorted(sel.items()))
-            want = _service_port(svc, port)
-            what = f"service {name} targetPort"
-        else:
-            query = Workload.model_validate(obj).selector().to_query()
-            if not query:
-                raise ClusterError(f"{kind.name} {name} has no selector; name a pod instead")
-        source = f"{kind.name} {name}"
-    pods = list_pods(conn, namespace, query)
+    what = "--port"
+    if sel.service is not None:
+        want = _service_port(sel.service, port)
+        what = f"service {sel.service.metadata.name} targetPort"
+    pods = sel.pods
     ready = [p for p in pods if p.ready]
     if not pods:
-        raise ClusterError(f'no pods match {source} (selector {query}) in namespace "{namespace}"')
+        raise ClusterError(f'no pods match {sel.source} (selector {sel.query}) in namespace "{namespace}"')
     if not ready:
-        raise ClusterError(f'no ready pod for {source} in namespace "{namespace}": found {_states(pods)}')
+        raise ClusterError(f'no ready pod for {sel.source} in namespace "{namespace}": found {_states(pods)}')
     chosen = ready if all_pods else ready[:1]
     return [_target(conn, p, container, want, what) for p in chosen]
