@@ -49,3 +49,22 @@ bench: system-deps venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Release packaging (krew/README.md). `dist`: the one-file binary for this machine, packed for krew into
+# dist/kubectl-mirror_<version>_<os>_<arch>.tar.gz; a no-op when nothing that goes into it changed.
+# `krew-manifest`: plugin.yaml from krew/mirror.yaml with each archive's sha256. The release job, which collects
+# the other platforms' archives or .sha256 files into dist/ and must not rebuild this one, runs
+# `make krew-manifest KREW_DIST_DEP= KREW_STRICT=1`.
+KREW_BASE_URL ?=
+KREW_SHA256 ?=
+KREW_STRICT ?=
+KREW_DIST_DEP ?= dist
+
+.PHONY: dist krew-manifest
+
+dist: venv
+	$(PY) krew/build.py dist
+
+krew-manifest: $(KREW_DIST_DEP)
+	$(PY) krew/build.py manifest --out plugin.yaml $(if $(KREW_BASE_URL),--base-url $(KREW_BASE_URL)) \
+	  $(foreach s,$(KREW_SHA256),--sha256 $(s)) $(if $(KREW_STRICT),--strict)
