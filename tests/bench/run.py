@@ -117,8 +117,8 @@ def tshark_meta(path: Path, timeout: float) -> dict[str, int]:
 
 @contextlib.contextmanager
 def ns_server(link: Link) -> Iterator[subprocess.Popen[str]]:
-    srv = link.server.popen([sys.executable, str(BENCHNET), "server", "--host", "::", "--port", str(PORT),
-                             "--max-seconds", "1800"], stdout=subprocess.PIPE, text=True)
+    srv = subprocess.Popen(link.server.argv([sys.executable, str(BENCHNET), "server", "--host", "::", "--port",
+                                             str(PORT), "--max-seconds", "1800"]), stdout=subprocess.PIPE, text=True)
     try:
         assert srv.stdout is not None
         line = srv.stdout.readline()  # EOF if it dies: never hangs
@@ -177,15 +177,15 @@ def ensure_capture(spec: Spec, regenerate: bool) -> tuple[Path, dict[str, Any]]:
         if cap.dropped() != 0 or captured != received:
             log(f"  tcpdump lost packets ({cap.stderr[-3:]}), retrying")
             continue
-        meta = tshark_meta(part, timeout=600)
-        short = [spec.min_packets / max(1, meta["packets"]), spec.min_payload / max(1, meta["payload"]),
-                 spec.min_conns / max(1, meta["connections"])]
+        counted = tshark_meta(part, timeout=600)
+        short = [spec.min_packets / max(1, counted["packets"]), spec.min_payload / max(1, counted["payload"]),
+                 spec.min_conns / max(1, counted["connections"])]
         if max(short) > 1:
             scale *= max(short) * 1.1  # the kernel merged more than expected: make more traffic, bounded by attempts
-            log(f"  too small ({meta}), retrying bigger")
+            log(f"  too small ({counted}), retrying bigger")
             continue
-        meta.update(version=GEN_VERSION, generated_seconds=round(time.monotonic() - start, 1), tcpdump_dropped=0,
-                    client=result, linktype=pcap_linktype(part))
+        meta = {**counted, "version": GEN_VERSION, "generated_seconds": round(time.monotonic() - start, 1),
+                "tcpdump_dropped": 0, "client": result, "linktype": pcap_linktype(part)}
         part.rename(path)
         meta_path.write_text(json.dumps(meta, indent=1))
         return path, meta
