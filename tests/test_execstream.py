@@ -15,7 +15,8 @@ import pytest
 
 from kubectl_mirror.errors import ClusterError, UsageError
 from kubectl_mirror.execstream import V4, V5, capture_argv, open_exec, start_capture, stop_remote
-from kubectl_mirror.flags import Connection, add_connection_flags, connect
+from kubectl_mirror.flags import add_connection_flags
+from kubectl_mirror.kubeconfig import Connection, connect
 from kubectl_mirror.tap import Tap, ensure_tap
 from kubectl_mirror.target import PodTarget
 from tests.apiserver import FakeCluster, PodNetns

@@ -18,7 +18,8 @@ import yaml
 
 from kubectl_mirror.errors import ClusterError, UsageError
 from kubectl_mirror.execstream import open_exec
-from kubectl_mirror.flags import add_connection_flags, connect, parse_request_timeout
+from kubectl_mirror.flags import add_connection_flags, parse_request_timeout
+from kubectl_mirror.kubeconfig import connect
 from kubectl_mirror.target import resolve
 from tests.apiserver import FakeCluster
 

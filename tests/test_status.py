@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kubectl_mirror.execstream import start_capture, stop_remote
-from kubectl_mirror.flags import Connection
+from kubectl_mirror.kubeconfig import Connection
 from kubectl_mirror.status import TapRow, render_rows, tap_rows
 from kubectl_mirror.tap import ensure_tap
 from kubectl_mirror.target import PodTarget

@@ -13,7 +13,8 @@ import pytest
 
 from kubectl_mirror import tap as tapmod
 from kubectl_mirror.errors import ClusterError
-from kubectl_mirror.flags import Connection, add_connection_flags, connect
+from kubectl_mirror.flags import add_connection_flags
+from kubectl_mirror.kubeconfig import Connection, connect
 from kubectl_mirror.tap import DEFAULT_IMAGE, Tap, ensure_tap, find_taps
 from kubectl_mirror.target import PodTarget
 from tests.apiserver import FakeCluster

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from kubectl_mirror.errors import ClusterError, UsageError
-from kubectl_mirror.flags import Connection, add_connection_flags, connect
+from kubectl_mirror.flags import add_connection_flags
+from kubectl_mirror.kubeconfig import Connection, connect
 from kubectl_mirror.target import PodTarget, resolve
 from tests.apiserver import FakeCluster
 

@@ -129,7 +129,6 @@ def _epilog(prog: str) -> str:
 
 def build_live_parser(prog: str) -> argparse.ArgumentParser:
     from .flags import add_connection_flags
-    from .tap import DEFAULT_IMAGE
 
     parser = MirrorArgumentParser(
         prog=prog,
@@ -156,7 +155,8 @@ def build_live_parser(prog: str) -> argparse.ArgumentParser:
     t.add_argument("--port", metavar="PORT", help="port number or name (default: the one declared port)")
     t.add_argument("--all-pods", action="store_true", help="mirror every matching pod at once, not just the first")
     tap = parser.add_argument_group("Tap")
-    tap.add_argument("--image", default=DEFAULT_IMAGE, metavar="IMAGE", help="tap image with tcpdump")
+    tap.add_argument("--image", metavar="IMAGE",
+                     help="tap image with tcpdump and sh (default: nicolaka/netshoot v0.11, pinned by digest)")
     tap.add_argument("--image-pull-policy", default="IfNotPresent", choices=("Always", "IfNotPresent", "Never"),
                      help="pull policy of the tap image")
     tap.add_argument("--tap-timeout", type=parse_duration, default=120.0, metavar="DURATION",

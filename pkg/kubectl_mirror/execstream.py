@@ -20,7 +20,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import websocket
 
 from .errors import ClusterError, MirrorError, UsageError
-from .flags import Connection, connection_error
+from .kubeconfig import Connection, connection_error
 from .tap import Tap
 from .target import PodTarget
 

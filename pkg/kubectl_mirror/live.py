@@ -16,12 +16,12 @@ from .capture import LiveCapture
 from .dissect import TsharkInfo, find_tshark
 from .errors import MirrorError, UsageError
 from .execstream import ExecProcess, start_capture, stop_remote
-from .flags import Connection, connect
+from .kubeconfig import Connection, connect
 from .pcap import PcapReader, PcapWriter
 from .pipeline import Engine, EngineOptions, StopFlag, flow_config, replay_config, report, status_line
 from .replay import Destination, check_target, parse_to
 from .summary import Summary, SummaryBuilder, exit_code
-from .tap import Tap, ensure_tap
+from .tap import DEFAULT_IMAGE, Tap, ensure_tap
 from .target import PodTarget, resolve
 
 
@@ -102,7 +102,8 @@ def run_live(args: argparse.Namespace) -> int:
 
 
 def _tap(conn: Connection, target: PodTarget, args: argparse.Namespace) -> Tap:
-    tap = ensure_tap(conn, target, image=args.image, pull_policy=args.image_pull_policy, timeout=args.tap_timeout)
+    tap = ensure_tap(conn, target, image=args.image or DEFAULT_IMAGE, pull_policy=args.image_pull_policy,
+                     timeout=args.tap_timeout)
     if tap.fallback and not args.quiet:
         print(f"note: Pod Security refused NET_RAW in namespace {target.namespace}; tap {tap.name} runs with the "
               "container runtime's default capabilities instead", file=sys.stderr)

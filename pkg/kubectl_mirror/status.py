@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import MirrorError
 from .execstream import open_exec
-from .flags import Connection, connect
+from .kubeconfig import Connection, connect
 from .tap import DEFAULT_NAME, TapInfo, find_taps
 from .target import list_pods, select_pods
 

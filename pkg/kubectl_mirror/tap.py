@@ -18,7 +18,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from .errors import ClusterError, UsageError
-from .flags import Connection, api_errors, api_failure, api_message
+from .kubeconfig import Connection, api_errors, api_failure, api_message
 from .target import ContainerStatus, Pod, PodTarget
 
 # nicolaka/netshoot v0.11 pinned by digest: it ships tcpdump, sh, kill and sleep in one widely mirrored image

@@ -12,7 +12,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ClusterError, UsageError
-from .flags import Connection, api_errors, api_failure
+from .kubeconfig import Connection, api_errors, api_failure
 
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 

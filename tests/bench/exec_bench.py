@@ -17,7 +17,8 @@ from pathlib import Path
 from tests.apiserver import FakeCluster, PodNetns
 
 from kubectl_mirror.execstream import open_exec
-from kubectl_mirror.flags import add_connection_flags, connect
+from kubectl_mirror.flags import add_connection_flags
+from kubectl_mirror.kubeconfig import connect
 
 ROUNDS = 3
 

@@ -1,0 +1,354 @@
+"""kubectl's connection flags and the kubeconfig they select, turned into one ready ApiClient.
+
+The python client's own loader is close to kubectl but not equal: with several KUBECONFIG files it lets the
+*last* file's current-context win (kubectl: the first), it reads KUBECONFIG once at import time, and it has no
+--cluster/--user/--server overrides. So the files are merged here, kubectl's way, into one dict that the
+client's KubeConfigLoader then turns into a Configuration (keeping its exec-plugin and token-refresh support).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import ssl
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import urllib3
+import yaml
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from kubernetes.config.kube_config import KubeConfigLoader
+from pydantic import BaseModel, ConfigDict
+
+from .errors import ClusterError, MirrorError, UsageError
+from .flags import DEFAULT_NAMESPACE
+
+
+class ConnectionFlags(BaseModel):
+    """The connection flags as given; the boundary between argparse and the rest."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    kubeconfig: str | None = None
+    context: str | None = None
+    cluster: str | None = None
+    user: str | None = None
+    namespace: str | None = None
+    server: str | None = None
+    token: str | None = None
+    certificate_authority: str | None = None
+    client_certificate: str | None = None
+    client_key: str | None = None
+    insecure_skip_tls_verify: bool | None = None
+    tls_server_name: str | None = None
+    as_user: str | None = None
+    as_group: list[str] | None = None
+    as_uid: str | None = None
+    request_timeout: float | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ConnectionFlags:
+        return cls.model_validate({k: getattr(args, k, None) for k in cls.model_fields})
+
+    def impersonation(self) -> list[tuple[str, str]]:
+        """Impersonate-* headers; a list because each group is its own header (the server reads them so)."""
+        if (self.as_group or self.as_uid) and not self.as_user:
+            raise UsageError("--as-group and --as-uid need --as: say which user to impersonate")
+        headers: list[tuple[str, str]] = []
+        if self.as_user:
+            headers.append(("Impersonate-User", self.as_user))
+        headers += [("Impersonate-Group", g) for g in self.as_group or []]
+        if self.as_uid:
+            headers.append(("Impersonate-Uid", self.as_uid))
+        return headers
+
+
+class _MirrorApiClient(k8s.ApiClient):  # type: ignore[misc]
+    """ApiClient that sends impersonation headers and the default request timeout on every request.
+
+    default_headers is a plain dict and cannot carry one header several times (one per --as-group), so the
+    headers are added where the request leaves, as a urllib3 HTTPHeaderDict.
+    """
+
+    def __init__(self, configuration: k8s.Configuration, impersonation: list[tuple[str, str]],
+                 request_timeout: float | None) -> None:
+        super().__init__(configuration)
+        self.mirror_impersonation = impersonation
+        self.mirror_request_timeout = request_timeout
+
+    def call_api(self, method: str, url: str, header_params: Any = None, body: Any = None, post_params: Any = None,
+                 _request_timeout: Any = None) -> Any:
+        merged = urllib3.HTTPHeaderDict(header_params or {})
+        for name, value in self.mirror_impersonation:
+            merged.add(name, value)
+        if _request_timeout is None:
+            _request_timeout = self.mirror_request_timeout
+        parent = super()
+        return parent.call_api(  # type: ignore[attr-defined]
+            method, url, header_params=merged, body=body, post_params=post_params, _request_timeout=_request_timeout)
+
+
+@dataclass(slots=True)
+class Connection:
+    """Everything the other stages need to talk to the cluster."""
+
+    api_client: k8s.ApiClient
+    namespace: str
+    context: str
+    request_timeout: float | None = None
+    impersonation: list[tuple[str, str]] = field(default_factory=list)
+
+    def auth_headers(self) -> list[tuple[str, str]]:
+        """Headers for a connection made outside the ApiClient (the exec WebSocket): auth + impersonation."""
+        cfg = self.api_client.configuration
+        if cfg.refresh_api_key_hook is not None:  # exec plugins: a fresh token if the old one expired
+            cfg.refresh_api_key_hook(cfg)
+        headers: list[tuple[str, str]] = []
+        auth = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+        if auth:
+            headers.append(("Authorization", auth))
+        return headers + list(self.impersonation)
+
+    def close(self) -> None:
+        self.api_client.close()  # type: ignore[no-untyped-call]
+
+
+def kubeconfig_paths(flags: ConnectionFlags, environ: Mapping[str, str]) -> list[Path]:
+    """The kubeconfig files in kubectl's precedence: --kubeconfig, else $KUBECONFIG (':'-list), else ~/.kube/config."""
+    if flags.kubeconfig:
+        path = Path(flags.kubeconfig).expanduser()
+        if not path.is_file():
+            raise UsageError(f"kubeconfig {flags.kubeconfig} not found: check --kubeconfig")
+        return [path]
+    if environ.get("KUBECONFIG"):
+        listed = [Path(p).expanduser() for p in environ["KUBECONFIG"].split(os.pathsep) if p]
+        # kubectl skips listed files that do not exist.
+        return [p for p in dict.fromkeys(listed) if p.is_file()]
+    home = Path(environ.get("HOME") or Path.home())
+    default = home / ".kube" / "config"
+    return [default] if default.is_file() else []
+
+
+# Fields holding paths; kubectl resolves a relative one against the directory of the file that set it.
+_PATH_FIELDS = {
+    "clusters": ("certificate-authority",),
+    "users": ("client-certificate", "client-key", "tokenFile"),
+}
+
+
+def _absolutize(kind: str, entry: dict[str, Any], base: Path) -> None:
+    body = entry.get(kind[:-1])
+    if not isinstance(body, dict):
+        return
+    for key in _PATH_FIELDS.get(kind, ()):
+        value = body.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            body[key] = str(base / os.path.expanduser(value))
+    exec_cfg = body.get("exec") if kind == "users" else None
+    if isinstance(exec_cfg, dict):
+        command = exec_cfg.get("command")
+        # Like kubectl: a command with a path separator is relative to the kubeconfig; a bare name is on PATH.
+        if isinstance(command, str) and os.sep in command and not os.path.isabs(command):
+            exec_cfg["command"] = str(base / command)
+
+
+def merge_kubeconfigs(paths: list[Path]) -> dict[str, Any]:
+    """Merge kubeconfig files as kubectl does: the first file to set a value or a named entry wins."""
+    merged: dict[str, Any] = {"clusters": [], "contexts": [], "users": [], "preferences": {}}
+    seen: dict[str, set[str]] = {"clusters": set(), "contexts": set(), "users": set()}
+    for path in paths:
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"cannot read kubeconfig {path}: {_first_line(exc)}") from None
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise UsageError(f"kubeconfig {path} is not a kubeconfig (expected a YAML mapping)")
+        if doc.get("current-context") and not merged.get("current-context"):
+            merged["current-context"] = doc["current-context"]
+        for kind in ("clusters", "contexts", "users"):
+            for entry in doc.get(kind) or []:
+                if not isinstance(entry, dict) or not entry.get("name") or entry["name"] in seen[kind]:
+                    continue
+                seen[kind].add(entry["name"])
+                entry = dict(entry)
+                if isinstance(entry.get(kind[:-1]), dict):
+                    entry[kind[:-1]] = dict(entry[kind[:-1]])
+                _absolutize(kind, entry, path.parent.resolve())
+                merged[kind].append(entry)
+    return merged
+
+
+def _named(entries: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((e for e in entries if e.get("name") == name), None)
+
+
+def _select(flags: ConnectionFlags, merged: dict[str, Any], paths: list[Path]) -> tuple[dict[str, Any], str]:
+    """Apply --context/--cluster/--user/--server/... to the merged config; return (config, context name)."""
+    where = ", ".join(str(p) for p in paths) or "no kubeconfig"
+    context_name = flags.context or merged.get("current-context") or ""
+    if flags.context and _named(merged["contexts"], flags.context) is None:
+        raise UsageError(f'context "{flags.context}" not found in kubeconfig; see kubectl config get-contexts')
+    ctx_entry = _named(merged["contexts"], context_name) if context_name else None
+    if context_name and ctx_entry is None:
+        raise UsageError(f'current context "{context_name}" not found in kubeconfig ({where}); '
+                         "pick one with --context (see kubectl config get-contexts)")
+    ctx: dict[str, Any] = dict((ctx_entry or {}).get("context") or {})
+    if flags.cluster:
+        if _named(merged["clusters"], flags.cluster) is None:
+            raise UsageError(f'cluster "{flags.cluster}" not found in kubeconfig; see kubectl config get-clusters')
+        ctx["cluster"] = flags.cluster
+    if flags.user:
+        if _named(merged["users"], flags.user) is None:
+            raise UsageError(f'user "{flags.user}" not found in kubeconfig; see kubectl config get-users')
+        ctx["user"] = flags.user
+    cluster = dict((_named(merged["clusters"], ctx.get("cluster", "")) or {}).get("cluster") or {})
+    user = dict((_named(merged["users"], ctx.get("user", "")) or {}).get("user") or {})
+    if flags.server:
+        cluster["server"] = flags.server
+    if flags.certificate_authority:
+        cluster["certificate-authority"] = str(Path(flags.certificate_authority).expanduser().resolve())
+        cluster.pop("certificate-authority-data", None)
+    if flags.insecure_skip_tls_verify:
+        cluster["insecure-skip-tls-verify"] = True
+    if flags.tls_server_name:
+        cluster["tls-server-name"] = flags.tls_server_name
+    if flags.client_certificate:
+        user["client-certificate"] = str(Path(flags.client_certificate).expanduser().resolve())
+        user.pop("client-certificate-data", None)
+    if flags.client_key:
+        user["client-key"] = str(Path(flags.client_key).expanduser().resolve())
+        user.pop("client-key-data", None)
+    if flags.token:
+        # A token given on the command line replaces every other credential, as in kubectl.
+        user = {"token": flags.token}
+    if not cluster.get("server"):
+        if not paths:
+            raise UsageError("no kubeconfig found: set KUBECONFIG, pass --kubeconfig, or create ~/.kube/config")
+        raise UsageError(f'no server found for context "{context_name}" in {where}: '
+                         "pick one with --context or --server")
+    name = context_name or "(flags)"
+    config = {
+        "current-context": name,
+        "contexts": [{"name": name, "context": {**ctx, "cluster": "selected", "user": "selected"}}],
+        "clusters": [{"name": "selected", "cluster": cluster}],
+        "users": [{"name": "selected", "user": user}],
+    }
+    return config, name
+
+
+def connect(args: argparse.Namespace, *, environ: Mapping[str, str] | None = None) -> Connection:
+    """Build the Connection that the flags in `args` (see add_connection_flags) select."""
+    flags = ConnectionFlags.from_args(args)
+    env = os.environ if environ is None else environ
+    paths = kubeconfig_paths(flags, env)
+    merged = merge_kubeconfigs(paths)
+    config, context_name = _select(flags, merged, paths)
+    configuration = k8s.Configuration()
+    try:
+        loader = KubeConfigLoader(config_dict=config, config_base_path=None)  # type: ignore[no-untyped-call]
+        loader.load_and_set(configuration)  # type: ignore[no-untyped-call]
+    except ConfigException as exc:
+        raise UsageError(f"invalid kubeconfig ({context_name}): {_first_line(exc)}") from None
+    namespace = flags.namespace or config["contexts"][0]["context"].get("namespace") or DEFAULT_NAMESPACE
+    impersonation = flags.impersonation()
+    api = _MirrorApiClient(configuration, impersonation, flags.request_timeout)
+    return Connection(api_client=api, namespace=namespace, context=context_name,
+                      request_timeout=flags.request_timeout, impersonation=impersonation)
+
+
+# ---- errors ---------------------------------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def api_message(exc: ApiException) -> str:
+    """The Status message the server sent, else the HTTP reason."""
+    import json
+
+    try:
+        body = json.loads(exc.body or "")
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"]).splitlines()[0]
+    except (TypeError, ValueError):
+        pass
+    return f"{exc.status} {exc.reason}"
+
+
+def connection_error(exc: BaseException, server: str) -> MirrorError | None:
+    """A one-line error for transport failures (unreachable, TLS), or None when `exc` is not one."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # urllib3 wraps the socket error a few levels deep
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return ClusterError(f"TLS failure talking to {server}: {cause.verify_message}; check the cluster's "
+                                "certificate-authority (or --tls-server-name) in your kubeconfig")
+        if isinstance(cause, ssl.SSLError):
+            return ClusterError(f"TLS failure talking to {server}: {_first_line(cause)}; "
+                                "check the server address and certificates in your kubeconfig")
+        if isinstance(cause, (ConnectionRefusedError, socket.gaierror, TimeoutError, socket.timeout)):
+            return ClusterError(f"cannot reach the Kubernetes API server at {server} ({_first_line(cause)}); "
+                                "check --server/--context and that the cluster is up")
+        if isinstance(cause, urllib3.exceptions.MaxRetryError) and cause.reason is not None:
+            cause = cause.reason
+            continue
+        if isinstance(cause, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
+                              urllib3.exceptions.ReadTimeoutError)):
+            nxt = cause.__cause__ or cause.__context__
+            if nxt is None:
+                return ClusterError(f"cannot reach the Kubernetes API server at {server} ({_first_line(cause)}); "
+                                    "check --server/--context and that the cluster is up")
+            cause = nxt
+            continue
+        if isinstance(cause, (urllib3.exceptions.ProtocolError, ConnectionError, OSError)):
+            return ClusterError(f"lost the connection to the Kubernetes API server at {server}: "
+                                f"{_first_line(cause)}")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+@contextmanager
+def api_errors(conn: Connection) -> Iterator[None]:
+    """Turn transport failures inside the block into one-line ClusterErrors (ApiExceptions pass through)."""
+    try:
+        yield
+    except ApiException:
+        raise
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        err = connection_error(exc, conn.api_client.configuration.host)
+        if err is None:
+            raise
+        raise err from None
+
+
+def forbidden(exc: ApiException, verb: str, resource: str, namespace: str, conn: Connection) -> ClusterError:
+    """RBAC said no: name exactly what to ask the cluster admin for."""
+    who = dict(conn.impersonation).get("Impersonate-User")
+    as_note = f" (as {who})" if who else ""
+    return ClusterError(f'forbidden{as_note}: cannot {verb} {resource} in namespace "{namespace}"; ask your cluster '
+                        f"admin for RBAC \"{verb}\" on \"{resource}\" ({api_message(exc)})")
+
+
+def api_failure(exc: ApiException, conn: Connection, *, verb: str, resource: str, namespace: str,
+                name: str | None = None) -> MirrorError:
+    """One-line error for an API answer that stops the run; `resource` as the server names it (deployments.apps)."""
+    if exc.status == 401:
+        return ClusterError(f"the API server rejected your credentials (context {conn.context}); "
+                            "log in again or check the user in your kubeconfig")
+    if exc.status == 403:
+        return forbidden(exc, verb, resource, namespace, conn)
+    if exc.status == 404 and name:
+        return ClusterError(f'{resource} "{name}" not found in namespace "{namespace}"')
+    return ClusterError(f"cannot {verb} {resource}{' ' + name if name else ''} in namespace \"{namespace}\": "
+                        f"{api_message(exc)}")
