@@ -13,10 +13,17 @@ from .kubeconfig import Connection, connect
 from .tap import DEFAULT_NAME, TapInfo, find_taps
 from .target import list_pods, select_pods
 
-# Counts tcpdump processes visible from the tap (it shares the target container's process namespace when the
-# runtime allows it, and always sees its own). A constant script: nothing the user typed reaches the shell.
-_COUNT_TCPDUMP = ('n=0; for f in /proc/[0-9]*/cmdline; do tr "\\0" " " <"$f" 2>/dev/null | grep -q "^tcpdump " '
-                  '&& n=$((n+1)); done; echo "$n"')
+# Counts tcpdump processes in the tap's network namespace (the pod's). The tap shares the target container's
+# process namespace when the runtime allows it; a process whose namespace cannot be read still counts. A
+# constant script: nothing the user typed reaches the shell.
+_COUNT_TCPDUMP = (
+    'me=$(readlink /proc/self/ns/net); n=0; '
+    'for p in /proc/[0-9]*; do '
+    'tr "\\0" " " <"$p/cmdline" 2>/dev/null | grep -q "^tcpdump " || continue; '
+    'ns=$(readlink "$p/ns/net" 2>/dev/null); '
+    '[ -z "$ns" ] || [ "$ns" = "$me" ] && n=$((n+1)); '
+    'done; echo "$n"'
+)
 
 
 @dataclass(frozen=True, slots=True)
