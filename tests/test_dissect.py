@@ -102,6 +102,19 @@ def test_handover_gives_the_same_segments(tmp_path: Path, tshark: TsharkInfo) ->
     assert d7.stats.packets == d1.stats.packets == len(whole) + 20
 
 
+def test_memory_driven_handover_gives_the_same_segments(tshark: TsharkInfo) -> None:
+    # 10,000 segments of one connection; a 1-byte memory budget makes every RSS check (each 4096 records)
+    # hand over, so the result must not depend on where tshark was replaced.
+    packets = [(1.0 + i / 1000, tcp_ip(V4[0], V4[1], 40000, 8080, 1000 + 4 * i, 77, ACK | PSH, b"%04d" % (i % 10000)))
+               for i in range(10_000)]
+    data = classic_pcap(101, packets)
+    whole, d0 = dissect(data, tshark)
+    handed, d1 = dissect(data, tshark, handover_rss=1)
+    assert d0.stats.tshark_restarts == 0
+    assert d1.stats.tshark_restarts >= 2
+    assert handed == whole and len(whole) == 10_000
+
+
 def test_tee_writes_an_identical_private_copy(tmp_path: Path, tshark: TsharkInfo) -> None:
     data = classic_pcap(101, [(float(i), tcp_ip("10.0.0.1", "10.0.0.2", 5, 80, i, 0, PSH, b"%d" % i))
                               for i in range(20)])
@@ -251,6 +264,22 @@ def fake_tshark(tmp_path: Path, version: str, body: str) -> str:
 def test_tshark_too_old(tmp_path: Path) -> None:
     with pytest.raises(ToolError, match=r"tshark 3\.2\.5 is too old: need 3\.4"):
         find_tshark(fake_tshark(tmp_path, "3.2.5", "exit 0"))
+
+
+def test_tshark_version_is_remembered_until_the_binary_changes(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calls = tmp_path / "calls"
+    exe = tmp_path / "tshark"
+    exe.write_text(f"#!/bin/sh\necho x >> {calls}\necho 'TShark (Wireshark) 4.2.5.'\n")
+    exe.chmod(0o755)
+    assert find_tshark(str(exe)).version == (4, 2, 5)
+    assert find_tshark(str(exe)).version == (4, 2, 5)
+    assert calls.read_text().count("x") == 1  # the second answer came from the cache
+    exe.write_text(f"#!/bin/sh\necho x >> {calls}\necho 'TShark (Wireshark) 3.2.1 (an older build).'\n")
+    with pytest.raises(ToolError, match=r"3\.2\.1 is too old"):
+        find_tshark(str(exe))
+    assert calls.read_text().count("x") == 2
 
 
 def test_tshark_dying_is_reported(tmp_path: Path) -> None:

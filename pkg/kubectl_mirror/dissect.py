@@ -2,13 +2,16 @@
 
 tshark is asked only for what it knows best (which frames are TCP, addresses, ports, raw seq/ack, length, flags);
 payload bytes are cut from the record we already hold, which halves tshark's work and avoids hex decoding.
-tshark's memory grows with every packet it reads, so every `handover_every` packets a fresh (pre-spawned) tshark
-takes over and the old one drains and exits.
+tshark's memory grows as it reads (per packet, and more per connection), so when its resident memory nears
+`handover_rss`, or after `handover_every` packets, a fresh (pre-spawned) tshark takes over and the old one drains
+and exits. Every hand-over costs a tshark start-up (~0.3 s of CPU), so it is driven by measured memory rather
+than a small fixed packet count.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import selectors
@@ -19,6 +22,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, BinaryIO
 
 from .errors import InputError, ToolError
@@ -26,6 +30,12 @@ from .model import Endpoint, Segment
 from .pcap import PcapReader, PcapWriter, Record
 
 MIN_VERSION = (3, 4, 0)  # LINUX_SLL2 (tcpdump -i any on current kernels) needs 3.4
+# Hand over to a fresh tshark when the current one's resident memory reaches this (tshark starts near 160 MB;
+# the budget is 300 MB), or after this many packets whatever the memory says (platforms without /proc).
+HANDOVER_RSS = 230 << 20
+HANDOVER_EVERY = 2_000_000
+RSS_CHECK_EVERY = 4096
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 INSTALL_HINT = (
     "install it (Debian/Ubuntu: sudo apt-get install tshark; macOS: brew install wireshark; "
     "Fedora: sudo dnf install wireshark-cli), then retry; or pass --tshark PATH"
@@ -67,6 +77,18 @@ def find_tshark(path: str | None = None) -> TsharkInfo:
     if exe is None:
         where = f" at {path}" if path else ""
         raise ToolError(f"tshark not found{where}: {INSTALL_HINT}")
+    key = _binary_key(exe)
+    version = _cached_version(key)
+    if version is None:
+        version = _ask_version(exe)
+        _remember_version(key, version)
+    if version < MIN_VERSION:
+        shown = ".".join(map(str, version))
+        raise ToolError(f"tshark {shown} is too old: need 3.4 or newer (for Linux cooked v2 captures); upgrade it")
+    return TsharkInfo(exe, version)
+
+
+def _ask_version(exe: str) -> tuple[int, int, int]:
     try:
         out = subprocess.run([exe, "--version"], capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -74,11 +96,47 @@ def find_tshark(path: str | None = None) -> TsharkInfo:
     m = re.search(rb"(\d+)\.(\d+)\.(\d+)", out.stdout.split(b"\n", 1)[0])
     if out.returncode != 0 or m is None:
         raise ToolError(f"{exe} does not look like tshark (tshark --version failed): {INSTALL_HINT}")
-    version = (int(m.group(1)), int(m.group(2)), int(m.group(3)))
-    if version < MIN_VERSION:
-        shown = ".".join(map(str, version))
-        raise ToolError(f"tshark {shown} is too old: need 3.4 or newer (for Linux cooked v2 captures); upgrade it")
-    return TsharkInfo(exe, version)
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+# `tshark --version` loads every dissector (~0.2 s); the answer only changes when the binary does, so it is
+# remembered per path, size and modification time.
+def _cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kubectl-mirror" / "tshark-version.json"
+
+
+def _binary_key(exe: str) -> str:
+    try:
+        st = os.stat(exe)
+    except OSError:
+        return ""
+    return f"{os.path.realpath(exe)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _cached_version(key: str) -> tuple[int, int, int] | None:
+    if not key:
+        return None
+    try:
+        entry = json.loads(_cache_file().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(entry, list) and len(entry) == 3 and all(isinstance(x, int) for x in entry):
+        return entry[0], entry[1], entry[2]
+    return None
+
+
+def _remember_version(key: str, version: tuple[int, int, int]) -> None:
+    if not key:
+        return
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({key: list(version)}))
+        os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+    except OSError:
+        pass  # a read-only home only costs the next run 0.2 s
 
 
 def tshark_command(tshark: TsharkInfo, *, live: bool = False) -> list[str]:
@@ -166,6 +224,16 @@ class _Instance:
     line_pos: int = 0
     eof: bool = False
     retired: bool = False
+    rss_checked: int = 0  # `written` when its memory was last read
+    rss_high: bool = False  # near the limit: time to start a standby
+
+    def rss(self) -> int | None:
+        """Resident memory in bytes, from /proc (None where there is no /proc, e.g. macOS)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/statm", "rb") as f:
+                return int(f.read().split()[1]) * PAGE_SIZE
+        except (OSError, ValueError, IndexError):
+            return None
 
     def last_stderr(self) -> str:
         try:
@@ -204,13 +272,14 @@ class Dissector:
     of tshark's stdout (`fileno()`, `read_segments()`).
     """
 
-    def __init__(self, source: BinaryIO, tshark: TsharkInfo, *, handover_every: int = 100_000,
-                 tee: PcapWriter | None = None, live: bool = False) -> None:
+    def __init__(self, source: BinaryIO, tshark: TsharkInfo, *, handover_every: int = HANDOVER_EVERY,
+                 handover_rss: int = HANDOVER_RSS, tee: PcapWriter | None = None, live: bool = False) -> None:
         if handover_every < 1:
             raise ValueError("handover_every must be positive")
         self._source = source
         self._tshark = tshark
         self._handover_every = handover_every
+        self._handover_rss = handover_rss
         self._tee = tee
         self._live = live
         self.stats = DissectStats()
@@ -346,9 +415,9 @@ class Dissector:
             if self._stop:
                 return False  # closing: spawn and feed nothing more
             inst = self._instances[-1]
-            if inst.written >= self._handover_every:
+            if inst.written >= self._handover_every or self._memory_full(inst):
                 inst = self._handover(inst)
-            if self._standby is None and (self._live or inst.written >= self._handover_every // 2):
+            if self._standby is None and (self._live or inst.rss_high or inst.written >= self._handover_every // 2):
                 self._standby = _spawn(self._tshark, self._live)  # starts up while this one is still busy
             take = batch[i : i + self._handover_every - inst.written]
             i += len(take)
@@ -374,6 +443,17 @@ class Dissector:
             except (OSError, ValueError):
                 return False  # tshark died or we are closing: the reading side reports it
         return True
+
+    def _memory_full(self, inst: _Instance) -> bool:
+        """True once tshark's memory reached the limit; read every RSS_CHECK_EVERY records (a /proc read)."""
+        if inst.written - inst.rss_checked < RSS_CHECK_EVERY:
+            return False
+        inst.rss_checked = inst.written
+        rss = inst.rss()
+        if rss is None:
+            return False
+        inst.rss_high = rss >= self._handover_rss * 0.85
+        return rss >= self._handover_rss
 
     def _handover(self, old: _Instance) -> _Instance:
         new = self._standby if self._standby is not None else _spawn(self._tshark, self._live)

@@ -21,9 +21,9 @@ from types import FrameType
 from typing import BinaryIO
 
 from .capture import Gap
-from .dissect import Dissector, TsharkInfo, find_tshark
+from .dissect import HANDOVER_EVERY, Dissector, TsharkInfo, find_tshark
 from .errors import EXIT_INTERRUPTED, InputError, MirrorError, UsageError
-from .model import Action, Segment
+from .model import Action, Segment, Send
 from .pcap import PcapWriter
 from .progress import StatusLine
 from .reassemble import FlowConfig, FlowTable
@@ -44,7 +44,7 @@ class EngineOptions:
     tshark: TsharkInfo
     speed: float = 0.0  # 0: as fast as possible; 1: the capture's own timing; 2: twice as fast
     live: bool = False
-    handover_every: int = 100_000
+    handover_every: int = HANDOVER_EVERY
     tee: PcapWriter | None = None
     # Live runs stop by themselves after this many seconds / packets (None: never).
     duration: float | None = None
@@ -221,29 +221,49 @@ class Engine:
 
     def _release(self, held: deque[Segment]) -> None:
         """Feed held segments to the flow table, as fast as --speed allows."""
+        if self._pacer.speed <= 0:
+            self._release_all(held)
+        else:
+            self._release_paced(held)
+        self._last_seg_wall = time.monotonic()
+        self._timers()
+
+    def _release_all(self, held: deque[Segment]) -> None:
+        """As fast as possible: the batch's actions go out together, one send per flow instead of per segment."""
+        feed = self.table.feed
+        gaps = self._pending_gaps
+        batch: list[Action] = []
+        while held:
+            seg = held.popleft()
+            if gaps and seg.frame > gaps[0].after_frame:
+                # Everything the pod sent before its stream dropped has been fed: end its flows now.
+                self._execute(coalesce(batch))
+                batch = []
+                self._apply_gap(gaps.pop(0))
+            self._last_ts = seg.ts
+            actions = feed(seg)
+            if actions:
+                batch += actions
+        if batch:
+            self.replayer.execute(coalesce(batch))
+
+    def _release_paced(self, held: deque[Segment]) -> None:
         feed, execute = self.table.feed, self.replayer.execute
-        pacer = self._pacer
         gaps = self._pending_gaps
         while held:
             seg = held[0]
             if gaps and seg.frame > gaps[0].after_frame:
-                # Everything the pod sent before its stream dropped has been fed: end its flows now.
                 self._apply_gap(gaps.pop(0))
-            due = pacer.due(seg.ts)
-            if due:
-                wait = due - time.monotonic()
-                if wait > 0:
-                    # Keep serving sockets while the capture's clock catches up.
-                    self.replayer.poll(min(wait, IDLE_WAIT))
-                    self._timers()
-                    return
+            wait = self._pacer.due(seg.ts) - time.monotonic()
+            if wait > 0:
+                # Keep serving sockets while the capture's clock catches up.
+                self.replayer.poll(min(wait, IDLE_WAIT))
+                return
             held.popleft()
             self._last_ts = seg.ts
             actions = feed(seg)
             if actions:
                 execute(actions)
-        self._last_seg_wall = time.monotonic()
-        self._timers()
 
     def _apply_gap(self, gap: Gap) -> None:
         self._gaps += 1
@@ -311,6 +331,34 @@ class Engine:
         deliveries = self.replayer.pop_finished()
         if deliveries:
             self.builder.add_deliveries(deliveries)
+
+
+def coalesce(actions: list[Action]) -> list[Action]:
+    """Merge each flow's consecutive Sends into one, so a batch costs one send() per flow, not per segment.
+
+    Only Sends with nothing else of the same flow between them merge; other flows' actions may sit between,
+    since every flow has its own socket. The bytes and their order per flow stay exactly the same.
+    """
+    out: list[Action] = []
+    open_send: dict[int, list[bytes]] = {}  # flow -> data parts of its latest Send, while nothing else came
+    merged: list[tuple[int, list[bytes]]] = []
+    for action in actions:
+        if isinstance(action, Send):
+            parts = open_send.get(action.flow)
+            if parts is not None:
+                parts.append(action.data)
+                continue
+            parts = [action.data]
+            open_send[action.flow] = parts
+            merged.append((len(out), parts))
+        else:
+            open_send.pop(action.flow, None)
+        out.append(action)
+    for index, parts in merged:
+        if len(parts) > 1:
+            first = out[index]
+            out[index] = Send(first.flow, b"".join(parts), first.ts)
+    return out
 
 
 # ---- `kubectl mirror replay` -----------------------------------------------------------------------
