@@ -124,3 +124,32 @@ def test_main_returns_usage_code_in_process(capsys: pytest.CaptureFixture[str]) 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__]))
+
+
+def test_remote_to_needs_allow_remote() -> None:
+    # Refused before any connection is tried: nothing is sent to the address at all.
+    out = run("replay", str(SAMPLE), "--to", "198.18.0.9:80")
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: --to 198.18.0.9:80 is not on this machine") and "--allow-remote" in out.stderr
+
+
+@pytest.mark.netns
+def test_allow_remote_delivers_to_a_host_off_loopback(tmp_path: Path) -> None:
+    from tests.netlab.lab import NsRecorder, contents, without_probe
+    from tests.netlab.netns import veth_lab
+
+    with veth_lab() as link:
+        server = NsRecorder(link.server, tmp_path / "remote.json", 8080).start()
+        try:
+            argv = [str(SCRIPT), "replay", str(SAMPLE), "--to", f"{link.server_ip4}:8080", "--allow-remote", "-q"]
+            out = subprocess.run(link.client.argv(argv), capture_output=True, text=True, timeout=60)
+        finally:
+            records = without_probe(server.stop())
+    assert out.returncode == 0, out.stderr
+    local = Recorder("127.0.0.1", 0, http=True).start()
+    try:
+        again = run("replay", str(SAMPLE), "--to", f"127.0.0.1:{local.port}", "-q")
+    finally:
+        expected = without_probe(local.stop(grace=5.0))
+    assert again.returncode == 0
+    assert contents(records) == contents(expected) and len(records) == 5

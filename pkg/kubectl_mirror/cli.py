@@ -82,6 +82,8 @@ def add_replay_flags(p: argparse.ArgumentParser, *, live: bool = False) -> None:
     """Flags shared by `replay` and live mirroring: how flows are rebuilt and delivered."""
     g = p.add_argument_group("Delivery")
     g.add_argument("--to", metavar="[HOST]:PORT", help="local service to mirror to (:8080 means 127.0.0.1:8080)")
+    g.add_argument("--allow-remote", action="store_true",
+                   help="allow --to off this machine (the mirrored traffic carries production data)")
     if not live:
         g.add_argument("--speed", type=float, default=0.0, metavar="X",
                        help="1 keeps the capture's timing, 2 is twice as fast; 0 (default) is as fast as possible")

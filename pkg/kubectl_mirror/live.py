@@ -18,8 +18,17 @@ from .errors import MirrorError, UsageError
 from .execstream import ExecProcess, start_capture, stop_remote
 from .kubeconfig import Connection, connect
 from .pcap import PcapReader, PcapWriter
-from .pipeline import Engine, EngineOptions, StopFlag, flow_config, replay_config, report, status_line
-from .replay import Destination, check_target, parse_to
+from .pipeline import (
+    Engine,
+    EngineOptions,
+    StopFlag,
+    destination,
+    flow_config,
+    replay_config,
+    report,
+    status_line,
+)
+from .replay import Destination
 from .summary import Summary, SummaryBuilder, exit_code
 from .tap import DEFAULT_IMAGE, Tap, ensure_tap
 from .target import PodTarget, resolve
@@ -72,9 +81,8 @@ def run_live(args: argparse.Namespace) -> int:
     dest: Destination | None = None
     tshark: TsharkInfo | None = None
     if args.to:
-        dest = parse_to(args.to)
         # Before the pod is touched: ephemeral containers cannot be removed, so fail on a typo first.
-        check_target(dest)
+        dest = destination(args)
         tshark = find_tshark(args.tshark)
     conn = connect(args)
     try:
@@ -114,13 +122,18 @@ def _capture_path(args: argparse.Namespace, targets: list[PodTarget]) -> str:
     return str(args.write) if args.write else default_capture_file(targets)
 
 
-def _writer(path: str) -> PcapWriter:
-    return PcapWriter(sys.stdout.buffer) if path == "-" else PcapWriter(path)
+def _writer(path: str, quiet: bool = False) -> PcapWriter:
+    if path == "-":
+        return PcapWriter(sys.stdout.buffer)
+    if not quiet:
+        print(f"warning: {path} will hold the captured traffic as it is, secrets included (tokens, passwords); "
+              "it is created readable by you only (0600)", file=sys.stderr)
+    return PcapWriter(path)
 
 
 def _mirror(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTarget], dest: Destination,
             tshark: TsharkInfo) -> Summary:
-    tee = _writer(args.write) if args.write else None
+    tee = _writer(args.write, args.quiet) if args.write else None
     options = EngineOptions(
         dest=dest,
         flow=flow_config(args, targets[0].port),
@@ -150,7 +163,7 @@ def _mirror(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTar
 def _capture_only(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTarget]) -> Summary:
     """No --to: write the capture (what ksniff users expect) and count what went by."""
     path = _capture_path(args, targets)
-    writer = _writer(path)
+    writer = _writer(path, args.quiet)
     stop = StopFlag(on_first=lambda: threading.Thread(target=capture.stop, daemon=True).start())
     stop.install()
     started = time.monotonic()

@@ -406,12 +406,20 @@ def status_line(args: argparse.Namespace) -> StatusLine | None:
     return None if getattr(args, "quiet", False) else StatusLine(sys.stderr)
 
 
+def destination(args: argparse.Namespace) -> Destination:
+    """--to, parsed, allowed and reachable: checked before anything else starts, so a typo fails fast."""
+    dest = parse_to(args.to)
+    if not dest.is_loopback and not getattr(args, "allow_remote", False):
+        raise UsageError(f"--to {dest} is not on this machine, and mirrored traffic carries production data "
+                         "(tokens, passwords): pass --allow-remote to send it there anyway")
+    check_target(dest)
+    return dest
+
+
 def run_replay(args: argparse.Namespace) -> int:
     if not args.to:
         raise UsageError("replay needs --to [HOST]:PORT, the local service to mirror to (for example --to :8080)")
-    dest = parse_to(args.to)
-    # Before anything else: a typo in --to must fail fast, with nothing started.
-    check_target(dest)
+    dest = destination(args)
     tshark = find_tshark(args.tshark)
     with ExitStack() as stack:
         source = _open_input(args.file, stack)
