@@ -8,6 +8,7 @@ incomplete: bytes may have been lost in between.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -18,6 +19,8 @@ from typing import BinaryIO, Protocol
 
 from .errors import InputError, MirrorError
 from .pcap import PcapReader, Record
+
+log = logging.getLogger(__name__)
 
 # ---- pcapng blocks (section header, interface description, enhanced packet) -----------------------------
 
@@ -161,6 +164,7 @@ class LiveCapture:
                 reason = self._pump(pod, stream)
                 if self._stopping.is_set():
                     return
+                log.warning("%s: %s; starting a new capture", pod.name, reason)
                 with self._lock:
                     self._gaps.append(Gap(pod.name, pod.server_hosts, self.stats.records, reason))
                 pod.stop()

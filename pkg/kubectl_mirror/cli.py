@@ -11,6 +11,7 @@ from typing import NoReturn
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, MirrorError, UsageError
+from .model import PAYLOAD
 
 
 def prog_name(argv0: str) -> str:
@@ -241,7 +242,12 @@ class VersionAction(argparse.Action):
 
 def setup_logging(verbosity: int) -> None:
     """-v levels as kubectl users read them: 1-3 what happens, 4+ details. Tokens and payloads are never logged."""
-    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity < 4 else logging.DEBUG
+    if verbosity <= 0:
+        level = logging.WARNING
+    elif verbosity < 4:
+        level = logging.INFO
+    else:
+        level = logging.DEBUG if verbosity < 9 else PAYLOAD
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger("kubectl_mirror")

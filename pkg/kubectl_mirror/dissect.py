@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import selectors
@@ -30,6 +31,8 @@ from .model import Endpoint, Segment
 from .pcap import PcapReader, PcapWriter, Record
 
 MIN_VERSION = (3, 4, 0)  # LINUX_SLL2 (tcpdump -i any on current kernels) needs 3.4
+log = logging.getLogger(__name__)
+
 # Hand over to a fresh tshark when the current one's resident memory reaches this (tshark starts near 160 MB;
 # the budget is 300 MB), or after this many packets whatever the memory says (platforms without /proc).
 HANDOVER_RSS = 230 << 20
@@ -461,6 +464,8 @@ class Dissector:
         new.base = old.base + old.written
         self._instances.append(new)
         self.stats.tshark_restarts += 1
+        log.info("tshark hand-over after %d packets (memory %s MB)", old.written,
+                 f"{(old.rss() or 0) / 1e6:.0f}")
         self._close_stdin(old)  # the old one finishes what it has and exits
         return new
 

@@ -7,6 +7,7 @@ typo never leaves an ephemeral container behind (they cannot be removed).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import threading
 import time
@@ -33,6 +34,8 @@ from .summary import Summary, SummaryBuilder, exit_code
 from .tap import DEFAULT_IMAGE, Tap, ensure_tap
 from .target import PodTarget, resolve
 
+log = logging.getLogger(__name__)
+
 
 class KubePodCapture:
     """tcpdump in one pod's tap, over the exec WebSocket."""
@@ -47,6 +50,8 @@ class KubePodCapture:
 
     def start(self) -> BinaryIO:
         proc = start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter)
+        log.info("capturing in %s (tap %s, tcpdump pid %s, %s)", self.name, self.tap.name, proc.remote_pid,
+                 proc.protocol)
         with self._lock:
             self._proc = proc
         return cast(BinaryIO, proc.stdout)
@@ -110,8 +115,12 @@ def run_live(args: argparse.Namespace) -> int:
 
 
 def _tap(conn: Connection, target: PodTarget, args: argparse.Namespace) -> Tap:
+    log.info("target: pod %s/%s, container %s, port %d (%s)", target.namespace, target.pod, target.container,
+             target.port, target.port_name or "by number")
     tap = ensure_tap(conn, target, image=args.image or DEFAULT_IMAGE, pull_policy=args.image_pull_policy,
                      timeout=args.tap_timeout)
+    log.info("tap %s in %s: %s%s", tap.name, target.pod, "reused" if tap.reused else "added",
+             " (no NET_RAW: Pod Security fallback)" if tap.fallback else "")
     if tap.fallback and not args.quiet:
         print(f"note: Pod Security refused NET_RAW in namespace {target.namespace}; tap {tap.name} runs with the "
               "container runtime's default capabilities instead", file=sys.stderr)

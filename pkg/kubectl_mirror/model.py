@@ -9,6 +9,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+# Log level below DEBUG for payload bytes: only `-v=9` shows them (captured traffic holds secrets).
+PAYLOAD = 5
+
 # TCP header flag bits, as in the header (and in tshark's `tcp.flags` hex value).
 FIN = 0x01
 SYN = 0x02

@@ -9,6 +9,7 @@ executes them.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -23,12 +24,14 @@ from typing import BinaryIO
 from .capture import Gap
 from .dissect import HANDOVER_EVERY, Dissector, TsharkInfo, find_tshark
 from .errors import EXIT_INTERRUPTED, InputError, MirrorError, UsageError
-from .model import Action, Segment, Send
+from .model import PAYLOAD, Abort, Action, Close, Open, Segment, Send
 from .pcap import PcapWriter
 from .progress import StatusLine
 from .reassemble import FlowConfig, FlowTable
 from .replay import Destination, ReplayConfig, Replayer, check_target, parse_to
 from .summary import Summary, SummaryBuilder, exit_code, render_json, render_text
+
+log = logging.getLogger(__name__)
 
 # How often the flow table's timers run, in capture seconds (offline) or wall seconds (live).
 TICK_EVERY = 0.25
@@ -134,6 +137,9 @@ class Engine:
         self._segments_before = 0
         self._input_error: MirrorError | None = None
         self._pending_gaps: list[Gap] = []
+        # Checked once: logging per packet must cost nothing unless asked for.
+        self._trace = log.isEnabledFor(logging.DEBUG)
+        self._payload = log.isEnabledFor(PAYLOAD)
         self._gap_seen_at = 0.0
 
     # ---- public --------------------------------------------------------------------------------
@@ -245,6 +251,8 @@ class Engine:
             if actions:
                 batch += actions
         if batch:
+            if self._trace:
+                self._log_actions(batch)
             self.replayer.execute(coalesce(batch))
 
     def _release_paced(self, held: deque[Segment]) -> None:
@@ -263,9 +271,24 @@ class Engine:
             self._last_ts = seg.ts
             actions = feed(seg)
             if actions:
+                if self._trace:
+                    self._log_actions(actions)
                 execute(actions)
 
+    def _log_actions(self, actions: list[Action]) -> None:
+        """-v=4: every flow's open and end; -v=9 also a preview of the bytes (secrets: never below 9)."""
+        for a in actions:
+            if isinstance(a, Open):
+                log.debug("flow %d: open %s -> %s%s", a.flow, a.client, a.server, " (joined mid-stream)" * a.partial)
+            elif isinstance(a, Close):
+                log.debug("flow %d: client finished (FIN)", a.flow)
+            elif isinstance(a, Abort):
+                log.debug("flow %d: abort (%s)", a.flow, a.reason.value)
+            elif self._payload:
+                log.log(PAYLOAD, "flow %d: %d bytes %r", a.flow, len(a.data), a.data[:64])
+
     def _apply_gap(self, gap: Gap) -> None:
+        log.info("stream gap in %s (%s): its open flows end as incomplete", gap.pod, gap.reason)
         self._gaps += 1
         self._execute(self.table.interrupt(self._capture_now(), gap.servers or None))
 
@@ -282,6 +305,8 @@ class Engine:
                 while self._pending_gaps:
                     self._apply_gap(self._pending_gaps.pop(0))
         if opts.duration is not None and time.monotonic() - self._started >= opts.duration:
+            if not self.stop.requested:
+                log.info("--duration reached: stopping")
             self.stop.request("duration")
         if opts.max_packets is not None and self._packets_before + dissector.stats.packets >= opts.max_packets:
             self.stop.request("count")
