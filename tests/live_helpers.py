@@ -1,0 +1,326 @@
+"""Glue for the live-mode acceptance tests: pods that really serve, the CLI as a live subprocess, real clients.
+
+A "pod" here is a PodNetns registered with the test API server and running the ground-truth recorder on
+port 80 inside its namespace; clients connect from the root namespace to pod.ip, so the tcpdump the plugin
+starts through exec sees exactly what a real pod's interface would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.apiserver import FakeCluster, PodNetns
+from tests.netlab.lab import CLI, REPO, NsRecorder
+from tests.netlab.netns import Netns
+from tests.netlab.recorder import ConnRecord
+from tests.netlab.traffic import payload
+
+POD_PORT = 80
+HTTP_CONTAINER: dict[str, Any] = {"name": "web", "image": "nginx:1.27",
+                                  "ports": [{"name": "http", "containerPort": POD_PORT}]}
+# Every wait in these tests is bounded by one of these; none of them is asserted as a timing.
+START_TIMEOUT = 60.0  # until "mirroring ..." (tap added and running, tcpdump listening)
+RUN_TIMEOUT = 60.0  # until the CLI exits after it was told to stop
+MIRRORING = re.compile(r"^mirroring (?P<ns>[^/\s]+)/(?P<pod>\S+):(?P<port>\d+)(?: \(\+(?P<more>\d+) more\))? -> ")
+
+
+# ---- pods that really serve ----------------------------------------------------------------------
+
+
+@dataclass
+class ServingPod:
+    name: str
+    netns: PodNetns
+    server: NsRecorder
+
+    @property
+    def ip(self) -> str:
+        return self.netns.ip
+
+
+@dataclass
+class LiveLab:
+    """A FakeCluster with pods whose namespaces run a real server; everything is torn down by the fixture."""
+
+    fc: FakeCluster
+    workdir: Path
+    pods: dict[str, ServingPod] = field(default_factory=dict)
+
+    def add_serving_pod(self, stack: contextlib.ExitStack, name: str, *, namespace: str = "default",
+                        labels: dict[str, str] | None = None, ready: bool = True) -> ServingPod:
+        netns = stack.enter_context(PodNetns())
+        server = NsRecorder(Netns(netns.name), self.workdir / f"{name}.server.json", POD_PORT).start()
+        # Registered before anything can fail, so the recorder is always stopped (and its process reaped).
+        stack.callback(_stop_quietly, server)
+        self.fc.add_pod(namespace, name, labels=labels or {"app": "web"}, containers=[dict(HTTP_CONTAINER)],
+                        netns=netns.name, ready=ready)
+        pod = ServingPod(name, netns, server)
+        self.pods[name] = pod
+        return pod
+
+    def truth(self, name: str) -> list[ConnRecord]:
+        """What the pod's application received: stops that pod's server."""
+        return self.pods[name].server.stop()
+
+    def ephemeral(self, name: str, namespace: str = "default") -> list[dict[str, Any]]:
+        return list(self.fc.get_pod(namespace, name)["spec"].get("ephemeralContainers") or [])
+
+    def tcpdumps(self) -> list[int]:
+        """PIDs of capture processes the API server exec'd and that still run (tcpdump is its own argv word)."""
+        return [pid for pid, argv in self.fc.exec_processes() if "tcpdump" in argv]
+
+
+def _stop_quietly(server: NsRecorder) -> None:
+    if server.proc is not None and server.proc.poll() is None:
+        with contextlib.suppress(Exception):
+            server.stop(timeout=10.0)
+    if server.proc is not None and server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait(10)
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
+    """Poll `predicate()` until true or `timeout` passes; the caller asserts on the result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+# ---- the CLI as a live subprocess ------------------------------------------------------------------
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+    stdout_bytes: bytes = b""
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return dict(json.loads(self.stdout))
+
+    @property
+    def connections(self) -> dict[str, int]:
+        return dict(self.summary["connections"])
+
+
+def cli_env(path_first: Path | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    if path_first is not None:
+        env["PATH"] = f"{path_first}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+class LiveRun:
+    """`kubectl-mirror ...` running in the background; stderr is read as it comes so the test can sync on it."""
+
+    def __init__(self, args: Sequence[str], *, argv0: Sequence[str] | None = None, env: dict[str, str] | None = None,
+                 stdout_binary: bool = False) -> None:
+        argv = [*(argv0 if argv0 is not None else [sys.executable, str(CLI)]), *args]
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env if env is not None else cli_env())
+        self._stderr: list[str] = []
+        self._stdout = bytearray()
+        self._mirroring = threading.Event()
+        self._lock = threading.Lock()
+        self._readers = [threading.Thread(target=self._read_stderr, daemon=True),
+                         threading.Thread(target=self._read_stdout, daemon=True)]
+        for t in self._readers:
+            t.start()
+        self.stdout_binary = stdout_binary
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace")
+            with self._lock:
+                self._stderr.append(line)
+            if line.startswith("mirroring "):
+                self._mirroring.set()
+        self._mirroring.set()  # EOF: the run ended before (or without) the line; wait_mirroring reports it
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for chunk in iter(lambda: self.proc.stdout.read1(65536) if self.proc.stdout else b"", b""):
+            with self._lock:
+                self._stdout += chunk
+
+    @property
+    def stderr(self) -> str:
+        with self._lock:
+            return "".join(self._stderr)
+
+    def wait_mirroring(self, timeout: float = START_TIMEOUT) -> re.Match[str]:
+        """Until the capture is live (the "mirroring ..." line); fails the test with the CLI's stderr if not."""
+        if not self._mirroring.wait(timeout):
+            self.kill()
+            raise AssertionError(f"no 'mirroring' line within {timeout:g}s; stderr so far:\n{self.stderr}")
+        for line in self.stderr.splitlines():
+            m = MIRRORING.match(line)
+            if m:
+                return m
+        self.finish(10.0)
+        raise AssertionError(f"the CLI ended without a usable 'mirroring' line:\n{self.stderr}")
+
+    def interrupt(self) -> None:
+        """Ctrl-C once: SIGINT to the process (kubectl execs plugins, so it is the plugin itself)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+
+    def finish(self, timeout: float = RUN_TIMEOUT) -> Finished:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the CLI did not exit within {timeout:g}s; stderr:\n{self.stderr}") from None
+        for t in self._readers:
+            t.join(10.0)
+        with self._lock:
+            out = bytes(self._stdout)
+        return Finished(self.proc.returncode, "" if self.stdout_binary else out.decode(errors="replace"),
+                        self.stderr, out)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def live_run(args: Sequence[str], **kwargs: Any) -> Iterator[LiveRun]:
+    run = LiveRun(args, **kwargs)
+    try:
+        yield run
+    finally:
+        run.kill()  # a failing test never leaves the CLI behind
+
+
+def run_once(args: Sequence[str], timeout: float = RUN_TIMEOUT) -> Finished:
+    """The CLI to completion (for the failures, which exit by themselves)."""
+    out = subprocess.run([sys.executable, str(CLI), *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=timeout, check=False, env=cli_env(), stdin=subprocess.DEVNULL)
+    return Finished(out.returncode, out.stdout, out.stderr)
+
+
+# ---- real clients, from the root namespace -------------------------------------------------------
+
+
+def raw_connection(host: str, port: int, data: bytes, timeout: float = 20.0) -> None:
+    """One connection that sends `data`, half-closes and reads until the server closes: a whole exchange."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(65536):
+            pass
+
+
+def raw_conns(host: str, port: int, count: int, tag: str, size: int = 1500, first: int = 0,
+              pause: float | None = 0.02) -> list[bytes]:
+    """`count` connections with unique, recognisable payloads; returns what was sent.
+
+    By default one after the other with a short pause (what a modest real client load looks like); with
+    `pause=None` all at once, as a burst.
+    """
+    datas = [payload(tag, i, size) for i in range(first, first + count)]
+    if pause is not None:
+        for data in datas:
+            raw_connection(host, port, data)
+            time.sleep(pause)
+        return datas
+    errors: list[str] = []
+
+    def one(data: bytes) -> None:
+        try:
+            raw_connection(host, port, data)
+        except OSError as exc:
+            errors.append(f"{data[:16]!r}: {exc!r}")
+
+    threads = [threading.Thread(target=one, args=(d,), daemon=True) for d in datas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30.0)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    return datas
+
+
+def curl_keepalive(host: str, port: int, paths: Sequence[str], timeout: float = 20.0) -> str:
+    """One curl process, several URLs: one keep-alive connection carrying several requests."""
+    urls = [f"http://{host}:{port}{p}" for p in paths]
+    out = subprocess.run(["curl", "--http1.1", "-sS", "--max-time", str(int(timeout)), *urls], capture_output=True,
+                         text=True, timeout=timeout + 5, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+class HalfOpen:
+    """A connection that sends its first part now and the rest later (to span a capture gap)."""
+
+    def __init__(self, host: str, port: int, first: bytes, timeout: float = 20.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(first)
+        self.sent = bytearray(first)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+        self.sent += data
+
+    def finish(self, rest: bytes) -> None:
+        try:
+            self.send(rest)
+            self.sock.shutdown(socket.SHUT_WR)
+            while self.sock.recv(65536):
+                pass
+        finally:
+            self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ---- assertions --------------------------------------------------------------------------------------
+
+
+def assert_one_line_error(result: Finished, *words: str) -> str:
+    """Exit != 0, no traceback, exactly one stderr line, `error: ...` naming every one of `words`."""
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def pcap_packet_count(source: Path | bytes, timeout: float = 60.0) -> int:
+    """Packets tshark reads from a file or from bytes on its stdin; fails on anything it cannot read."""
+    if isinstance(source, Path):
+        out = subprocess.run(["tshark", "-n", "-r", str(source), "-T", "fields", "-e", "frame.number"],
+                             capture_output=True, timeout=timeout, check=False)
+    else:
+        out = subprocess.run(["tshark", "-n", "-r", "-", "-T", "fields", "-e", "frame.number"], input=source,
+                             capture_output=True, timeout=timeout, check=False)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")
+    return sum(1 for line in out.stdout.splitlines() if line.strip())
