@@ -47,6 +47,11 @@ demo: system-deps venv
 bench: system-deps venv
 	$(PY) tests/bench/run.py
 
+# 100,000 connections / 1 GB through the live path (test API server exec feeding a generated capture); needs root.
+# Not part of `make test`. `$(PY) tests/soak/run.py --quick` is the few-seconds version.
+soak: system-deps venv
+	$(PY) tests/soak/run.py
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 

@@ -612,6 +612,22 @@ def test_disconnect_leaves_the_process_running_unless_told(fc: FakeCluster, netp
 
 
 @pytest.mark.netns
+def test_exec_path_prepend_stands_in_a_binary(fc: FakeCluster, netpod: PodNetns, tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "tcpdump"
+    fake.write_text("#!/bin/sh\necho \"stand-in $*\"\n")
+    fake.chmod(0o755)
+    fc.exec_path_prepend = [str(bindir)]
+    assert fc.exec_path_prepend == [str(bindir)]
+    # Found both by the server's "executable file not found" check and by a shell inside the pod.
+    assert ws_exec(fc, "default", "web-1", ["tcpdump", "-i", "any"]).stdout == b"stand-in -i any\n"
+    assert ws_exec(fc, "default", "web-1", ["sh", "-c", "exec tcpdump x"]).stdout == b"stand-in x\n"
+    fc.exec_path_prepend = []
+    assert ws_exec(fc, "default", "web-1", ["sh", "-c", "command -v tcpdump"]).stdout.strip() != str(fake).encode()
+
+
+@pytest.mark.netns
 def test_exit_kills_what_is_left(tmp_path: Path, netns: PodNetns) -> None:
     with FakeCluster(tmp_path) as cluster:
         cluster.add_pod("default", "web-1", containers=WEB, netns=netns.name)

@@ -128,6 +128,14 @@ class FakeCluster:
         self.settings.exec_kill_on_disconnect = value
 
     @property
+    def exec_path_prepend(self) -> list[str]:
+        return list(self.settings.exec_path_prepend)
+
+    @exec_path_prepend.setter
+    def exec_path_prepend(self, value: list[str]) -> None:
+        self.settings.exec_path_prepend = [str(d) for d in value]
+
+    @property
     def requests(self) -> list[tuple[str, str]]:
         with self.settings.lock:
             return list(self.settings.requests)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import shutil
 from typing import Any
 
@@ -145,15 +146,17 @@ class ExecSession:
                 proc.stdin.close()  # the runtime sees EOF on stdin once the stream is gone
 
     async def run(self, netns: str, argv: list[str], stdin: bool, stdout: bool, stderr: bool) -> None:
-        if shutil.which(argv[0]) is None:
+        env = exec_env(self.settings.exec_path_prepend)
+        if shutil.which(argv[0], path=env["PATH"]) is None:
             await self.send(ERROR, json.dumps(start_failure(argv)).encode())
             await self.ws.close()
             return
         pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
+        # `ip netns exec` keeps the environment, so the PATH given here is the one the command resolves with.
         proc = await asyncio.create_subprocess_exec(
             "ip", "netns", "exec", netns, *argv,
             stdin=pipe if stdin else null, stdout=pipe if stdout else null, stderr=pipe if stderr else null,
-            start_new_session=True, limit=PIPE_LIMIT,
+            start_new_session=True, limit=PIPE_LIMIT, env=env,
         )
         self.table.add(argv, proc, self.pod)
         pumps = [asyncio.ensure_future(self.pump(s, ch)) for s, ch in ((proc.stdout, STDOUT), (proc.stderr, STDERR))
@@ -177,6 +180,12 @@ class ExecSession:
         if not exited.done():
             self.table.keep(exited)  # type: ignore[arg-type]
         reader.cancel()
+
+
+def exec_env(path_prepend: list[str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([*path_prepend, env.get("PATH", os.defpath)])
+    return env
 
 
 def _exit_code(returncode: int | None) -> int:

@@ -18,6 +18,9 @@ class Settings:
     image_pull_failure_prefix: str | None = None
     tap_start_delay: float = 0.3
     exec_kill_on_disconnect: bool = False
+    # Directories put in front of PATH for exec'd commands: lets a test stand in its own binaries (a generator
+    # named tcpdump) without touching the host's.
+    exec_path_prepend: list[str] = field(default_factory=list)
     # (namespace, pod) -> network namespace name, or None for a pod whose runtime is unreachable.
     netns: dict[tuple[str, str], str | None] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
