@@ -73,3 +73,24 @@ dist: venv
 krew-manifest: $(KREW_DIST_DEP)
 	$(PY) krew/build.py manifest --out plugin.yaml $(if $(KREW_BASE_URL),--base-url $(KREW_BASE_URL)) \
 	  $(foreach s,$(KREW_SHA256),--sha256 $(s)) $(if $(KREW_STRICT),--strict)
+
+# Coverage-guided fuzzing (atheris), not part of `make test`: each harness in tests/fuzz/ runs FUZZ_SECONDS from
+# seeds (samples/web.pcap, synthetic captures, frames, scripts) plus the corpus earlier runs grew in FUZZ_DIR.
+# A crash stops that harness with a non-zero exit and its input in FUZZ_DIR/crashes/; the target then fails.
+FUZZ_SECONDS ?= 60
+FUZZ_HARNESSES ?= pcap sequencer tcp_payload
+FUZZ_DIR ?= build/fuzz
+FUZZ_FLAGS ?= -max_len=8192 -timeout=10 -rss_limit_mb=1024
+
+fuzz: venv
+	$(PY) -m pip install -q -e '.[fuzz]'
+	$(PY) -m tests.fuzz.seeds $(FUZZ_DIR)
+	@failed=""; for h in $(FUZZ_HARNESSES); do \
+	  mkdir -p $(FUZZ_DIR)/corpus/$$h $(FUZZ_DIR)/crashes; \
+	  echo "fuzz: $$h for $(FUZZ_SECONDS) s"; \
+	  $(PY) -m tests.fuzz.fuzz_$$h $(FUZZ_DIR)/corpus/$$h $(FUZZ_DIR)/seeds/$$h -max_total_time=$(FUZZ_SECONDS) \
+	    -artifact_prefix=$(FUZZ_DIR)/crashes/$$h- $(FUZZ_FLAGS) 2>$(FUZZ_DIR)/$$h.log \
+	    || { failed="$$failed $$h"; tail -n 30 $(FUZZ_DIR)/$$h.log; }; \
+	  grep -E '^#[0-9]+ +DONE' $(FUZZ_DIR)/$$h.log || true; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: crashes in:$$failed (inputs in $(FUZZ_DIR)/crashes/)"; exit 1; fi
