@@ -96,6 +96,16 @@ def cpu_seconds(pid: int | str) -> float | None:
     return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def fd_kinds(pid: int) -> dict[str, str]:
+    """fd number -> what it is (pipe:[inode], socket:[inode], a path): to name what grew."""
+    out: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                out[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return out
+
+
 def fd_count(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -247,6 +257,7 @@ class Result:
     delivered: Delivered = field(default_factory=Delivered)
     error: str = ""
     workaround: bool = False
+    fd_new: list[str] = field(default_factory=list)  # fds open at the end that the idle baseline did not have
     cpu_plugin: float = 0.0
     cpu_tshark: float = 0.0
     cpu_runner: float = 0.0  # this process: the test API server relaying exec output, sampling
@@ -300,6 +311,7 @@ def run_plugin(cfg: SoakConfig, fc: FakeCluster, rec_port: int, res: Result, tim
         time.sleep(1.5)  # idle: nothing left in flight
         sampler.sample()
         res.fd_base = sampler.fds[-1]
+        base_kinds = fd_kinds(plugin.pid)
         t_go = time.monotonic()
         Path(cfg.go_file).touch()
         last_report = t_go
@@ -329,6 +341,8 @@ def run_plugin(cfg: SoakConfig, fc: FakeCluster, rec_port: int, res: Result, tim
         time.sleep(1.5)  # idle again: the last connections' sockets closed
         sampler.sample()
         res.fd_end = sampler.fds[-1]
+        end_kinds = fd_kinds(plugin.pid)
+        res.fd_new = sorted(f"{fd} -> {what}" for fd, what in end_kinds.items() if base_kinds.get(fd) != what)
     except (RuntimeError, TimeoutError) as exc:
         res.error = str(exc)
     finally:
@@ -409,6 +423,8 @@ def report(res: Result, full: bool) -> bool:
           f"relay) {res.cpu_runner:.1f}, generator {res.generator.split()[2] if res.generator else '?'} wall; "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"  fds of the plugin: {res.fd_base} idle after warm-up, {res.fd_peak} peak, {res.fd_end} idle at the end")
+    if res.fd_new:
+        print(f"    fds open at the end, not at the baseline: {', '.join(res.fd_new[:12])}")
     warnings = res.summary.get("warnings") or []
     for w in warnings[:5]:
         print(f"  plugin warning: {w}")
