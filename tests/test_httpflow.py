@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -621,3 +623,22 @@ def test_connect_tunnel_follows_its_request() -> None:
     assert sent(hl.process(script(connect + b"\x00\x00\x00\x08\x04\xd2\x16\x2f"))) == connect + bytes.fromhex(
         "0000000804d2162f"
     )
+
+
+@dataclass
+class ServerBytes:
+    """Stands for any action that is not the client's (the flow table may pass production's answers on)."""
+
+    flow: int
+    data: bytes
+    ts: float
+
+
+def test_other_actions_pass_and_do_not_end_the_flow() -> None:
+    reply = ServerBytes(1, b"HTTP/1.1 200 OK\r\n\r\n", 1.5)
+    for hl in (layer(), layer(match_method=ALL)):
+        actions: list[Any] = [*script(GET, end="none"), reply, Send(1, GET2, 2.0), Close(1, 3.0)]
+        out = hl.process(actions)
+        assert reply in out and sent(out) == GET + GET2 and hl.stats.requests == 2
+    sampled_out = layer(sample=0.0)
+    assert sampled_out.process([*script(GET, end="none"), reply]) == []

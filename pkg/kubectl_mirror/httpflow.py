@@ -473,8 +473,14 @@ class HttpLayer:
                     self._pieces(st, st.splitter.feed(action.data), action.flow, action.ts, out)
             elif type(action) is Open:
                 self._open(action, out)
-            else:
+            elif type(action) is Close or type(action) is Abort:
                 self._end(action, out)
+            else:
+                # Anything else (server->client bytes, for comparison) is not the client's: it goes on as it
+                # is, except for a connection left out entirely.
+                st = self._flows.get(action.flow)
+                if st is None or not st.dropped or st.opened:
+                    out.append(action)
         return out
 
     def forget(self, flow: int) -> None:
@@ -520,7 +526,7 @@ class HttpLayer:
                     st.dropped = True  # nothing more to learn from it
         elif type(action) is Open:
             self._flows[action.flow] = _FlowState(_Splitter(action.partial), action, opened=True)
-        else:
+        elif type(action) is Close or type(action) is Abort:
             self._flows.pop(action.flow, None)
 
     # -- deciding ------------------------------------------------------------------------------------------
