@@ -41,6 +41,8 @@ _SHB = 0x0A0D0D0A
 _IDB = 0x00000001
 _PB = 0x00000002
 _SPB = 0x00000003
+# Smallest valid block of each type: header and trailer (12) plus the fixed fields.
+_MIN_BLOCK = {0x0A0D0D0A: 28, 0x00000001: 20, 0x00000006: 32, 0x00000002: 32, _SPB: 16}
 _EPB = 0x00000006
 _BOM = 0x1A2B3C4D
 
@@ -141,11 +143,16 @@ class PcapReader:
                     self._at_eof()
                     return out
                 self._fill()
-        except InputError as exc:
+        except (InputError, struct.error) as exc:
+            # struct.error means a field ran past its block: the length checks below should have said so first,
+            # but whatever a damaged capture looks like, the user gets the one-line message.
+            err = exc if isinstance(exc, InputError) else InputError(
+                f"corrupt capture: a block before packet {self.count + 1} is too short for its fields; everything "
+                "before it was used, capture again")
             if out:
-                self._error = exc
+                self._error = err
                 return out
-            raise
+            raise err from None
 
     # ---- buffer ---------------------------------------------------------------------------------------------
 
@@ -184,6 +191,9 @@ class PcapReader:
         if self._avail() == 0:
             raise InputError("the capture is empty: capture with tcpdump -w FILE or kubectl mirror -w FILE")
         head = self._buf[self._pos : self._pos + 4]
+        if len(head) < 4:
+            raise InputError(f"not a pcap or pcapng capture: only {len(head)} bytes; capture with tcpdump -w FILE "
+                             "or kubectl mirror -w FILE")
         if head in _PCAP_MAGICS:
             if not self._need(24):
                 raise InputError(
@@ -263,7 +273,7 @@ class PcapReader:
                 order = self._section.order
             btype, blen = struct.unpack_from(order + "II", buf, pos)
             limit = MAX_CAPLEN + 4096 if btype in (_EPB, _PB, _SPB) else MAX_BLOCK
-            if blen < 12 or blen % 4 or blen > limit:
+            if blen < _MIN_BLOCK.get(btype, 12) or blen % 4 or blen > limit:
                 raise InputError(
                     f"corrupt pcapng: block before packet {self.count + 1} claims a length of {blen} bytes; "
                     f"everything before it was used, capture again"
@@ -296,6 +306,9 @@ class PcapReader:
             code, length = struct.unpack_from(order + "HH", block, pos)
             if code == 0:
                 break
+            if pos + 4 + length > end:
+                raise InputError(f"corrupt pcapng: an interface option runs past its block before packet "
+                                 f"{self.count + 1}; capture again")
             value = block[pos + 4 : pos + 4 + length]
             if code == 9 and length >= 1:  # if_tsresol
                 v = value[0]
@@ -398,6 +411,7 @@ class PcapWriter:
         self._header: bytes | None = None
         self._nanosecond = nanosecond
         self._closed = False
+        self._whole = 0  # bytes of whole records written so far
         if linktype is not None:
             self._header = classic_header(linktype, nanosecond=nanosecond)
             self._append(self._header)
@@ -441,11 +455,25 @@ class PcapWriter:
             self._pending.clear()
             self._pending_len = 0
             view = memoryview(data)
-            while view:
-                n = self._out.write(view)
-                view = view[n if n is not None else len(view) :]
-            self._out.flush()
+            try:
+                while view:
+                    n = self._out.write(view)
+                    view = view[n if n is not None else len(view) :]
+                self._out.flush()
+            except OSError:
+                self._trim()
+                raise
+            self._whole += len(data)
         self._last_flush = time.monotonic()
+
+    def _trim(self) -> None:
+        """After a failed write (disk full), cut our file back to its last whole record: it stays readable."""
+        if not self._owned:
+            return  # a pipe or stdout: what went out cannot be taken back
+        try:
+            os.ftruncate(self._out.fileno(), self._whole)
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self._closed:
