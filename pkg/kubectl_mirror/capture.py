@@ -108,9 +108,14 @@ class LiveCapture:
         self._sleep = sleep
         read_fd, self._write_fd = os.pipe()
         self.stream: BinaryIO = os.fdopen(read_fd, "rb", buffering=0)
+        # Two locks: _write serialises blocks into the pipe (and interface ids); _lock guards gaps and counters.
+        # The engine's loop takes _lock (pop_gaps) and is also what drains the pipe, so _lock must never be
+        # held across a write that can block on a full pipe.
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._interfaces: dict[tuple[str, int], int] = {}
         self._gaps: list[Gap] = []
+        self._written_records = 0  # under _write_lock: the merged stream's record count, for ordering gaps
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._alive = 0
@@ -150,6 +155,12 @@ class LiveCapture:
         deadline = time.monotonic() + timeout
         for t in [*stoppers, *self._threads]:
             t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            # A reader still blocked writing into a pipe nobody drains any more (the engine has finished):
+            # closing the read end turns its write into EPIPE, so it lets go of the write lock.
+            self.stream.close()
+            for t in self._threads:
+                t.join(2.0)
         self._close_write()
 
     @property
@@ -165,8 +176,10 @@ class LiveCapture:
                 if self._stopping.is_set():
                     return
                 log.warning("%s: %s; starting a new capture", pod.name, reason)
+                with self._write_lock:
+                    after = self._written_records  # every record of this pod before the drop is in the pipe
                 with self._lock:
-                    self._gaps.append(Gap(pod.name, pod.server_hosts, self.stats.records, reason))
+                    self._gaps.append(Gap(pod.name, pod.server_hosts, after, reason))
                 pod.stop()
                 restarted = self._restart(pod)
                 if restarted is None:
@@ -219,18 +232,20 @@ class LiveCapture:
 
     def _write_records(self, pod: PodCapture, batch: list[Record]) -> None:
         blocks: list[bytes] = []
-        with self._lock:
+        with self._write_lock:
             for rec in batch:
                 key = (pod.name, rec.linktype)
                 iface = self._interfaces.get(key)
                 if iface is None:
-                    # Interface ids are the order of their blocks in the section: assign under the lock.
+                    # Interface ids are the order of their blocks in the section: assign under the write lock.
                     iface = self._interfaces[key] = len(self._interfaces)
                     blocks.append(interface_block(rec.linktype, pod.name))
                 blocks.append(packet_block(iface, round(rec.ts * 1e9), rec.data, rec.orig_len))
-            self.stats.records += len(batch)
-            # Written under the lock so blocks of two pods never interleave and ids stay in order.
+            # Written under the write lock so blocks of two pods never interleave and ids stay in order.
             self._write(b"".join(blocks))
+            self._written_records += len(batch)
+        with self._lock:
+            self.stats.records += len(batch)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -245,7 +260,7 @@ class LiveCapture:
             view = view[n:]
 
     def _close_write(self) -> None:
-        with self._lock:
+        with self._write_lock:
             fd, self._write_fd = self._write_fd, -1
         if fd >= 0:
             try:

@@ -568,6 +568,14 @@ class Dissector:
         inst.records.clear()
         inst.popped += left
         inst.retired = True
+        # Its output is read and its exit checked: release its descriptors now, not at close(), or every
+        # hand-over of a long run leaves two behind.
+        for f in (inst.proc.stdout, inst.stderr):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
 
     def _parse(self, inst: _Instance, out: list[Segment], limit: int) -> None:
         # One loop with everything in locals: this runs once per packet and is most of the caller's CPU.
