@@ -1,6 +1,11 @@
 """`make bench`: kubectl-mirror replay against tshark alone and tcpflow, on one real capture, plus a long stream.
 
-    .venv/bin/python tests/bench/run.py [--runs N] [--regenerate]
+    .venv/bin/python tests/bench/run.py [--runs N] [--regenerate] [--skip-long] [--skip-exec] [--skip-latency]
+                                        [--skip-binary]
+
+Besides the replay figures it measures the live path against the in-repo test API server (tests/bench/live_bench.py):
+exec channel MB/s of this client vs /usr/bin/kubectl exec, mirrored-segment latency to the local port, and the
+one-file binary's start-up (built by krew/build.py when dist/ holds none that is current).
 
 Captures are real traffic (tcpdump in a veth namespace pair, 198.18.0.0/15) cached under bench/out/ (gitignored),
 keyed by GEN_VERSION: change the generator, bump it. Every figure is wall time on a shared machine, so each
@@ -33,6 +38,7 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # tests.netlab, when run as a script
 
+from tests.bench import live_bench  # noqa: E402
 from tests.netlab.capture import LINKTYPE_EN10MB, Capture, pcap_linktype  # noqa: E402
 from tests.netlab.netns import Link, veth_lab  # noqa: E402
 
@@ -41,6 +47,10 @@ CACHE = REPO / "bench" / "out"
 CLI = REPO / "kubectl-mirror"
 BENCHNET = Path(__file__).resolve().parent / "benchnet.py"
 PORT = 8080
+# With --immediate-mode libpcap uses TPACKET_V2, whose ring slots are snaplen-sized: at tcpdump's 256 KiB default
+# the 64 MiB buffer held ~250 packets and MTU-sized bursts overflowed it (1-6% dropped, every attempt). Segments
+# are at most one MTU (gso_max_segs 1), so 4 KiB never cuts one; tshark_meta counts truncated frames to be sure.
+SNAPLEN = 4096
 SAMPLE_EVERY = 0.05
 HANDOVER_EVERY = 100_000  # pipeline.Options.handover_every's default, which the CLI uses
 MB = 1_000_000
@@ -51,6 +61,9 @@ META_FIELDS = ["-e", "tcp.stream", "-e", "tcp.seq_raw", "-e", "tcp.len", "-e", "
 
 TARGET_CA, TARGET_CB = 1.6, 0.85
 TARGET_PLUGIN_MIB, TARGET_TSHARK_MIB = 200, 300
+TARGET_EXEC_RATIO = 0.9  # x kubectl exec's MB/s
+TARGET_P99_MS = 50.0
+TARGET_BINARY_STARTUP = 0.5  # seconds
 
 
 # ---- captures -------------------------------------------------------------------------------------------------
@@ -95,14 +108,17 @@ LONG = Spec("long", nodelay=True, workers=16, min_packets=2_000_000, min_payload
 
 
 def tshark_meta(path: Path, timeout: float) -> dict[str, int]:
-    """Packets, TCP payload (total and client->server) and connections (SYNs), counted by tshark once."""
+    """Packets, TCP payload (total and client->server), connections (SYNs) and truncated frames, by tshark once."""
     proc = subprocess.Popen(["tshark", "-n", "-r", str(path), "-T", "fields", "-e", "tcp.len", "-e", "tcp.flags",
-                             "-e", "tcp.dstport"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             "-e", "tcp.dstport", "-e", "frame.len", "-e", "frame.cap_len"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
-    packets = payload = c2s = syns = 0
+    packets = payload = c2s = syns = truncated = 0
     for line in proc.stdout:
         packets += 1
         parts = line.rstrip("\n").split("\t")
+        if len(parts) >= 5 and parts[3] != parts[4]:
+            truncated += 1
         if len(parts) < 3 or not parts[0]:
             continue
         n, flags = int(parts[0]), int(parts[1], 16)
@@ -112,7 +128,7 @@ def tshark_meta(path: Path, timeout: float) -> dict[str, int]:
             if flags & 0x12 == 0x02:
                 syns += 1
     proc.wait(timeout)
-    return {"packets": packets, "payload": payload, "c2s_payload": c2s, "connections": syns}
+    return {"packets": packets, "payload": payload, "c2s_payload": c2s, "connections": syns, "truncated": truncated}
 
 
 @contextlib.contextmanager
@@ -148,7 +164,8 @@ def capture_once(spec: Spec, part: Path, scale: float) -> tuple[Capture, dict[st
             json.dump(spec.plan(scale), f)
             plan_path = f.name
         try:
-            with ns_server(link), Capture(link.server, link.server_if, part, bpf=f"tcp port {PORT}") as cap:
+            with ns_server(link), Capture(link.server, link.server_if, part, bpf=f"tcp port {PORT}",
+                                          snaplen=SNAPLEN) as cap:
                 argv = [sys.executable, str(BENCHNET), "client", "--host", link.server_ip4, "--port", str(PORT),
                         "--plan", plan_path, "--workers", str(spec.workers), "--timeout", "60",
                         "--rate", str(spec.rate), *(["--nodelay"] if spec.nodelay else [])]
@@ -182,6 +199,8 @@ def ensure_capture(spec: Spec, regenerate: bool) -> tuple[Path, dict[str, Any]]:
             log(f"  tcpdump lost packets ({cap.stderr[-3:]}), retrying")
             continue
         counted = tshark_meta(part, timeout=600)
+        if counted["truncated"]:
+            raise SystemExit(f"{counted['truncated']} frames longer than the snaplen {SNAPLEN}: raise SNAPLEN")
         short = [spec.min_packets / max(1, counted["packets"]), spec.min_payload / max(1, counted["payload"]),
                  spec.min_conns / max(1, counted["connections"])]
         if max(short) > 1:
@@ -377,13 +396,7 @@ def run_tool(tool: str, path: Path, port: int, timeout: float) -> Run:
 
 
 def startup_time() -> float:
-    walls = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        subprocess.run([str(CLI), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
-                       check=True)
-        walls.append(time.perf_counter() - t0)
-    return statistics.median(walls)
+    return live_bench.help_startup([str(CLI)])
 
 
 def mark(ok: bool) -> str:
@@ -407,8 +420,14 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="repetitions of (a)-(d) on the big capture; best is shown")
     ap.add_argument("--regenerate", action="store_true", help="make the captures again even if cached")
     ap.add_argument("--skip-long", action="store_true", help="leave out the long stream")
+    ap.add_argument("--skip-exec", action="store_true", help="leave out exec channel throughput")
+    ap.add_argument("--skip-latency", action="store_true", help="leave out live latency")
+    ap.add_argument("--skip-binary", action="store_true", help="leave out the one-file binary (and its build)")
     args = ap.parse_args()
     t_begin = time.monotonic()
+
+    # First: a rebuild takes a minute of both cores, which must not overlap anything timed.
+    binary = None if args.skip_binary else live_bench.build_binary()
 
     big, big_meta = ensure_capture(BIG, args.regenerate)
     long_path, long_meta = (None, {}) if args.skip_long else ensure_capture(LONG, args.regenerate)
@@ -433,13 +452,25 @@ def main() -> int:
             log("long stream, (b) tshark metadata only ...")
             long_b = run_tool("b", long_path, port, timeout=1200)
 
-    report(args, big, big_meta, runs, long_path, long_meta, long_run, long_b, startup, time.monotonic() - t_begin)
+    # After the replay runs, each on its own: none of them shares the machine with another measurement.
+    exec_res = None if args.skip_exec else live_bench.measure_exec()
+    if args.skip_latency:
+        lat = None
+    else:
+        log("live latency ...")
+        lat = live_bench.measure_latency()
+    if binary is not None:
+        binary = live_bench.measure_binary(binary)
+
+    report(args, big, big_meta, runs, long_path, long_meta, long_run, long_b, startup, time.monotonic() - t_begin,
+           exec_res, lat, binary)
     return 0
 
 
 def report(args: argparse.Namespace, big: Path, meta: dict[str, Any], runs: dict[str, list[Run]],
            long_path: Path | None, long_meta: dict[str, Any], long_run: Run | None, long_b: Run | None,
-           startup: float, total: float) -> None:
+           startup: float, total: float, exec_res: live_bench.ExecResult | None = None,
+           lat: live_bench.LatencyResult | None = None, binary: live_bench.BinaryResult | None = None) -> None:
     rel = big.relative_to(REPO)
     linktype = "EN10MB veth" if meta.get("linktype") == LINKTYPE_EN10MB else f"linktype {meta.get('linktype')}"
     print(f"kubectl-mirror bench: {version_of(['tshark', '-v'])}; {version_of(['tcpflow', '-V'])}; "
@@ -509,8 +540,65 @@ def report(args: argparse.Namespace, big: Path, meta: dict[str, Any], runs: dict
             cells = [f"{t:5.1f}s {rss / 1024:4.0f}/{max(ts, default=0) / 1024:3.0f}" for t, rss, ts in picks]
             print("  RSS over time (plugin/largest tshark, MiB): " + ", ".join(cells))
 
-    print(f"\nstart-up: `kubectl-mirror --help` median of 5: {startup * 1000:.0f} ms")
+    if exec_res is not None:
+        report_exec(exec_res)
+    if lat is not None:
+        report_latency(lat)
+    report_startup(startup, binary)
     print(f"bench took {total:.0f} s (runs={args.runs})")
+
+
+def report_exec(r: live_bench.ExecResult) -> None:
+    print(f"\nexec channel: stdout of `head -c {r.mib}M /dev/zero` in a pod of the test API server (tests/apiserver), "
+          f"best of {r.rounds}, alternated")
+    if r.error:
+        print(f"  not measured: {r.error}")
+        return
+    print(f"  {'':52} {'MB/s':>7}")
+    print(f"  {'kubectl exec (' + live_bench.KUBECTL + ' ' + r.kubectl_version + ')':52} {r.kubectl:7.1f}")
+    print(f"  {'kubectl-mirror (execstream.open_exec)':52} {r.ours:7.1f}")
+    ratio = r.ours / r.kubectl if r.kubectl else 0.0
+    print(f"  ours/kubectl = {ratio:.2f}   (target >= {TARGET_EXEC_RATIO}: {mark(ratio >= TARGET_EXEC_RATIO)})")
+
+
+def report_latency(r: live_bench.LatencyResult) -> None:
+    print(f"\nlive latency: client send -> arrival at the local port; {live_bench.messages_desc(r)}")
+    print("  (TCP_NODELAY, root namespace -> pod IP; source CLI `pod/lat-1 --to 127.0.0.1:PORT`, test API server)")
+    if r.start_s:
+        print(f"  plugin: `mirroring` line {r.start_s:.1f} s after start; first warm-up segment at the local port "
+              f"{r.first_segment_s * 1000:.0f} ms after it")
+    if r.error:
+        print(f"  problem: {r.error}")
+    if r.sent:
+        got = len(r.latencies_ms)
+        print(f"  sent {r.sent:,} in {r.send_seconds:.1f} s ({r.sent / max(r.send_seconds, 1e-9):.0f} msg/s); "
+              f"delivered {got:,} over {r.receiver_conns} local connections (all delivered: {mark(got == r.sent)})"
+              f"{f'; {r.bad_lines} unparsable lines' if r.bad_lines else ''}")
+    if r.latencies_ms:
+        cells = "  ".join(f"{name} {r.pct(q):6.1f}" for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99),
+                                                                    ("max", 1.0)))
+        print(f"  latency ms of the delivered: {cells}")
+        p99 = r.pct(0.99)
+        print(f"  p99 = {p99:.1f} ms   (target <= {TARGET_P99_MS:.0f}: {mark(p99 <= TARGET_P99_MS)})")
+    code = "killed (no exit in time)" if r.exit_code is None else str(r.exit_code)
+    print(f"  SIGINT -> exit {code} in {r.stop_s:.1f} s   (expected 0: {mark(r.exit_code == 0)})")
+    if r.exit_code != 0 or r.error or len(r.latencies_ms) != r.sent:
+        print("  plugin stderr (last lines):")
+        for line in r.stderr_tail.splitlines():
+            print(f"    {line}")
+
+
+def report_startup(startup: float, binary: live_bench.BinaryResult | None) -> None:
+    print("\nstart-up: `--help`, median of 5")
+    print(f"  {'source script ./kubectl-mirror':52} {startup * 1000:5.0f} ms")
+    if binary is None:
+        return
+    if binary.error:
+        print(f"  one-file binary: not measured: {binary.error}")
+        return
+    print(f"  {'one-file binary (' + binary.built + ')':52} {binary.startup * 1000:5.0f} ms   (target < "
+          f"{TARGET_BINARY_STARTUP * 1000:.0f} ms: {mark(binary.startup < TARGET_BINARY_STARTUP)})")
+    print(f"    {Path(binary.archive).resolve().relative_to(REPO)}, unpacked as krew does (from the working tree)")
 
 
 if __name__ == "__main__":
