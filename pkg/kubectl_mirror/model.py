@@ -104,7 +104,20 @@ class Abort:
     ts: float
 
 
-Action = Open | Send | Close | Abort
+@dataclass(slots=True)
+class Reply:
+    """Server->client bytes, in order, exactly once (FlowConfig.server_stream only).
+
+    What production answered, for comparison with the local target's answer; the replayer has nothing to do
+    with it. After a hole in the server's bytes a flow's Replies stop for good (FlowRecord.reply_complete).
+    """
+
+    flow: int
+    data: bytes
+    ts: float
+
+
+Action = Open | Send | Close | Abort | Reply
 
 
 class EndReason(str, enum.Enum):
@@ -131,3 +144,6 @@ class FlowRecord:
     first_ts: float
     last_ts: float
     direction_guessed: bool = False  # no SYN and no --port: the server side is a guess
+    # server_stream only: no server byte the capture showed to exist went missing before the Replies ended.
+    # Always True without server_stream.
+    reply_complete: bool = True

@@ -7,6 +7,12 @@ One `FlowTable` tracks every TCP connection of the capture. For each inbound (cl
 emits `Open`, then `Send`s carrying the client's bytes exactly once and in order, then one end action:
 `Close` after a clean FIN, or `Abort` (RESET, HOLE, GAP). A flow is never handed bytes past a hole.
 
+With `FlowConfig.server_stream` it also emits the server's bytes of each mirrored flow as `Reply` actions, with
+the same guarantees. A hole there only stops that flow's Replies (FlowRecord.reply_complete); the client side
+goes on exactly as without the option. A client FIN no longer ends the flow's tracking at once: the server
+usually answers a half-closed connection, so its direction is followed alone (a "draining" flow) until it
+finishes; the client's strays meanwhile meet the same tombstone as without the option.
+
 Sequence numbers are raw 32-bit values on the wire; internally every flow also keeps an unbounded "stream
 position" (bytes delivered so far) so the out-of-order buffer never has to think about wrap-around.
 """
@@ -33,6 +39,7 @@ from .model import (
     FlowRecord,
     Open,
     Outcome,
+    Reply,
     Segment,
     Send,
 )
@@ -62,6 +69,7 @@ class FlowConfig:
     max_ooo_bytes: int = 8 << 20  # out-of-order bytes buffered per flow before it is given up as HOLE
     tombstone_ttl: float = 120.0  # how long an ended connection still absorbs its stray segments
     max_tombstones: int = 65536
+    server_stream: bool = False  # also reassemble server->client bytes into Reply actions
 
 
 @dataclass
@@ -78,6 +86,7 @@ class _Mode(enum.Enum):
     ACTIVE = "active"  # mirrored: actions are emitted
     SKIPPED = "skipped"  # partial flow under skip_partial: tracked so it ends properly, never mirrored
     MUTED = "muted"  # the replayer gave up: tracked only so its segments open nothing new
+    DRAINING = "draining"  # server_stream: client closed (Close emitted), only the server's bytes are followed
 
 
 @dataclass(slots=True)
@@ -143,6 +152,21 @@ class _Pending:
 
 
 @dataclass(slots=True, eq=False)
+class _Reply:
+    """The server->client direction of one flow under server_stream; positions as for the client's."""
+
+    known: bool = False  # `nxt` is set: from the SYN+ACK, else from the first server byte seen
+    nxt: int = 0  # raw seq of the next server byte to deliver
+    delivered: int = 0  # stream position of `nxt`: bytes handed out as Reply
+    need: int = 0  # stream position up to which server bytes are known to exist
+    fin: int | None = None  # stream position of the server's FIN
+    done: bool = False  # every server byte up to its FIN was delivered
+    lost: bool = False  # a hole stopped the Replies for good
+    hole_since: float | None = None
+    pending: _Pending | None = None
+
+
+@dataclass(slots=True, eq=False)
 class _Flow:
     id: int
     client: Endpoint
@@ -163,6 +187,7 @@ class _Flow:
     fin: int | None = None  # stream position of the client's FIN
     hole_since: float | None = None  # capture time of the last progress while a gap was pending
     pending: _Pending | None = None
+    reply: _Reply | None = None  # server_stream, mirrored flows only
 
 
 @dataclass(slots=True)
@@ -187,6 +212,11 @@ class FlowTable:
         self._next_id = 1
         self._open = 0
         self._next_idle_scan = float("-inf")
+        self._reply_holes: dict[int, _Flow] = {}  # server_stream: flows with a server-side gap pending
+        self._draining: dict[int, _Flow] = {}  # server_stream: DRAINING flows, indexed by their server key only
+        if config.server_stream:
+            # Chosen once here rather than tested per packet: without the option, feed() stays exactly as fast.
+            self.feed = self._feed_replies  # type: ignore[method-assign]
 
     # ---- public API ---------------------------------------------------------------------------------
 
@@ -237,12 +267,17 @@ class FlowTable:
         timeout = self._cfg.hole_timeout
         for f in [f for f in self._holes.values() if f.hole_since is not None and now - f.hole_since >= timeout]:
             out += self._end(f, now, Abort(f.id, AbortReason.HOLE, now), EndReason.HOLE, Outcome.INCOMPLETE, True)
+        if self._reply_holes:
+            for f in [f for f in self._reply_holes.values() if self._reply_timed_out(f, now)]:
+                self._lose_reply(f)
         idle = self._cfg.idle_timeout
         # A full scan per tick would be O(flows) at every call; a sixteenth of the timeout is precise enough.
         if idle > 0 and now >= self._next_idle_scan:
             self._next_idle_scan = now + idle / 16
             for f in [f for f in self._flows.values() if now - f.last_ts >= idle]:
                 out += self._expire_idle(f, now)
+            for f in [f for f in self._draining.values() if now - f.last_ts >= idle]:
+                self._end_draining(f)
         tombs = self._tombs
         while tombs:
             t = next(iter(tombs.values()))
@@ -260,6 +295,8 @@ class FlowTable:
                 out += self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, False)
             else:
                 out += self._end(f, ts, Close(f.id, ts), EndReason.END_OF_CAPTURE, Outcome.COMPLETE, False)
+        for f in list(self._draining.values()):
+            self._end_draining(f)
         self._tombs.clear()
         self._next_idle_scan = float("-inf")
         return out
@@ -274,7 +311,14 @@ class FlowTable:
         for f in list(self._flows.values()):
             if servers is not None and f.server.host not in servers:
                 continue
+            if f.reply is not None:
+                f.reply.lost = True  # the server's bytes went through the same broken stream
             out += self._end(f, now, Abort(f.id, AbortReason.GAP, now), EndReason.GAP, Outcome.INCOMPLETE, False)
+        for f in list(self._draining.values()):
+            if servers is None or f.server.host in servers:
+                assert f.reply is not None
+                f.reply.lost = True
+                self._end_draining(f)
         return out
 
     def give_up(self, flow: int) -> None:
@@ -290,6 +334,9 @@ class FlowTable:
         f.pending = None
         f.hole_since = None
         self._holes.pop(f.id, None)
+        if f.reply is not None:
+            f.reply = None  # "emit nothing more" covers Replies too
+            self._reply_holes.pop(f.id, None)
 
     def pop_finished(self) -> list[FlowRecord]:
         out, self._finished = self._finished, []
@@ -374,6 +421,11 @@ class FlowTable:
             f.clean = False
         else:
             self._open += 1
+            if self._cfg.server_stream:
+                f.reply = _Reply()
+                if seg.flags & (SYN | ACK) == SYN | ACK:  # the flow starts from the server's SYN+ACK
+                    f.reply.known = True
+                    f.reply.nxt = (seg.seq + 1) & _MASK
         self._flows[f.id] = f
         self._index[ckey] = (f, True)
         self._index[skey] = (f, False)
@@ -478,6 +530,208 @@ class FlowTable:
             return self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, True)
         return []
 
+    # ---- server_stream: the server->client direction as Replies ------------------------------------
+
+    def _feed_replies(self, seg: Segment) -> list[Action]:
+        """`feed` under server_stream: the client side handled exactly as by `feed`, plus the server's bytes.
+
+        Keep its client handling in step with `feed`: tests/test_reassemble_reply.py checks that both give the
+        same actions apart from Replies.
+        """
+        self._fed += 1
+        src = seg.src
+        dst = seg.dst
+        key = (src.host, src.port, dst.host, dst.port)
+        hit = self._index.get(key)
+        if hit is None:
+            return self._unknown_replies(key, seg)
+        f, from_client = hit
+        f.last_ts = seg.ts
+        if from_client:
+            r = f.reply
+            if (
+                r is not None and r.known and not r.lost and seg.flags & (ACK | RST) == ACK
+                and 0 < (seg.ack - r.nxt) & _MASK < _HALF
+            ):
+                # The client acknowledged server bytes the capture never had: they will never be resent.
+                self._lose_reply(f)
+            if f.clean and not seg.flags & _CTRL and seg.seq == f.nxt and seg.whole:
+                data = seg.payload
+                if not data:
+                    return []
+                n = len(data)
+                f.nxt = (f.nxt + n) & _MASK
+                f.delivered += n
+                return [Send(f.id, data, seg.ts)]
+            if f.mode is not _Mode.ACTIVE:
+                return self._passive(f, True, seg)
+            return self._client(f, seg)
+        mode = f.mode
+        if mode is _Mode.DRAINING:
+            return self._draining_server(f, key, seg)
+        if mode is not _Mode.ACTIVE:
+            return self._passive(f, False, seg)
+        flags = seg.flags
+        if not f.clean or flags & _CTRL or (flags & ACK and 0 < (seg.ack - f.nxt) & _MASK < _HALF):
+            out = self._server(f, seg)
+            if out:  # _server only ever returns the flow's end
+                return out
+        return self._reply(f, seg)
+
+    def _unknown_replies(self, key: Key, seg: Segment) -> list[Action]:
+        """An unindexed segment under server_stream: maybe the client of a DRAINING flow, else as `_unknown`."""
+        src, dst = seg.src, seg.dst
+        hit = self._index.get((dst.host, dst.port, src.host, src.port))
+        drained = hit[0] if hit is not None and hit[0].mode is _Mode.DRAINING else None
+        if drained is not None:
+            r = drained.reply
+            assert r is not None
+            drained.last_ts = seg.ts
+            if seg.flags & RST:
+                self._end_draining(drained)
+                drained = None
+            elif seg.flags & ACK and r.known and 0 < (seg.ack - r.nxt) & _MASK < _HALF:
+                self._lose_reply(drained)  # ends the draining flow: nothing else is left to follow
+                drained = None
+        out = self._unknown(key, seg)
+        if drained is not None and drained.id in self._draining:
+            self._drop_if_displaced(drained)
+        elif seg.payload and seg.flags & SYN:
+            # Data on a SYN+ACK that just opened a flow: its first server bytes.
+            hit = self._index.get(key)
+            if hit is not None and not hit[1]:
+                out += self._reply(hit[0], seg)
+        return out
+
+    def _draining_server(self, f: _Flow, key: Key, seg: Segment) -> list[Action]:
+        if seg.flags & (RST | SYN):
+            self._end_draining(f)  # the connection is over (or a new one starts): as if it had ended at Close
+            return self._unknown(key, seg)
+        # Through _unknown as well, as without server_stream: it keeps the client's tombstone fresh and counts
+        # the stray; if the tombstone is gone it may even open a flow, which then takes this 4-tuple over.
+        out = self._unknown(key, seg)
+        if self._drop_if_displaced(f):
+            return out
+        return out + self._reply(f, seg)
+
+    def _drop_if_displaced(self, f: _Flow) -> bool:
+        """End a DRAINING flow whose 4-tuple a new flow took over (through `_unknown`)."""
+        hit = self._index.get(f.skey)
+        if hit is not None and hit[0] is f:
+            return False
+        self._end_draining(f)
+        return True
+
+    def _reply(self, f: _Flow, seg: Segment) -> list[Action]:
+        """The server's side of `_client`: the same sequencing, but a hole only stops the Replies."""
+        r = f.reply
+        if r is None or r.lost or r.done:
+            return []
+        flags, ts = seg.flags, seg.ts
+        seq = seg.seq
+        if flags & SYN:
+            seq = (seq + 1) & _MASK
+            if not r.known:
+                r.known = True
+                r.nxt = seq
+        elif not r.known:
+            if not (seg.payload or flags & FIN or not seg.whole):
+                return []  # a pure ACK says nothing about which bytes belong to this flow
+            # Joined mid-stream or the SYN+ACK went missing: the first server byte seen starts the stream.
+            r.known = True
+            r.nxt = seq
+        elif not seg.payload and not flags & FIN and seg.whole and r.hole_since is None:
+            return []  # the server's pure ACKs, its most common segment: no bytes, and no gap to time out
+        before = r.delivered
+        out: list[Action] = []
+        pos = before + _signed(seq - r.nxt)
+        data = seg.payload
+        fin_at = pos + len(data)
+        if r.fin is not None and fin_at > r.fin:
+            data = data[: max(0, r.fin - pos)]
+        if not seg.whole:
+            missing = pos + max(len(data), 1)
+            if r.fin is not None:
+                missing = min(missing, r.fin)
+            r.need = max(r.need, missing)
+        elif data:
+            end = pos + len(data)
+            if end > before:
+                if pos < before:
+                    data = data[before - pos :]
+                    pos = before
+                r.need = max(r.need, end)
+                if pos == before and r.pending is None:
+                    r.delivered = end
+                    r.nxt = (r.nxt + len(data)) & _MASK
+                    out.append(Reply(f.id, data, ts))
+                else:
+                    if r.pending is None:
+                        r.pending = _Pending()
+                    r.pending.add(pos, data)
+        if flags & FIN and seg.whole and r.fin is None and fin_at >= before:
+            r.fin = fin_at
+            r.need = fin_at
+            if r.pending is not None:
+                r.pending.cut(fin_at)
+        pending = r.pending
+        if pending is not None:
+            if pending.starts and pending.starts[0] == r.delivered:
+                chunks = pending.take(r.delivered)
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                r.delivered += len(data)
+                r.nxt = (r.nxt + len(data)) & _MASK
+                out.append(Reply(f.id, data, ts))
+            if not pending.starts:
+                r.pending = None
+            elif pending.size > self._cfg.max_ooo_bytes:
+                self._lose_reply(f)
+                return out
+        if r.fin is not None and r.delivered == r.fin:
+            # Nothing to emit: HTTP framing tells where answers end. Just stop following, and expect the
+            # client's ACK of the FIN (one past the last byte) to be no hole.
+            r.nxt = (r.nxt + 1) & _MASK
+            r.done = True
+            r.hole_since = None
+            self._reply_holes.pop(f.id, None)
+            if f.mode is _Mode.DRAINING:
+                self._end_draining(f)
+            return out
+        if r.need > r.delivered:
+            if r.hole_since is None or r.delivered > before:
+                r.hole_since = ts
+                self._reply_holes[f.id] = f
+            if ts - r.hole_since >= self._cfg.hole_timeout:
+                self._lose_reply(f)
+        elif r.hole_since is not None:
+            r.hole_since = None
+            del self._reply_holes[f.id]
+        return out
+
+    def _reply_timed_out(self, f: _Flow, now: float) -> bool:
+        r = f.reply
+        return r is not None and r.hole_since is not None and now - r.hole_since >= self._cfg.hole_timeout
+
+    def _lose_reply(self, f: _Flow) -> None:
+        """A server-side hole that will never fill: no more Replies for this flow, the client side goes on."""
+        r = f.reply
+        assert r is not None
+        r.lost = True
+        r.pending = None
+        r.hole_since = None
+        self._reply_holes.pop(f.id, None)
+        if f.mode is _Mode.DRAINING:
+            self._end_draining(f)
+
+    def _end_draining(self, f: _Flow) -> None:
+        """The server side of a client-closed flow is over: write the record its Close deferred."""
+        del self._draining[f.id]
+        self._reply_holes.pop(f.id, None)
+        hit = self._index.get(f.skey)
+        if hit is not None and hit[0] is f:
+            del self._index[f.skey]
+        self._finished.append(self._record(f, Outcome.COMPLETE, EndReason.FIN))
+
     def _passive(self, f: _Flow, from_client: bool, seg: Segment) -> list[Action]:
         """Skipped or given-up flows: only follow the connection's life so it ends and gets buried."""
         flags = seg.flags
@@ -538,6 +792,17 @@ class FlowTable:
             self._finished.append(self._record(f, Outcome.SKIPPED, end))
             return []
         self._open -= 1
+        r = f.reply
+        if r is not None:
+            if end is EndReason.FIN and not (r.done or r.lost):
+                # Clients often half-close before the answer comes: keep following the server's side. The
+                # client key stays buried as above, so its strays behave exactly as without server_stream.
+                f.mode = _Mode.DRAINING
+                f.clean = False
+                self._index[f.skey] = (f, False)
+                self._draining[f.id] = f
+                return [] if action is None else [action]
+            self._reply_holes.pop(f.id, None)
         self._finished.append(self._record(f, outcome, end))
         return [] if action is None else [action]
 
@@ -564,6 +829,7 @@ class FlowTable:
             first_ts=f.first_ts,
             last_ts=f.last_ts,
             direction_guessed=f.guessed,
+            reply_complete=f.reply is None or (not f.reply.lost and f.reply.need <= f.reply.delivered),
         )
 
 
