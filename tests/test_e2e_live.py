@@ -201,8 +201,6 @@ def test_through_real_kubectl_plugin_discovery(lab: LiveLab, stack: contextlib.E
     assert_no_tcpdump(lab)
 
 
-@pytest.mark.xfail(strict=True, reason="execstream.capture_argv: tcpdump --immediate-mode -s 0 -i any without -B gets "
-                   "a ring of ~8 packets, so the kernel drops bursts; the summary does not say so")
 def test_burst_of_concurrent_connections_is_not_lost(lab: LiveLab, stack: contextlib.ExitStack,
                                                      local: Recorder) -> None:
     lab.add_serving_pod(stack, POD_A)
@@ -354,8 +352,6 @@ def _exec_history(lab: LiveLab) -> list[tuple[str, list[str]]]:
 # ---- capture only ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="live._capture_only checks --duration/--count only when a packet arrives: "
-                   "an idle pod never stops the run")
 def test_capture_only_writes_a_private_pcapng(lab: LiveLab, stack: contextlib.ExitStack, tmp_path: Path) -> None:
     lab.add_serving_pod(stack, POD_A)
     out = tmp_path / "out.pcapng"

@@ -240,8 +240,6 @@ def assert_cut_delivery(result: Result, records: list[Received], sent: list[byte
     assert (c["seen"], c["complete"]) == (whole + 1, whole), c
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.Engine.run ends the flow open at an input error with table.finish() "
-                                       "(Close, COMPLETE): the cut connection reaches the target with a clean FIN")
 def test_replay_file_cut_mid_packet(tmp_path: Path) -> None:
     cut, sent, whole = cut_capture(tmp_path)
     pcap = tmp_path / "cut.pcap"
@@ -253,8 +251,6 @@ def test_replay_file_cut_mid_packet(tmp_path: Path) -> None:
     assert_cut_delivery(result, records, sent, whole)
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.Engine.run ends the flow open at an input error with table.finish() "
-                                       "(Close, COMPLETE): the cut connection reaches the target with a clean FIN")
 def test_replay_stdin_cut_mid_packet(tmp_path: Path) -> None:
     cut, sent, whole = cut_capture(tmp_path)
     part = tmp_path / "part.bin"
@@ -306,8 +302,6 @@ def test_replay_tshark_killed_mid_run(tmp_path: Path) -> None:
         assert result.connections["complete"] == len(whole), (result.connections, len(whole))
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.Engine.run: a ToolError (tshark died) skips the replayer's drain/"
-                                       "close, so flows in flight end by process exit, with a clean FIN")
 def test_replay_tshark_killed_flows_in_flight_are_reset(tmp_path: Path) -> None:
     _, records, sent = kill_tshark_mid_run(tmp_path)
     assert_only_prefixes(records, sent)
@@ -337,8 +331,6 @@ def test_replay_ctrl_c(tmp_path: Path) -> None:
     tshark_leftovers(result)
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.Engine.run: after Ctrl-C, table.finish() Closes flows in flight "
-                                       "(END_OF_CAPTURE, COMPLETE) although the file holds the rest of them")
 def test_replay_ctrl_c_flows_in_flight_are_reset(tmp_path: Path) -> None:
     _, records, sent = interrupt_replay(tmp_path)
     assert_only_prefixes(records, sent)
@@ -480,8 +472,6 @@ def test_live_disk_full_under_w(live: Live, tmp_path: Path) -> None:
 
 
 @pytest.mark.netns
-@pytest.mark.xfail(strict=True, reason="pcap.PcapWriter.flush: on ENOSPC the partial write stays, so the -w file "
-                                       "ends in the middle of a packet instead of after the last whole record")
 def test_live_disk_full_leaves_whole_records(live: Live, tmp_path: Path) -> None:
     with tiny_disk(tmp_path) as small:
         out = small / "cap.pcapng"

@@ -196,10 +196,6 @@ def _role_case(p: Permission) -> Any:
         marks.append(pytest.mark.xfail(strict=True, reason=(
             "README Role: 'create pods/exec' is used by no call against the test API server (the exec WebSocket "
             "is a GET, authorized as 'get'); only Kubernetes >= 1.31 asks for 'create'")))
-    if p.rule == ("get", "pods", "exec"):
-        marks.append(pytest.mark.xfail(strict=True, reason=(
-            "execstream._handshake_error: a 403 on the exec WebSocket always says 'cannot create pods/exec', "
-            "also when the server denied 'get' (its own message says so)")))
     return pytest.param(p, id=p.id, marks=marks)
 
 
@@ -472,9 +468,6 @@ def test_capture_file_is_0600_under_umask_0(lab: LiveLab, stack: contextlib.Exit
 
 
 @pytest.mark.netns
-@pytest.mark.xfail(strict=True, reason=(
-    "pcap.PcapWriter.__init__: os.open(O_CREAT|O_TRUNC, 0o600) keeps an existing file's mode, so -w over a "
-    "0644 file writes the captured secrets world-readable"))
 def test_capture_over_an_existing_readable_file_is_made_private(lab: LiveLab, stack: contextlib.ExitStack,
                                                                 tmp_path: Path, local: Recorder) -> None:
     lab.add_serving_pod(stack, POD)

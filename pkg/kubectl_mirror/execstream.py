@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import ssl
 import subprocess
 import time
@@ -47,8 +48,10 @@ def capture_argv(port: int, user_filter: str | None) -> list[str]:
     if user_filter and user_filter.strip():
         expression += f" and ({user_filter.strip()})"
     # --immediate-mode: otherwise libpcap hands packets over in blocks up to a second late (latency), and the
-    # ring's last block is lost when tcpdump is stopped.
-    return ["tcpdump", "--immediate-mode", "-p", "-i", "any", "-U", "-s", "0", "-w", "-", expression]
+    # ring's last block is lost when tcpdump is stopped. -B 32768 (KiB): with immediate mode the default ring
+    # holds a handful of packets, and a burst of 20 new connections lost most of them.
+    return ["tcpdump", "--immediate-mode", "-B", "32768", "-p", "-i", "any", "-U", "-s", "0", "-w", "-",
+            expression]
 
 
 def exec_url(host: str, namespace: str, pod: str, container: str, argv: Sequence[str]) -> str:
@@ -95,8 +98,12 @@ def _handshake_error(exc: Any, namespace: str, pod: str, container: str, conn: C
         return ClusterError(f"the API server rejected your credentials (context {conn.context}); log in again")
     if code == 403:
         who = dict(conn.impersonation).get("Impersonate-User")
-        return ClusterError(f'forbidden{" (as " + who + ")" if who else ""}: cannot create pods/exec in namespace '
-                            f'"{namespace}"; ask your cluster admin for RBAC "create" on "pods/exec" ({message})')
+        # Kubernetes 1.31+ authorizes the WebSocket upgrade as "create", older servers as "get": name the verb the
+        # server itself says it denied.
+        denied = re.search(r'cannot (\w+) resource "pods/exec"', message)
+        verb = denied.group(1) if denied else "create"
+        return ClusterError(f'forbidden{" (as " + who + ")" if who else ""}: cannot {verb} pods/exec in namespace '
+                            f'"{namespace}"; ask your cluster admin for RBAC "{verb}" on "pods/exec" ({message})')
     if code == 404:
         return ClusterError(f'cannot exec in pod "{pod}" (container {container}) in namespace "{namespace}": {message}')
     return ClusterError(f"exec in pod {pod} (container {container}) failed: {message}")

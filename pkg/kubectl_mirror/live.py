@@ -15,7 +15,7 @@ from typing import BinaryIO, cast
 
 from .capture import LiveCapture
 from .dissect import TsharkInfo, find_tshark
-from .errors import MirrorError, UsageError
+from .errors import MirrorError, ToolError, UsageError
 from .execstream import ExecProcess, start_capture, stop_remote
 from .kubeconfig import Connection, connect
 from .pcap import PcapReader, PcapWriter
@@ -47,6 +47,7 @@ class KubePodCapture:
         self._proc: ExecProcess | None = None
         self._lock = threading.Lock()
         self.stop_errors: list[MirrorError] = []
+        self.warnings: list[str] = []
 
     def start(self) -> BinaryIO:
         proc = start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter)
@@ -64,10 +65,29 @@ class KubePodCapture:
         try:
             # Closing the stream is not enough: kubelets leave exec'd processes running.
             stop_remote(self.conn, self.target, self.tap, proc)
+            # tcpdump prints its counters as it exits; the capture thread reads them with the end of the stream.
+            deadline = time.monotonic() + 3.0
+            while proc.returncode is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            dropped = kernel_drops(proc.stderr_text())
+            if dropped:
+                self.warnings.append(
+                    f"tcpdump in pod {self.name} dropped {dropped} packets (its buffer was full): connections that "
+                    "lost them are counted incomplete; narrow the capture with --filter")
         except MirrorError as exc:
             self.stop_errors.append(exc)
         finally:
             proc.close()
+
+
+def kernel_drops(stderr: str) -> int:
+    """Packets tcpdump reported lost before it could read them ("N packets dropped by kernel/interface")."""
+    total = 0
+    for line in stderr.splitlines():
+        words = line.split()
+        if len(words) >= 5 and words[1:4] == ["packets", "dropped", "by"] and words[0].isdigit():
+            total += int(words[0])
+    return total
 
 
 def describe(targets: list[PodTarget]) -> str:
@@ -99,18 +119,22 @@ def run_live(args: argparse.Namespace) -> int:
         if not args.quiet:
             where = str(dest) if dest else f"capture only, {_capture_path(args, targets)}"
             print(f"mirroring {describe(targets)} -> {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        failure: MirrorError | None = None
         try:
             if dest is not None and tshark is not None:
-                summary = _mirror(capture, args, targets, dest, tshark)
+                summary, failure = _mirror(capture, args, targets, dest, tshark)
             else:
                 summary = _capture_only(capture, args, targets)
         finally:
             capture.stop()
+        summary.warnings.extend(warning for pod in pods for warning in pod.warnings)
         summary.warnings.extend(err.message for pod in pods for err in pod.stop_errors)
         summary.warnings.extend(err.message for err in capture.errors)
     finally:
         conn.close()
     report(summary, args)
+    if failure is not None:
+        raise failure  # after the summary: what was delivered before it is still reported
     return exit_code(summary)
 
 
@@ -141,7 +165,8 @@ def _writer(path: str, quiet: bool = False) -> PcapWriter:
 
 
 def _mirror(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTarget], dest: Destination,
-            tshark: TsharkInfo) -> Summary:
+            tshark: TsharkInfo) -> tuple[Summary, MirrorError | None]:
+    """Run the engine on the live stream; the error that stopped it comes back beside the summary."""
     tee = _writer(args.write, args.quiet) if args.write else None
     options = EngineOptions(
         dest=dest,
@@ -160,13 +185,20 @@ def _mirror(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTar
     if status is not None:
         options.progress, options.progress_every = status, status.every
     engine = Engine(options, source_name=describe(targets))
+    failure: MirrorError | None = None
     try:
-        return engine.run([capture.stream])
+        summary = engine.run([capture.stream])
+        failure = engine.fatal_error or engine.input_error
     finally:
         if status is not None:
             status.clear()
         if tee is not None:
-            tee.close()
+            try:
+                tee.close()
+            except OSError as exc:
+                failure = failure or ToolError(f"cannot write the capture copy (-w): {exc.strerror or exc}; free "
+                                               "some space or choose another path")
+    return summary, failure
 
 
 def _capture_only(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTarget]) -> Summary:
@@ -176,6 +208,16 @@ def _capture_only(capture: LiveCapture, args: argparse.Namespace, targets: list[
     stop = StopFlag(on_first=lambda: threading.Thread(target=capture.stop, daemon=True).start())
     stop.install()
     started = time.monotonic()
+    timer: threading.Timer | None = None
+    if args.duration is not None:
+        # An idle pod sends nothing to wake the loop: the timer ends the capture, and with it the loop.
+        def time_is_up() -> None:
+            stop.request("duration")
+            capture.stop()
+
+        timer = threading.Timer(args.duration, time_is_up)
+        timer.daemon = True
+        timer.start()
     packets = captured = 0
     try:
         for rec in PcapReader(capture.stream):
@@ -188,6 +230,8 @@ def _capture_only(capture: LiveCapture, args: argparse.Namespace, targets: list[
                 threading.Thread(target=capture.stop, daemon=True).start()
                 break
     finally:
+        if timer is not None:
+            timer.cancel()
         stop.uninstall()
         writer.close()
     if path != "-" and not args.quiet:

@@ -396,6 +396,8 @@ class PcapWriter:
         if isinstance(target, (str, os.PathLike)):
             try:
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                # The mode above applies only to a new file: an existing one keeps its own, maybe world-readable.
+                os.fchmod(fd, 0o600)
             except OSError as exc:
                 raise InputError(f"cannot write {os.fspath(target)}: {exc.strerror}; choose another -w path") from None
             self._out: BinaryIO = os.fdopen(fd, "wb", buffering=0)

@@ -136,6 +136,7 @@ class Engine:
         self._bytes_before = 0
         self._segments_before = 0
         self._input_error: MirrorError | None = None
+        self._fatal: MirrorError | None = None
         self._pending_gaps: list[Gap] = []
         # Checked once: logging per packet must cost nothing unless asked for.
         self._trace = log.isEnabledFor(logging.DEBUG)
@@ -147,20 +148,40 @@ class Engine:
     def run(self, sources: Iterable[BinaryIO]) -> Summary:
         self.stop.install()
         try:
-            for index, source in enumerate(sources):
-                if index > 0:
-                    self._gaps += 1
-                    self._execute(self.table.interrupt(self._capture_now()))
-                self._run_stream(source)
-                if self.stop.requested or self._input_error is not None:
-                    break
+            try:
+                for index, source in enumerate(sources):
+                    if index > 0:
+                        self._gaps += 1
+                        self._execute(self.table.interrupt(self._capture_now()))
+                    self._run_stream(source)
+                    if self.stop.requested or self._input_error is not None:
+                        break
+            except MirrorError as exc:  # tshark died, -w failed, ...: still end every flow properly
+                self._fatal = exc
+            if self._cut_short():
+                # The rest of these connections exists (in the file, or in the cluster past a failure) but will
+                # not be delivered: a clean FIN would tell the local service they ended. Reset them instead.
+                self._execute(self.table.interrupt(self._capture_now()))
             self._execute(self.table.finish())
             self._collect()
             self.replayer.drain(self.options.replay.drain_timeout)
             self._collect()
         finally:
             self.stop.uninstall()
+            self.replayer.close()
         return self.summary()
+
+    def _cut_short(self) -> bool:
+        """True when open flows end because of damage or a failure, not because the capture ended."""
+        if self._fatal is not None or self._input_error is not None:
+            return True
+        # Offline, Ctrl-C stops in the middle of a file that holds the rest; live, the capture simply ends.
+        return self.stop.interrupted and not self.options.live
+
+    @property
+    def fatal_error(self) -> MirrorError | None:
+        """A failure that stopped the run (tshark died, ...): raised after the summary is shown."""
+        return self._fatal
 
     @property
     def gap_count(self) -> int:
@@ -467,7 +488,14 @@ def run_replay(args: argparse.Namespace) -> int:
             if status is not None:
                 status.clear()
     report(summary, args)
+    raise_run_errors(engine)
+    return exit_code(summary)
+
+
+def raise_run_errors(engine: Engine) -> None:
+    """After the summary: the error that stopped the run, else the capture's own damage."""
+    if engine.fatal_error is not None:
+        raise engine.fatal_error
     if engine.input_error is not None:
         raise engine.input_error
-    return exit_code(summary)
 
