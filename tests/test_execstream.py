@@ -63,7 +63,7 @@ def tap(conn: Connection, target: PodTarget) -> Tap:
 
 def test_capture_argv() -> None:
     assert capture_argv(80, None) == [
-        "tcpdump", "--immediate-mode", "-p", "-i", "any", "-U", "-s", "0", "-w", "-", "tcp port 80"]
+        "tcpdump", "--immediate-mode", "-B", "32768", "-p", "-i", "any", "-U", "-s", "0", "-w", "-", "tcp port 80"]
     assert capture_argv(80, "  host 10.0.0.1 or port 9 ")[-1] == "tcp port 80 and (host 10.0.0.1 or port 9)"
     with pytest.raises(UsageError):
         capture_argv(0, None)
