@@ -98,14 +98,58 @@ def add_replay_flags(p: argparse.ArgumentParser, *, live: bool = False) -> None:
                    help="bytes buffered per flow for a slow target before the flow is dropped")
     g.add_argument("--max-buffer", type=parse_size, default=128 << 20, metavar="SIZE",
                    help="bytes buffered over all flows before the largest is dropped")
+    add_http_flags(p)
     o = p.add_argument_group("Output")
     o.add_argument("-o", "--output", choices=("text", "json"), default="text",
-                   help="the final summary: a table on stderr (text) or JSON on stdout (json)")
+                   help="the final summary: a table on stderr (text) or JSON on stdout (json); in HTTP mode, "
+                        "json is JSON lines: one {\"type\": \"request\", ...} per request, the summary last")
     o.add_argument("--json", dest="output", action="store_const", const="json", help="same as -o json")
     o.add_argument("-q", "--quiet", action="store_true", help="no status line, no notes; errors only")
     o.add_argument("-v", "--v", dest="verbosity", nargs="?", const=1, default=0, type=parse_verbosity,
                    metavar="N", help="diagnostics on stderr: -v or -v=N (N up to 9; payload bytes only at 9)")
     o.add_argument("--tshark", metavar="PATH", help="tshark to use (default: found on PATH)")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
+def add_http_flags(p: argparse.ArgumentParser) -> None:
+    """HTTP/1.x mode: any of these implies --http; without them every connection is mirrored byte-exact."""
+    from .httpflow import parse_header_match, parse_sample, parse_set_header
+
+    h = p.add_argument_group(
+        "HTTP", "Any of these implies --http. Filters are and'ed; each may be repeated.")
+    h.add_argument("--http", action="store_true",
+                   help="split connections into HTTP/1.x requests and report each (bytes still go out as captured)")
+    h.add_argument("--match-method", action="append", metavar="METHOD",
+                   help="mirror only requests with this method (repeatable, or comma-separated)")
+    h.add_argument("--match-path", action="append", metavar="REGEX", help="mirror only requests whose target matches")
+    h.add_argument("--match-header", action="append", type=parse_header_match, metavar="'NAME: REGEX'",
+                   help="mirror only requests with this header matching")
+    h.add_argument("--set-header", action="append", type=parse_set_header, metavar="'NAME: VALUE'",
+                   help="set (replace or add) a header on every mirrored request")
+    h.add_argument("--rewrite-host", metavar="HOST[:PORT]", help="replace the Host header (default: keep it)")
+    h.add_argument("--sample", type=parse_sample, metavar="PERCENT",
+                   help="mirror this share of connections, e.g. 10%% (whole connections, chosen by a hash)")
+    h.add_argument("--sample-seed", type=int, default=0, metavar="N",
+                   help="sampling seed: the same seed picks the same connections of a capture")
+    h.add_argument("--max-rps", type=_positive_float, metavar="N",
+                   help="at most N requests per second; requests over it are not sent and are counted")
+    h.add_argument("--compare", action="store_true",
+                   help="compare each mirrored request's production response (from the capture) with the local one")
+    h.add_argument("--compare-headers", action="append", metavar="NAMES",
+                   help="headers to compare as well (comma-separated or repeated; default: status and body only)")
+    h.add_argument("--ignore-json-path", action="append", metavar="PATH",
+                   help="leave this JSON value out of body comparisons, e.g. $.timestamp or $..requestId")
+    h.add_argument("--compare-report", metavar="FILE",
+                   help="write every difference as a JSON line to FILE (0600; implies --compare)")
 
 
 class MirrorArgumentParser(argparse.ArgumentParser):

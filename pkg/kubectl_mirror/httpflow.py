@@ -62,6 +62,9 @@ class HttpOptions:
     sample: float = 1.0  # fraction of connections mirrored, 0..1
     max_rps: float | None = None  # requests per second over all connections; None: unlimited
     seed: int = 0  # sampling seed: same seed, same capture -> same connections
+    # Start mid-stream connections at their first request boundary even with nothing else set: shadow comparison
+    # needs whole requests on the local side, where the observe-only mode would pass the captured bytes as they are.
+    align: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sample <= 1.0:
@@ -90,7 +93,7 @@ class HttpOptions:
     @property
     def active(self) -> bool:
         """Anything that changes what is sent; when false the layer only observes."""
-        return self.filtering or self.rewriting or self.sample < 1.0 or self.max_rps is not None
+        return self.filtering or self.rewriting or self.sample < 1.0 or self.max_rps is not None or self.align
 
 
 def parse_header_match(text: str) -> tuple[str, str]:

@@ -27,6 +27,7 @@ from .pipeline import (
     flow_config,
     replay_config,
     report,
+    shadow_options,
     status_line,
 )
 from .replay import Destination
@@ -65,9 +66,10 @@ class KubePodCapture:
         try:
             # Closing the stream is not enough: kubelets leave exec'd processes running.
             stop_remote(self.conn, self.target, self.tap, proc)
-            # tcpdump prints its counters as it exits; the capture thread reads them with the end of the stream.
+            # tcpdump prints its counters as it exits; the capture thread reads them with the end of the stream
+            # (unless that stream is already gone: a dropped connection has nothing more to tell).
             deadline = time.monotonic() + 3.0
-            while proc.returncode is None and time.monotonic() < deadline:
+            while proc.returncode is None and not proc.ended and time.monotonic() < deadline:
                 time.sleep(0.05)
             dropped = kernel_drops(proc.stderr_text())
             if dropped:
@@ -180,8 +182,9 @@ def _mirror(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTar
         gaps=capture.pop_gaps,
         # Called from the loop or a signal handler: only start the stop, the loop reads what still comes.
         on_stop=lambda: threading.Thread(target=capture.stop, daemon=True).start(),
+        http=shadow_options(args),
     )
-    status = status_line(args)
+    status = status_line(args, options.http)
     if status is not None:
         options.progress, options.progress_every = status, status.every
     engine = Engine(options, source_name=describe(targets))

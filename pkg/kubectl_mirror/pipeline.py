@@ -9,6 +9,8 @@ executes them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -24,12 +26,14 @@ from typing import BinaryIO
 from .capture import Gap
 from .dissect import HANDOVER_EVERY, Dissector, TsharkInfo, find_tshark
 from .errors import EXIT_INTERRUPTED, InputError, MirrorError, UsageError
-from .model import PAYLOAD, Abort, Action, Close, Open, Segment, Send
+from .httpflow import HttpLayer, HttpOptions
+from .model import PAYLOAD, Abort, Action, Close, Open, Reply, Segment, Send
 from .pcap import PcapWriter
 from .progress import StatusLine
 from .reassemble import FlowConfig, FlowTable
 from .replay import Destination, ReplayConfig, Replayer, check_target, parse_to
-from .summary import Summary, SummaryBuilder, exit_code, render_json, render_text
+from .shadow import RequestResult, Shadow, ShadowOptions
+from .summary import CompareSummary, HttpSummary, Summary, SummaryBuilder, exit_code, render_json, render_text
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,8 @@ class EngineOptions:
     gaps: Callable[[], list[Gap]] | None = None
     on_stop: Callable[[], None] | None = None
     stop_grace: float = 10.0  # after on_stop, how long the rest of the stream may take to arrive
+    # HTTP mode (--http and what implies it); None: byte mode, where nothing below the flow table parses HTTP.
+    http: ShadowOptions | None = None
 
 
 @dataclass
@@ -122,7 +128,15 @@ class Engine:
     def __init__(self, options: EngineOptions, source_name: str) -> None:
         self.options = options
         self.table = FlowTable(options.flow)
-        self.replayer = Replayer(options.dest, options.replay)
+        self.http: HttpLayer | None = None
+        self.shadow: Shadow | None = None
+        replay = options.replay
+        if options.http is not None:
+            self.http = HttpLayer(options.http.http, time.monotonic)
+            self.shadow = Shadow(options.http)
+            replay = dataclasses.replace(replay, on_response=self.shadow.local)
+        self._comparing = self.shadow is not None and self.shadow.comparing
+        self.replayer = Replayer(options.dest, replay)
         self.builder = SummaryBuilder(source=source_name, target=str(options.dest))
         self.stop = StopFlag()
         self._pacer = _Pacer(options.speed)
@@ -166,9 +180,13 @@ class Engine:
             self._collect()
             self.replayer.drain(self.options.replay.drain_timeout)
             self._collect()
+            if self.shadow is not None:
+                self.shadow.finish(time.monotonic())
         finally:
             self.stop.uninstall()
             self.replayer.close()
+            if self.shadow is not None:
+                self.shadow.close()
         return self.summary()
 
     def _cut_short(self) -> bool:
@@ -200,7 +218,25 @@ class Engine:
             stream_gaps=self._gaps,
             duration_seconds=time.monotonic() - self._started,
             interrupted=self.stop.interrupted,
+            http=self._http_summary(),
+            compare=self._compare_summary(),
         )
+
+    def _http_summary(self) -> HttpSummary | None:
+        if self.http is None:
+            return None
+        s = self.http.stats
+        return HttpSummary(
+            requests=s.requests, forwarded=s.forwarded, filtered=s.filtered, rate_limited=s.rate_limited,
+            sampled_out_connections=s.sampled_out_connections, non_http_connections=s.non_http_connections,
+            parse_errors=s.parse_errors,
+        )
+
+    def _compare_summary(self) -> CompareSummary | None:
+        sh = self.shadow
+        if sh is None or not sh.comparing:
+            return None
+        return CompareSummary(same=sh.same, different=sh.different, unpaired=sh.unpaired)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -264,7 +300,7 @@ class Engine:
             seg = held.popleft()
             if gaps and seg.frame > gaps[0].after_frame:
                 # Everything the pod sent before its stream dropped has been fed: end its flows now.
-                self._execute(coalesce(batch))
+                self._execute(batch)
                 batch = []
                 self._apply_gap(gaps.pop(0))
             self._last_ts = seg.ts
@@ -272,6 +308,9 @@ class Engine:
             if actions:
                 batch += actions
         if batch:
+            if self.http is not None:
+                # Before coalescing: the layer cuts requests at their own boundaries, whatever the segments.
+                batch = self._through_http(batch)
             if self._trace:
                 self._log_actions(batch)
             self.replayer.execute(coalesce(batch))
@@ -292,6 +331,8 @@ class Engine:
             self._last_ts = seg.ts
             actions = feed(seg)
             if actions:
+                if self.http is not None:
+                    actions = self._through_http(actions)
                 if self._trace:
                     self._log_actions(actions)
                 execute(actions)
@@ -305,6 +346,8 @@ class Engine:
                 log.debug("flow %d: client finished (FIN)", a.flow)
             elif isinstance(a, Abort):
                 log.debug("flow %d: abort (%s)", a.flow, a.reason.value)
+            elif isinstance(a, Reply):
+                continue
             elif self._payload:
                 log.log(PAYLOAD, "flow %d: %d bytes %r", a.flow, len(a.data), a.data[:64])
 
@@ -343,6 +386,8 @@ class Engine:
                     duration_seconds=now - self._started,
                     interrupted=False,
                     open_flows=self.table.open_flows,
+                    http=self._http_summary(),
+                    compare=self._compare_summary(),
                 )
                 opts.progress(snapshot)
 
@@ -358,6 +403,8 @@ class Engine:
         gave_up = self.replayer.pop_gave_up()
         for flow in gave_up:
             self.table.give_up(flow)
+            if self.http is not None:
+                self.http.forget(flow)
         now = self._capture_now()
         if now - self._last_tick_ts >= TICK_EVERY:
             self._last_tick_ts = now
@@ -366,17 +413,62 @@ class Engine:
 
     def _execute(self, actions: Sequence[Action]) -> None:
         if actions:
+            if self.http is not None:
+                # Ends (Close, Abort) too: the layer may owe the target held bytes, or must forget the flow.
+                actions = self._through_http(list(actions))
             self.replayer.execute(actions)
+
+    def _through_http(self, actions: list[Action]) -> list[Action]:
+        """The HTTP layer's verdict on actions bound for the replayer; requests are noted before they go out."""
+        http, shadow = self.http, self.shadow
+        assert http is not None and shadow is not None
+        replies: list[Reply] = []
+        if self._comparing:
+            kept: list[Action] = []
+            for a in actions:
+                if type(a) is Reply:
+                    replies.append(a)  # production's answer: compared here, nothing for the replayer
+                    continue
+                if type(a) is Open:
+                    shadow.opened(a.flow, a.partial)
+                kept.append(a)
+            actions = kept
+        out = http.process(actions)
+        requests = http.pop_requests()
+        if requests:
+            # Before execute() sends them: a fast local answer must find its request expected.
+            shadow.requests(requests, time.monotonic())
+        for r in replies:
+            shadow.reply(r.flow, r.data, r.ts)
+        return out
 
     def _collect(self) -> None:
         # A flow can end in the table while its bytes are still queued for the target, so records and
         # deliveries arrive separately; the builder pairs them by flow id.
+        http, shadow = self.http, self.shadow
+        if http is not None and shadow is not None:
+            suppressed = http.pop_suppressed()
+            if suppressed:
+                self.builder.add_suppressed(suppressed)
+                now = time.monotonic()
+                for flow in suppressed:
+                    shadow.local_end(flow, now)
+            aborted = http.pop_aborted()
+            if aborted:
+                self.builder.add_aborted(aborted)
         records = self.table.pop_finished()
         if records:
             self.builder.add_records(records)
+            if self._comparing and shadow is not None:
+                for record in records:
+                    shadow.prod_end(record.flow, record.last_ts, record.reply_complete and not record.partial)
         deliveries = self.replayer.pop_finished()
         if deliveries:
             self.builder.add_deliveries(deliveries)
+            if shadow is not None:
+                now = time.monotonic()
+                for delivery in deliveries:
+                    shadow.local_end(delivery.flow, now)
 
 
 def coalesce(actions: list[Action]) -> list[Action]:
@@ -416,7 +508,60 @@ def flow_config(args: argparse.Namespace, server_port: int | None) -> FlowConfig
         skip_partial=args.skip_partial,
         hole_timeout=args.hole_timeout,
         idle_timeout=args.idle_timeout,
+        # Production's answers are in the capture: --compare reads them, nothing else pays for them.
+        server_stream=comparing(args),
     )
+
+
+def comparing(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "compare", False) or getattr(args, "compare_report", None)
+                or getattr(args, "compare_headers", None) or getattr(args, "ignore_json_path", None))
+
+
+def shadow_options(args: argparse.Namespace) -> ShadowOptions | None:
+    """HTTP mode's options, or None for byte mode: --http, or any option that only means something in it."""
+    compare = comparing(args)
+    implied = [getattr(args, name, None) for name in ("match_method", "match_path", "match_header", "set_header",
+                                                      "rewrite_host", "sample", "max_rps")]
+    if not (getattr(args, "http", False) or compare or any(v is not None and v != [] for v in implied)):
+        return None
+    methods = [m.strip() for text in args.match_method or [] for m in text.split(",") if m.strip()]
+    http = HttpOptions(
+        match_method=methods,
+        match_path=list(args.match_path or []),
+        match_header=list(args.match_header or []),
+        set_header=list(args.set_header or []),
+        rewrite_host=args.rewrite_host,
+        sample=1.0 if args.sample is None else args.sample,
+        max_rps=args.max_rps,
+        seed=args.sample_seed,
+    )
+    headers = [h.strip() for text in args.compare_headers or [] for h in text.split(",") if h.strip()]
+    options = ShadowOptions(http, compare=compare, compare_headers=headers,
+                            ignore_json_paths=list(args.ignore_json_path or []), report=args.compare_report)
+    options.on_request = request_printer(args)
+    return options
+
+
+def request_printer(args: argparse.Namespace) -> Callable[[RequestResult], None]:
+    """-o json: one JSON line per request on stdout, the summary last; text: a line per request at -v."""
+    if getattr(args, "output", "text") == "json":
+        stream = sys.stdout if getattr(args, "write", None) != "-" else sys.stderr
+
+        def print_json(result: RequestResult) -> None:
+            print(json.dumps(result.to_json()), file=stream, flush=True)
+
+        return print_json
+
+    def log_line(result: RequestResult) -> None:
+        if not result.forwarded:
+            log.info("%s %s: not forwarded", result.method, result.target)
+        elif result.status is None:
+            log.info("%s %s: no answer from the local service", result.method, result.target)
+        else:
+            log.info("%s %s -> %d in %.1f ms", result.method, result.target, result.status, result.latency_ms or 0.0)
+
+    return log_line
 
 
 def replay_config(args: argparse.Namespace) -> ReplayConfig:
@@ -443,13 +588,27 @@ def report(summary: Summary, args: argparse.Namespace) -> None:
     """
     stdout_free = getattr(args, "write", None) != "-"
     if getattr(args, "output", "text") == "json":
-        print(render_json(summary), file=sys.stdout if stdout_free else sys.stderr, flush=True)
+        # HTTP mode's stdout is JSON lines (requests first), so its summary is one line too: the last.
+        one_line = summary.http is not None
+        print(render_json(summary, one_line=one_line), file=sys.stdout if stdout_free else sys.stderr, flush=True)
     elif not getattr(args, "quiet", False):
         print(render_text(summary), file=sys.stderr, flush=True)
 
 
-def status_line(args: argparse.Namespace) -> StatusLine | None:
-    return None if getattr(args, "quiet", False) else StatusLine(sys.stderr)
+def status_line(args: argparse.Namespace, http: ShadowOptions | None = None) -> StatusLine | None:
+    if getattr(args, "quiet", False):
+        return None
+    return CompareStatusLine(sys.stderr) if http is not None and http.compare else StatusLine(sys.stderr)
+
+
+class CompareStatusLine(StatusLine):
+    """The status line with the live count of same / different answers under --compare."""
+
+    def render(self, s: Summary, rate: float) -> str:
+        line = super().render(s, rate)
+        if s.compare is None:
+            return line
+        return f"{line}  compare: {s.compare.same:,} same, {s.compare.different:,} different"
 
 
 def destination(args: argparse.Namespace) -> Destination:
@@ -477,8 +636,9 @@ def run_replay(args: argparse.Namespace) -> int:
             speed=args.speed,
             # A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on lines it has.
             live=args.file == "-",
+            http=shadow_options(args),
         )
-        status = status_line(args)
+        status = status_line(args, options.http)
         if status is not None and status.tty:
             options.progress, options.progress_every = status, status.every
         engine = Engine(options, source_name=args.file)

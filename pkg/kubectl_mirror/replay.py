@@ -17,7 +17,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -149,6 +149,9 @@ class ReplayConfig:
     drain_timeout: float = 5.0
     connect_timeout: float = 3.0  # one attempt; a filtered port never answers
     linger_timeout: float = 2.0  # after our FIN: how long to wait for the target's last response and its close
+    # Called with each chunk of the target's response bytes (flow, data, monotonic time), and b"" at its end of
+    # stream; None (the default) reads and discards them, which keeps byte mode's read path as cheap as before.
+    on_response: Callable[[int, bytes, float], None] | None = None
 
     def __post_init__(self) -> None:
         if self.flow_buffer <= 0 or self.max_buffer <= 0:
@@ -218,6 +221,7 @@ class Replayer:
         self._open_sockets = 0
         self._sent_finished = 0
         self._discarded = 0
+        self._on_response = self.config.on_response
         self._closed = False
 
     # -- the pipeline's interface ------------------------------------------------------------------
@@ -488,7 +492,11 @@ class Replayer:
             return
         if n:
             self._discarded += n
+            if self._on_response is not None:
+                self._on_response(f.flow, bytes(self._recv_buf[:n]), time.monotonic())
             return
+        if self._on_response is not None:
+            self._on_response(f.flow, b"", time.monotonic())
         f.peer_eof = True
         f.direct = False  # a later Send has nowhere to go
         if f.queue:

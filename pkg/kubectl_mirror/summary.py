@@ -26,6 +26,32 @@ class Connections(BaseModel):
     skipped: int = Field(default=0, ge=0)
 
 
+class HttpSummary(BaseModel):
+    """HTTP mode (--http and the options implying it): what happened to the requests the connections carried."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests: int = Field(default=0, ge=0)  # request heads parsed: forwarded + filtered + rate_limited
+    forwarded: int = Field(default=0, ge=0)  # sent to the local service
+    filtered: int = Field(default=0, ge=0)  # did not match --match-*: not sent
+    rate_limited: int = Field(default=0, ge=0)  # over --max-rps: held back, not sent
+    sampled_out_connections: int = Field(default=0, ge=0)  # left out by --sample
+    non_http_connections: int = Field(default=0, ge=0)  # not HTTP/1.x: passed on byte-exact (or left out by filters)
+    parse_errors: int = Field(default=0, ge=0)  # connections whose HTTP broke off after a request started
+
+
+class CompareSummary(BaseModel):
+    """--compare: each forwarded request's production response (from the capture) against the local one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    same: int = Field(default=0, ge=0)
+    different: int = Field(default=0, ge=0)
+    # Forwarded requests with no pair: a side never answered, the capture lost production's bytes, or the
+    # connection was joined mid-stream (its production responses cannot be told apart).
+    unpaired: int = Field(default=0, ge=0)
+
+
 class Summary(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -41,6 +67,8 @@ class Summary(BaseModel):
     direction_guessed: int = Field(default=0, ge=0)  # flows whose server side was a guess (no SYN, no --port)
     interrupted: bool = False
     warnings: list[str] = Field(default_factory=list)
+    http: HttpSummary | None = None  # HTTP mode only; left out of the JSON otherwise
+    compare: CompareSummary | None = None  # --compare only; left out of the JSON otherwise
     # Progress snapshots only (flows still open mid-run); never part of the --json output.
     open_flows: int | None = Field(default=None, exclude=True)
 
@@ -85,6 +113,9 @@ class SummaryBuilder:
     _delivered: int = field(init=False, default=0)
     _records: dict[int, FlowRecord] = field(init=False, default_factory=dict)
     _deliveries: dict[int, Delivery] = field(init=False, default_factory=dict)
+    # HTTP mode: flows the replayer never heard of (no Delivery will come), and flows cut short on purpose.
+    _no_delivery: set[int] = field(init=False, default_factory=set)
+    _forced: dict[int, Outcome] = field(init=False, default_factory=dict)
 
     def add_capture(self, *, packets: int = 0, bytes_captured: int = 0, tcp_segments: int = 0) -> None:
         self.packets += packets
@@ -98,20 +129,50 @@ class SummaryBuilder:
         if message not in self.warnings:
             self.warnings.append(message)
 
+    def add_suppressed(self, flows: Iterable[int]) -> None:
+        """Flows the HTTP layer never passed to the replayer (sampled out, no request matched): skipped, 0 bytes.
+
+        Call it before their records arrive (the layer knows when their Close or Abort passes it, the flow table
+        reports them after); one already waiting for a delivery is counted now.
+        """
+        for flow in flows:
+            record = self._records.pop(flow, None)
+            if record is None:
+                self._no_delivery.add(flow)
+            else:
+                self.add_flow(record, None)
+
+    def add_aborted(self, flows: Iterable[int]) -> None:
+        """Flows the HTTP layer reset because a request broke off mid-stream: incomplete, whatever else says."""
+        for flow in flows:
+            self._forced[flow] = Outcome.INCOMPLETE
+
     def add_flow(self, record: FlowRecord, delivery: Delivery | None) -> Outcome:
         """Count one finished flow; returns its final outcome."""
         outcome = merge_outcome(record, delivery)
+        never_sent = False
+        if self._forced or self._no_delivery:
+            outcome, never_sent = self._override(record.flow, outcome)
         self._counts[outcome] += 1
         self._partial += record.partial
         self._guessed += record.direction_guessed
-        if outcome is not Outcome.SKIPPED:
+        if outcome is not Outcome.SKIPPED and not never_sent:
             # What the target's kernel accepted, when the replayer says; else what was handed to it.
             self._delivered += delivery.bytes_sent if delivery is not None else record.bytes_delivered
         return outcome
 
+    def _override(self, flow: int, outcome: Outcome) -> tuple[Outcome, bool]:
+        """HTTP mode's verdicts over the merged outcome; also whether the flow never reached the replayer."""
+        never_sent = flow in self._no_delivery
+        self._no_delivery.discard(flow)
+        forced = self._forced.pop(flow, None)
+        if forced is not None and (outcome is Outcome.SKIPPED or _SEVERITY[forced] > _SEVERITY[outcome]):
+            return forced, never_sent
+        return (Outcome.SKIPPED if never_sent else outcome), never_sent
+
     def add_record(self, record: FlowRecord) -> Outcome | None:
         """A flow ended in the flow table. Counted now if its delivery is known (or none will come)."""
-        if record.outcome is Outcome.SKIPPED:
+        if record.outcome is Outcome.SKIPPED or record.flow in self._no_delivery:
             return self.add_flow(record, None)
         delivery = self._deliveries.pop(record.flow, None)
         if delivery is None:
@@ -151,6 +212,8 @@ class SummaryBuilder:
         tcp_segments: int | None = None,
         stream_gaps: int | None = None,
         open_flows: int | None = None,
+        http: HttpSummary | None = None,
+        compare: CompareSummary | None = None,
     ) -> Summary:
         """The summary so far; it does not consume anything, so it also serves progress snapshots.
 
@@ -190,6 +253,8 @@ class SummaryBuilder:
             direction_guessed=guessed,
             interrupted=interrupted,
             warnings=list(self.warnings),
+            http=http,
+            compare=compare,
             open_flows=open_flows,
         )
 
@@ -202,8 +267,13 @@ def exit_code(summary: Summary) -> int:
 # ---- rendering -----------------------------------------------------------------------------------
 
 
-def render_json(summary: Summary) -> str:
-    return summary.model_dump_json(indent=2)
+def render_json(summary: Summary, *, one_line: bool = False) -> str:
+    """The --json document. `http` and `compare` appear only in the modes that fill them.
+
+    one_line: HTTP mode's -o json is JSON lines (one per request, then this summary as the last line).
+    """
+    exclude = {name for name in ("http", "compare") if getattr(summary, name) is None}
+    return summary.model_dump_json(indent=None if one_line else 2, exclude=exclude)
 
 
 # What a non-zero count means, and what to do about it.
@@ -244,6 +314,20 @@ def render_text(summary: Summary) -> str:
     row("delivered", _size(summary.bytes_delivered), f"in {_duration(summary.duration_seconds)}")
     if summary.stream_gaps:
         row("stream gaps", _count(summary.stream_gaps), "the live capture reconnected; flows across a gap are cut")
+    h = summary.http
+    if h is not None:
+        held = [("filtered", h.filtered), ("rate-limited", h.rate_limited)]
+        detail = ", ".join([f"{_count(h.forwarded)} forwarded"] + [f"{_count(n)} {name}" for name, n in held if n])
+        row("requests", _count(h.requests), detail)
+        conns = [("sampled out", h.sampled_out_connections), ("not HTTP", h.non_http_connections),
+                 ("HTTP broke off", h.parse_errors)]
+        if any(n for _, n in conns):
+            row("", "", "connections: " + ", ".join(f"{_count(n)} {name}" for name, n in conns if n))
+    cmp = summary.compare
+    if cmp is not None:
+        detail = f"{_count(cmp.same)} same, {_count(cmp.different)} different"
+        row("compared", _count(cmp.same + cmp.different), detail + (f", {_count(cmp.unpaired)} unpaired"
+                                                                    if cmp.unpaired else ""))
 
     problems = [(name, n) for name, n in outcomes if n and name in _HINTS]
     if problems or summary.warnings:
