@@ -136,10 +136,9 @@ class SummaryBuilder:
         reports them after); one already waiting for a delivery is counted now.
         """
         for flow in flows:
+            self._no_delivery.add(flow)
             record = self._records.pop(flow, None)
-            if record is None:
-                self._no_delivery.add(flow)
-            else:
+            if record is not None:
                 self.add_flow(record, None)
 
     def add_aborted(self, flows: Iterable[int]) -> None:
