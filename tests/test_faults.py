@@ -493,6 +493,8 @@ def test_live_exec_websocket_dropped_reconnects(live: Live) -> None:
         subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"], capture_output=True,
                        timeout=10, check=True)
         assert wait_for(lambda: any(p != old for p in live.tcpdumps()), 30.0), run.stderr
+        # The new tcpdump exists before it captures: send only once the plugin says it captures again.
+        assert run.wait_line("capturing again", 30.0), run.stderr
         after = live.send("after", 5)
         assert wait_for(lambda: len(live.local.records(0)) >= 10, 20.0), run.stderr
         run.interrupt()

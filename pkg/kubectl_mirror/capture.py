@@ -223,7 +223,11 @@ class LiveCapture:
                 continue
             with self._lock:
                 self.stats.reconnects += 1
+            # Said at the default level like the drop itself: the user should see it recovered.
+            log.warning("%s: capturing again", pod.name)
             return stream
+        log.warning("%s: could not capture again after %d attempts; its traffic is no longer mirrored",
+                    pod.name, self._attempts)
         with self._lock:
             self.stats.failed_pods.append(pod.name)
             if last is not None:

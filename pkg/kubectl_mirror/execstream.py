@@ -306,6 +306,11 @@ class ExecProcess:
     def poll(self) -> int | None:
         return self.returncode
 
+    @property
+    def ended(self) -> bool:
+        """The stream is over (end of output, a lost connection, or closed): nothing more will arrive."""
+        return self._eof
+
     def wait(self, timeout: float | None = None) -> int:
         """Exit code, from the status channel. Unread stdout is discarded. TimeoutExpired after `timeout`."""
         deadline = time.monotonic() + (timeout if timeout is not None else 365 * 86400.0)

@@ -45,6 +45,8 @@ from .model import (
 )
 
 _MASK = 0xFFFFFFFF
+# How long a hole the server has already acknowledged may wait for its bytes: capture order across CPUs.
+ACK_GRACE = 0.25
 _HALF = 0x80000000
 _WRAP = 0x100000000
 _CTRL = SYN | FIN | RST
@@ -523,9 +525,20 @@ class FlowTable:
         if flags & RST:
             return self._reset(f, ts)
         if flags & ACK and 0 < (seg.ack - f.nxt) & _MASK < _HALF:
-            # The server acknowledged client bytes the capture never had; acknowledged bytes are never
-            # retransmitted, so waiting for the hole timeout would only delay the inevitable.
-            return self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, True)
+            # The server acknowledged client bytes the capture does not have (yet). Acknowledged bytes are never
+            # retransmitted, so this is a hole -- unless the capture merely shows the ACK first: `tcpdump -i any`
+            # on several CPUs can order an ACK a moment before the data it acknowledges. So the hole gets a short
+            # grace (ACK_GRACE of capture time) instead of the full --hole-timeout.
+            acked = f.delivered + ((seg.ack - f.nxt) & _MASK)
+            if f.fin is not None:
+                acked = min(acked, f.fin)  # the ACK of the FIN itself is one past the last byte
+            f.need = max(f.need, f.delivered, acked)
+            if f.need > f.delivered:
+                f.clean = False
+                shortened = ts - max(0.0, self._cfg.hole_timeout - ACK_GRACE)
+                if f.hole_since is None or f.hole_since > shortened:
+                    f.hole_since = shortened
+                    self._holes[f.id] = f
         if f.hole_since is not None and ts - f.hole_since >= self._cfg.hole_timeout:
             return self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, True)
         return []
