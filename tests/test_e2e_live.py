@@ -213,10 +213,21 @@ def test_burst_of_concurrent_connections_is_not_lost(lab: LiveLab, stack: contex
     assert result.returncode == 0, result.stderr
     truth = lab.truth(POD_A)
     got = mirrored(local, len(truth))
-    if contents(got) != contents(truth):
-        # Losing packets may happen to any capture; losing them without a word may not.
-        assert any("drop" in w for w in result.summary["warnings"]), result.stdout
-    assert_byte_identical(got, truth, result)
+    if contents(got) == contents(truth):
+        assert_byte_identical(got, truth, result)
+        return
+    # tcpdump in the pod can still overflow on a loaded machine. Losing packets may happen to any capture;
+    # losing them without a word, or delivering a connection with a hole, may not.
+    assert any("dropped" in w for w in result.summary["warnings"]), result.stdout
+    whole = contents(truth)
+    for r in got:
+        if r.end == "eof":
+            assert bytes(r.data) in whole, describe([r])  # delivered: exactly a real connection
+        else:
+            assert r.end == "reset" and any(t.startswith(bytes(r.data)) for t in whole), describe([r])
+    conns = result.connections
+    assert conns["complete"] == sum(r.end == "eof" for r in got), conns
+    assert conns["incomplete"] >= sum(r.end == "reset" for r in got), conns
 
 
 def test_all_pods_mirrors_every_pod(lab: LiveLab, stack: contextlib.ExitStack, local: Recorder) -> None:
