@@ -40,7 +40,7 @@ HANDOVER_EVERY = 2_000_000
 RSS_CHECK_EVERY = 4096
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 INSTALL_HINT = (
-    "install it (Debian/Ubuntu: sudo apt-get install tshark; macOS: brew install wireshark; "
+    "install it, version 3.4 or newer (Debian/Ubuntu: sudo apt-get install tshark; macOS: brew install wireshark; "
     "Fedora: sudo dnf install wireshark-cli), then retry; or pass --tshark PATH"
 )
 
