@@ -195,8 +195,42 @@ def _pipelined(host: str, port: int) -> int:
     return 0 if got.count(b"HTTP/1.1 ") == 3 else 1
 
 
+def _load(host: str, port: int, conns: int, requests: int, batch: int = 10) -> int:
+    """`conns` keep-alive connections at once, each `requests` small GETs, pipelined `batch` at a time."""
+    errors: list[str] = []
+
+    def one(i: int) -> None:
+        try:
+            s = socket.create_connection((host, port), timeout=60)
+            got = 0
+            for start in range(0, requests, batch):
+                n = min(batch, requests - start)
+                s.sendall(b"".join(f"GET /load/{i}/{start + k}?q=1 HTTP/1.1\r\nHost: bench\r\nUser-Agent: load\r\n"
+                                   f"Accept: */*\r\n\r\n".encode() for k in range(n)))
+                want, buf = got + n, b""
+                while got < want:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        raise ConnectionError("closed early")
+                    buf += chunk
+                    got = start + buf.count(b"HTTP/1.1 ")
+            s.close()
+        except OSError as exc:
+            errors.append(f"conn {i}: {exc!r}")
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    print(json.dumps({"errors": errors}), flush=True)
+    return 1 if errors else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "load":
+        return _load(args[1], int(args[2]), int(args[3]), int(args[4]))
     if args and args[0] == "midclient":
         return _midclient(args[1], int(args[2]))
     if args and args[0] == "pipelined":

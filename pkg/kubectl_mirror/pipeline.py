@@ -300,7 +300,9 @@ class Engine:
             seg = held.popleft()
             if gaps and seg.frame > gaps[0].after_frame:
                 # Everything the pod sent before its stream dropped has been fed: end its flows now.
-                self._execute(batch)
+                if self.http is not None:
+                    batch = self._through_http(batch)
+                self.replayer.execute(coalesce(batch))
                 batch = []
                 self._apply_gap(gaps.pop(0))
             self._last_ts = seg.ts

@@ -1,7 +1,7 @@
 """`make bench`: kubectl-mirror replay against tshark alone and tcpflow, on one real capture, plus a long stream.
 
     .venv/bin/python tests/bench/run.py [--runs N] [--regenerate] [--skip-long] [--skip-exec] [--skip-latency]
-                                        [--skip-binary]
+                                        [--skip-binary] [--skip-http] [--only-http]
 
 Besides the replay figures it measures the live path against the in-repo test API server (tests/bench/live_bench.py):
 exec channel MB/s of this client vs /usr/bin/kubectl exec, mirrored-segment latency to the local port, and the
@@ -38,7 +38,7 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # tests.netlab, when run as a script
 
-from tests.bench import live_bench  # noqa: E402
+from tests.bench import http_bench, live_bench  # noqa: E402
 from tests.netlab.capture import LINKTYPE_EN10MB, Capture, pcap_linktype  # noqa: E402
 from tests.netlab.netns import Link, veth_lab  # noqa: E402
 
@@ -423,7 +423,14 @@ def main() -> int:
     ap.add_argument("--skip-exec", action="store_true", help="leave out exec channel throughput")
     ap.add_argument("--skip-latency", action="store_true", help="leave out live latency")
     ap.add_argument("--skip-binary", action="store_true", help="leave out the one-file binary (and its build)")
+    ap.add_argument("--skip-http", action="store_true", help="leave out HTTP mode's requests/s")
+    ap.add_argument("--only-http", action="store_true", help="measure HTTP mode only (quick look)")
     args = ap.parse_args()
+    if args.only_http:
+        http_path = http_bench.ensure_http_capture(CACHE, args.regenerate, log)
+        with discard_server() as port:
+            http_bench.report(http_bench.measure(http_path, port, args.runs, timed, CLI, log), REPO)
+        return 0
     t_begin = time.monotonic()
 
     # First: a rebuild takes a minute of both cores, which must not overlap anything timed.
@@ -431,6 +438,8 @@ def main() -> int:
 
     big, big_meta = ensure_capture(BIG, args.regenerate)
     long_path, long_meta = (None, {}) if args.skip_long else ensure_capture(LONG, args.regenerate)
+    http_path = None if args.skip_http else http_bench.ensure_http_capture(CACHE, args.regenerate, log)
+    http_res: http_bench.HttpBench | None = None
     startup = startup_time()
 
     runs: dict[str, list[Run]] = {k: [] for k in "abcd"}
@@ -451,6 +460,8 @@ def main() -> int:
             long_run.extra = json.loads(long_run.stdout)
             log("long stream, (b) tshark metadata only ...")
             long_b = run_tool("b", long_path, port, timeout=1200)
+        if http_path is not None:
+            http_res = http_bench.measure(http_path, port, args.runs, timed, CLI, log)
 
     # After the replay runs, each on its own: none of them shares the machine with another measurement.
     exec_res = None if args.skip_exec else live_bench.measure_exec()
@@ -463,14 +474,15 @@ def main() -> int:
         binary = live_bench.measure_binary(binary)
 
     report(args, big, big_meta, runs, long_path, long_meta, long_run, long_b, startup, time.monotonic() - t_begin,
-           exec_res, lat, binary)
+           exec_res, lat, binary, http_res)
     return 0
 
 
 def report(args: argparse.Namespace, big: Path, meta: dict[str, Any], runs: dict[str, list[Run]],
            long_path: Path | None, long_meta: dict[str, Any], long_run: Run | None, long_b: Run | None,
            startup: float, total: float, exec_res: live_bench.ExecResult | None = None,
-           lat: live_bench.LatencyResult | None = None, binary: live_bench.BinaryResult | None = None) -> None:
+           lat: live_bench.LatencyResult | None = None, binary: live_bench.BinaryResult | None = None,
+           http_res: http_bench.HttpBench | None = None) -> None:
     rel = big.relative_to(REPO)
     linktype = "EN10MB veth" if meta.get("linktype") == LINKTYPE_EN10MB else f"linktype {meta.get('linktype')}"
     print(f"kubectl-mirror bench: {version_of(['tshark', '-v'])}; {version_of(['tcpflow', '-V'])}; "
@@ -540,6 +552,8 @@ def report(args: argparse.Namespace, big: Path, meta: dict[str, Any], runs: dict
             cells = [f"{t:5.1f}s {rss / 1024:4.0f}/{max(ts, default=0) / 1024:3.0f}" for t, rss, ts in picks]
             print("  RSS over time (plugin/largest tshark, MiB): " + ", ".join(cells))
 
+    if http_res is not None:
+        http_bench.report(http_res, REPO)
     if exec_res is not None:
         report_exec(exec_res)
     if lat is not None:
