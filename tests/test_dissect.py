@@ -249,7 +249,8 @@ def test_bad_input(tshark: TsharkInfo, data: bytes, message: str) -> None:
 
 
 def test_tshark_missing() -> None:
-    with pytest.raises(ToolError, match=r"tshark not found at /nonexistent: install it, version 3\.4 or newer .*--tshark PATH"):
+    hint = r"tshark not found at /nonexistent: install it, version 3\.4 or newer .*--tshark PATH"
+    with pytest.raises(ToolError, match=hint):
         find_tshark("/nonexistent")
 
 

@@ -6,8 +6,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, MirrorError, UsageError
@@ -120,9 +120,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _http_parser(name: str) -> Callable[[str], Any]:
+    """httpflow's value parser, imported only when such a flag is given: --help must not load the HTTP layer."""
+
+    def parse(text: str) -> Any:
+        from . import httpflow
+
+        return getattr(httpflow, name)(text)
+
+    parse.__name__ = name  # argparse names the type in its error messages
+    return parse
+
+
+parse_header_match = _http_parser("parse_header_match")
+parse_set_header = _http_parser("parse_set_header")
+parse_sample = _http_parser("parse_sample")
+
+
 def add_http_flags(p: argparse.ArgumentParser) -> None:
     """HTTP/1.x mode: any of these implies --http; without them every connection is mirrored byte-exact."""
-    from .httpflow import parse_header_match, parse_sample, parse_set_header
 
     h = p.add_argument_group(
         "HTTP", "Any of these implies --http. Filters are and'ed; each may be repeated.")
