@@ -750,3 +750,93 @@ def test_kubectl_debug_patches_ephemeral_containers(fc: FakeCluster) -> None:
     assert denied.returncode != 0
     assert (b'violates PodSecurity "baseline:latest": non-default capabilities (container "dbg" must not include '
             b'"NET_ADMIN", "NET_RAW" in securityContext.capabilities.add)') in denied.stderr
+
+
+# --- restart --------------------------------------------------------------------------------------------------
+
+def refused(fc: FakeCluster) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", fc.port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+class Informer:
+    """The python client's watch the way an informer uses it: on any end of the stream, resume from the last
+    resourceVersion seen. Stops after an event for the pod named `last`."""
+
+    def __init__(self, core: client.CoreV1Api, rv: str, last: str) -> None:
+        self.core, self.rv, self.last = core, rv, last
+        self.events: list[tuple[str, str]] = []
+        self.ends: list[str] = []  # why each stream ended before the last event: the restart must cause one
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                w = watch.Watch()
+                for event in w.stream(self.core.list_namespaced_pod, "default", resource_version=self.rv,
+                                      timeout_seconds=60):
+                    meta = event["object"].metadata
+                    self.rv = meta.resource_version
+                    self.events.append((event["type"], meta.name))
+                    if meta.name == self.last:
+                        return
+                self.ends.append("stream ended")
+            except Exception as exc:  # a cut stream or a refused connection, in whichever of the client's forms
+                self.ends.append(type(exc).__name__)
+                time.sleep(0.1)
+
+
+@pytest.mark.netns
+def test_restart_keeps_port_store_and_exec_processes(fc: FakeCluster, core: client.CoreV1Api, netpod: PodNetns,
+                                                     tmp_path: Path) -> None:
+    add_ephemeral(core, "default", "web-1", TAP)
+    wait_for(lambda: "running" in ec_state(fc, "default", "web-1", "mirror-tap"), what="tap running")
+    url, port, pod_before = fc.url, fc.port, fc.get_pod("default", "web-1")
+    # Writes far more than a pipe and the server's read buffer hold, but only once told to (after the restart):
+    # it gets to the end only if its output is drained while no client is attached.
+    go, done = tmp_path / "go", tmp_path / "done"
+    argv = ["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done; head -c 67108864 /dev/zero; touch {done}; "
+            "exec sleep 60"]
+    ws = ws_connect(fc, exec_url(fc, "default", "web-1", argv), ["v5.channel.k8s.io"])
+    ((pid, _),) = wait_for(lambda: [p for p in fc.exec_processes() if p[1] == argv], what="writer started")
+    _, listing = raw(fc, "GET", "/api/v1/namespaces/default/pods")
+    informer = Informer(core, listing["metadata"]["resourceVersion"], last="after")
+    fc.add_pod("default", "before")
+    wait_for(lambda: ("ADDED", "before") in informer.events, what="watch established")
+
+    restarting = threading.Thread(target=fc.restart, args=(1.0,))
+    restarting.start()
+    wait_for(lambda: refused(fc), what="the server down")
+    fc.add_pod("default", "during")  # the store lives on while nobody serves it
+    restarting.join(30)
+    assert not restarting.is_alive()
+    fc.add_pod("default", "after")
+
+    # The old exec stream was cut, not closed politely (no close frame, no exit status).
+    ws.settimeout(10)
+    with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError, ssl.SSLError)):
+        while True:
+            opcode, _ = ws.recv_data()
+            assert opcode != websocket.ABNF.OPCODE_CLOSE, "the restart closed the exec stream politely"
+    ws.close()
+    assert (fc.url, fc.port) == (url, port)
+    informer.thread.join(30)
+    assert informer.events == [("ADDED", "before"), ("ADDED", "during"), ("ADDED", "after")]
+    assert informer.ends, "the watch survived the restart: its connection was not cut"
+    # Same objects, uids and resourceVersions, ephemeral containers included, read with the same token and CA.
+    code, pod_after = raw(fc, "GET", "/api/v1/namespaces/default/pods/web-1")
+    assert code == 200
+    assert (pod_after["metadata"], pod_after["spec"], pod_after["status"]) == (
+        pod_before["metadata"], pod_before["spec"], pod_before["status"])
+    assert core.read_namespaced_pod("web-1", "default").spec.ephemeral_containers[0].name == "mirror-tap"
+    # The process started before the restart is still there and, told to write, gets to the end.
+    assert pid in [p for p, _ in fc.exec_processes()]
+    go.touch()
+    wait_for(done.exists, timeout=60, what="the writer got its output out")
+    assert pid in [p for p, _ in fc.exec_processes()]
+    assert ws_exec(fc, "default", "web-1", ["echo", "again"]).stdout == b"again\n"

@@ -9,6 +9,7 @@ import itertools
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -38,8 +39,10 @@ class FakeCluster:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
+        self._creds: Credentials | None = None
         self._svc_ips = itertools.count(10)
         self.url = ""
+        self.port = 0
         self.kubeconfig = self.workdir / "kubeconfig"
         self.ca_file = self.workdir / "ca.crt"
 
@@ -54,13 +57,11 @@ class FakeCluster:
         self.stop()
 
     def start(self) -> None:
-        creds = Credentials(self.workdir)
+        self._creds = creds = Credentials(self.workdir)
         self.ca_file = creds.ca_file
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        self.url = f"https://127.0.0.1:{port}"
+        sock = listen_socket(0)
+        self.port = sock.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
         write_kubeconfig(self.kubeconfig, self.url, creds.ca.cert_pem.bytes(), self.settings.user, self.settings.token)
         self.add_namespace("default")
         self.add_namespace("kube-system")
@@ -68,24 +69,49 @@ class FakeCluster:
             self.store.create(BY_KIND["Node"], objects.node(node_os))
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(sock, creds, started), name="fake-apiserver",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(sock, started), name="fake-apiserver", daemon=True)
         self._thread.start()
         if not started.wait(START_TIMEOUT):
             raise RuntimeError("fake API server did not start")
 
-    def _serve(self, sock: socket.socket, creds: Credentials, started: threading.Event) -> None:
+    def _serve(self, sock: socket.socket, started: threading.Event) -> None:
         assert self._loop is not None
         asyncio.set_event_loop(self._loop)
-
-        async def boot() -> None:
-            self._runner = web.AppRunner(self._server.app, handle_signals=False, shutdown_timeout=1.0)
-            await self._runner.setup()
-            await web.SockSite(self._runner, sock, ssl_context=creds.server_context()).start()
-
-        self._loop.run_until_complete(boot())
+        self._loop.run_until_complete(self._open(sock))
         started.set()
         self._loop.run_forever()
+
+    async def _open(self, sock: socket.socket) -> None:
+        assert self._creds is not None
+        runner = web.AppRunner(self._server.make_app(), handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        await web.SockSite(runner, sock, ssl_context=self._creds.server_context()).start()
+        self._runner = runner
+
+    async def _close(self) -> None:
+        """What a dying API server process does to its clients: refuse new ones, cut the others off."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        for site in runner.sites:
+            await site.stop()  # the listening socket first, so nothing new gets in while the rest goes down
+        self._server.drop_connections()
+        self.store.close_watchers()  # wakes the watch handlers, whose clients are already cut off
+        await runner.cleanup()  # idle keep-alive connections, and handlers that did not notice within 1 s
+
+    def restart(self, downtime: float = 1.0) -> None:
+        """Restart the API server: every connection (watches, exec WebSockets) is cut and connecting is refused
+        for `downtime` seconds, then it serves again on the same port with the same certificate, token, objects
+        and resourceVersions. Processes started through exec keep running (they are the kubelet's, not the API
+        server's); their output is read and dropped while no client is attached, so none blocks on a full pipe.
+        """
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the fake API server is not running")
+        asyncio.run_coroutine_threadsafe(self._close(), loop).result(STOP_TIMEOUT)
+        time.sleep(max(0.0, downtime))  # on the test thread: the server loop keeps draining exec'd output
+        sock = listen_socket(self.port)
+        asyncio.run_coroutine_threadsafe(self._open(sock), loop).result(START_TIMEOUT)
 
     def stop(self) -> None:
         loop = self._loop
@@ -97,8 +123,9 @@ class FakeCluster:
         async def shutdown() -> None:
             await self._server.kubelet.stop()
             await self._server.processes.drain(STOP_TIMEOUT / 2)
-            if self._runner is not None:
-                await self._runner.cleanup()
+            runner, self._runner = self._runner, None
+            if runner is not None:
+                await runner.cleanup()
 
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), loop).result(STOP_TIMEOUT)
@@ -300,6 +327,25 @@ class FakeCluster:
         self._ensure_namespace(ns)
         ip = str(ipaddress.ip_address("10.96.0.0") + next(self._svc_ips))
         return self.store.create(BY_KIND["Service"], objects.service(ns, name, selector, copy.deepcopy(ports), ip))
+
+
+def listen_socket(port: int) -> socket.socket:
+    """A socket bound to 127.0.0.1:`port` (0: any free port), ready for the server to listen on."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # SO_REUSEADDR: after a restart the port's old connections linger in TIME_WAIT, which must not stop it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            return sock
+        except OSError as exc:
+            sock.close()
+            # While the server was down, an outgoing connection elsewhere may have been given this port as its
+            # local one; wait (bounded) for it to go rather than fail the restart at once.
+            if port == 0 or time.monotonic() >= deadline:
+                raise RuntimeError(f"the fake API server cannot bind 127.0.0.1:{port}: {exc}") from exc
+            time.sleep(0.1)
 
 
 def netns_ipv4(netns: str) -> str | None:

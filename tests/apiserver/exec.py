@@ -2,7 +2,8 @@
 pod's network namespace.
 
 Like a kubelet, a client that goes away does not take the process with it unless the switch says so: the
-output keeps being drained (as a runtime's shim would) and the process runs until it exits or is killed.
+output keeps being drained (as a runtime's shim would) and the process runs until it exits or is killed. The
+same holds when the API server itself restarts: the process never belonged to it, only the relay did.
 """
 
 from __future__ import annotations
@@ -166,20 +167,28 @@ class ExecSession:
         reader = asyncio.ensure_future(self.read_client(proc))
         exited = asyncio.ensure_future(proc.wait())
         gone = asyncio.ensure_future(self.gone.wait())
-        await asyncio.wait({exited, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if exited.done():
-            if pumps:
-                await asyncio.wait(pumps, timeout=EXIT_IO_GRACE)
-            await self.send(ERROR, json.dumps(exit_status(argv, _exit_code(proc.returncode))).encode())
-            if self.connected:
-                await self.ws.close()
-        elif self.settings.exec_kill_on_disconnect:
-            ProcessTable.kill_group(proc.pid)
-        # Otherwise the process stays, its output drained by the pumps, like after a real kubectl disconnect.
-        gone.cancel()
-        if not exited.done():
-            self.table.keep(exited)  # type: ignore[arg-type]
-        reader.cancel()
+        try:
+            await asyncio.wait({exited, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if exited.done():
+                if pumps:
+                    await asyncio.wait(pumps, timeout=EXIT_IO_GRACE)
+                await self.send(ERROR, json.dumps(exit_status(argv, _exit_code(proc.returncode))).encode())
+                if self.connected:
+                    await self.ws.close()
+            elif self.settings.exec_kill_on_disconnect:
+                ProcessTable.kill_group(proc.pid)
+            # Otherwise the process stays, its output drained by the pumps, like after a real kubectl disconnect.
+        except asyncio.CancelledError:
+            # The API server went away under this handler (a restart): the relay is gone, but the process is
+            # the kubelet's. It keeps running; the pumps keep reading its output and drop it, so it never
+            # blocks on a full pipe.
+            self.connected = False
+            raise
+        finally:
+            gone.cancel()
+            if not exited.done():
+                self.table.keep(exited)  # type: ignore[arg-type]
+            reader.cancel()
 
 
 def exec_env(path_prepend: list[str]) -> dict[str, str]:

@@ -56,17 +56,37 @@ class ApiServer:
         self.settings = settings
         self.kubelet = Kubelet(store, settings)
         self.processes = ProcessTable()
-        self.app = web.Application(client_max_size=64 << 20)
-        self.app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        # Transports of the requests being handled (watches and exec streams are the long-lived ones): a restart
+        # cuts them, since the server that held them is gone. Touched only on the server loop.
+        self._in_flight: set[asyncio.Transport] = set()
+
+    def make_app(self) -> web.Application:
+        """A fresh application for each (re)start: an aiohttp app is frozen by the runner that served it."""
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        return app
+
+    def drop_connections(self) -> None:
+        """Cut every request in flight at the TCP level, without a TLS close_notify or a WebSocket close frame:
+        what clients see when the API server process dies. Must run on the server loop."""
+        for transport in list(self._in_flight):
+            transport.abort()
+        self._in_flight.clear()
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         self.settings.record(request.method, request.path, request.path_qs)
+        transport = request.transport
+        if transport is not None:
+            self._in_flight.add(transport)
         try:
             if request.headers.get("Authorization", "") != f"Bearer {self.settings.token}":
                 raise unauthorized()
             return await self.route(request)
         except ApiError as err:
             return respond(err.status(), err.code)
+        finally:
+            if transport is not None:
+                self._in_flight.discard(transport)
 
     async def route(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
