@@ -591,12 +591,6 @@ class TcpdumpLeftBehind(AssertionError):
 
 
 @pytest.mark.netns
-@pytest.mark.xfail(
-    strict=True, raises=TcpdumpLeftBehind,
-    reason="pkg/kubectl_mirror/capture.py LiveCapture._run_pod calls pod.stop() right after the drop, while the API "
-           "server is still down: live.KubePodCapture.stop forgets the old exec process first, stop_remote fails "
-           "with connection refused (only a summary warning), and nothing retries it once the server is back, so "
-           "the first tcpdump keeps capturing after the run")
 def test_live_api_server_restart_mid_capture(live: Live) -> None:
     with cli(live.args("--json")) as run:
         assert run.wait_line("mirroring", 60.0), run.stderr
@@ -621,7 +615,7 @@ def test_live_api_server_restart_mid_capture(live: Live) -> None:
     assert sorted(whole) == sorted([*before, *after]) and not cut
     # Neither tcpdump outlives the run, the one from before the restart included: the plugin has to signal it
     # once it can reach the API server again; a kubelet would leave it capturing forever. (Its own exception
-    # class, so that the xfail above covers this failure only and not a broken reconnect or delivery.)
+    # class, so that a leftover tcpdump reads as exactly that, not as a broken reconnect or delivery.)
     if not wait_for(lambda: not live.tcpdumps(), 10.0):
         raise TcpdumpLeftBehind(f"first tcpdump pid {old}; still running: {live.fc.exec_processes()}; "
                                 f"warnings: {result.summary.get('warnings')}")

@@ -22,6 +22,10 @@ from .pcap import PcapReader, Record
 
 log = logging.getLogger(__name__)
 
+# Before tcpdump is told to stop: wait until nothing arrived for SETTLE_QUIET s, SETTLE_MAX s at most.
+SETTLE_QUIET = 0.3
+SETTLE_MAX = 3.0
+
 # ---- pcapng blocks (section header, interface description, enhanced packet) -----------------------------
 
 _SHB, _IDB, _EPB = 0x0A0D0D0A, 0x00000001, 0x00000006
@@ -75,8 +79,11 @@ class PodCapture(Protocol):
     def start(self) -> BinaryIO:
         """Start tcpdump and return its pcap stdout. Raises MirrorError when it cannot."""
 
-    def stop(self) -> None:
-        """Make sure the remote tcpdump is gone and close the stream. Safe to call twice."""
+    def stop(self, *, gap: bool = False) -> None:
+        """Make sure the remote tcpdump is gone and close the stream. Safe to call twice.
+
+        `gap`: the stream dropped and a new capture follows; a tcpdump that cannot be reached now is stopped later.
+        """
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +123,10 @@ class LiveCapture:
         self._interfaces: dict[tuple[str, int], int] = {}
         self._gaps: list[Gap] = []
         self._written_records = 0  # under _write_lock: the merged stream's record count, for ordering gaps
+        self._last_write = time.monotonic()
         self._stopping = threading.Event()
+        self._stop_started = False
+        self._stop_done = threading.Event()
         self._threads: list[threading.Thread] = []
         self._alive = 0
         self.stats = CaptureStats()
@@ -141,13 +151,45 @@ class LiveCapture:
             self._threads.append(t)
             t.start()
 
+    def _settle(self) -> None:
+        deadline = time.monotonic() + SETTLE_MAX
+        while time.monotonic() < deadline:
+            with self._write_lock:
+                quiet = time.monotonic() - self._last_write
+            if quiet >= SETTLE_QUIET or self._alive == 0:
+                return
+            time.sleep(0.05)
+
     def pop_gaps(self) -> list[Gap]:
         with self._lock:
             gaps, self._gaps = self._gaps, []
         return gaps
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop every remote tcpdump (they flush and exit, so the stream ends cleanly), then wait for the readers."""
+    def stop(self, timeout: float = 15.0, *, reader_done: bool = False) -> None:
+        """Stop every remote tcpdump (they flush and exit, so the stream ends cleanly), then wait for the readers.
+
+        tcpdump leaves whatever is still in its kernel buffer behind when it is signalled, and after a burst that
+        can be many packets queued behind a slower exec stream: so first let the stream run dry (quiet for
+        SETTLE_QUIET seconds, SETTLE_MAX at most).
+        """
+        if reader_done:
+            # Nobody reads the merged stream any more: unblock writers now instead of waiting for them.
+            self.stream.close()
+        with self._lock:
+            first, self._stop_started = not self._stop_started, True
+        if not first:
+            # Someone else is stopping (the engine's Ctrl-C hook): its results (tcpdump's counters, warnings) must
+            # be in before the summary is printed, so wait for it rather than return at once.
+            self._stop_done.wait(timeout)
+            return
+        try:
+            self._stop(timeout)
+        finally:
+            self._stop_done.set()
+
+    def _stop(self, timeout: float) -> None:
+        if not self._stopping.is_set() and not self.stream.closed:
+            self._settle()
         self._stopping.set()
         stoppers = [threading.Thread(target=pod.stop, daemon=True) for pod in self._pods]
         for t in stoppers:
@@ -155,7 +197,7 @@ class LiveCapture:
         deadline = time.monotonic() + timeout
         for t in [*stoppers, *self._threads]:
             t.join(max(0.0, deadline - time.monotonic()))
-        if any(t.is_alive() for t in self._threads):
+        if any(t.is_alive() for t in self._threads) and not self.stream.closed:
             # A reader still blocked writing into a pipe nobody drains any more (the engine has finished):
             # closing the read end turns its write into EPIPE, so it lets go of the write lock.
             self.stream.close()
@@ -180,7 +222,7 @@ class LiveCapture:
                     after = self._written_records  # every record of this pod before the drop is in the pipe
                 with self._lock:
                     self._gaps.append(Gap(pod.name, pod.server_hosts, after, reason))
-                pod.stop()
+                pod.stop(gap=True)
                 restarted = self._restart(pod)
                 if restarted is None:
                     return
@@ -248,6 +290,7 @@ class LiveCapture:
             # Written under the write lock so blocks of two pods never interleave and ids stay in order.
             self._write(b"".join(blocks))
             self._written_records += len(batch)
+            self._last_write = time.monotonic()
         with self._lock:
             self.stats.records += len(batch)
 

@@ -49,33 +49,67 @@ class KubePodCapture:
         self._lock = threading.Lock()
         self.stop_errors: list[MirrorError] = []
         self.warnings: list[str] = []
+        # Captures whose tcpdump could not be stopped yet (the API server was unreachable): retried later, since
+        # a kubelet leaves them running otherwise.
+        self._orphans: list[ExecProcess] = []
 
     def start(self) -> BinaryIO:
         proc = start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter)
+        self._stop_orphans(final=False)  # the API server answers again: finish what a drop left behind
         log.info("capturing in %s (tap %s, tcpdump pid %s, %s)", self.name, self.tap.name, proc.remote_pid,
                  proc.protocol)
         with self._lock:
             self._proc = proc
         return cast(BinaryIO, proc.stdout)
 
-    def stop(self) -> None:
+    def _stop_orphans(self, *, final: bool) -> None:
+        with self._lock:
+            orphans, self._orphans = self._orphans, []
+        for proc in orphans:
+            try:
+                stop_remote(self.conn, self.target, self.tap, proc)
+            except MirrorError as exc:
+                if final:
+                    self.stop_errors.append(exc)
+                else:
+                    with self._lock:
+                        self._orphans.append(proc)
+
+    def stop(self, *, gap: bool = False) -> None:
+        """Stop the running capture. `gap`: its stream just dropped and the run goes on (a new one follows)."""
         with self._lock:
             proc, self._proc = self._proc, None
-        if proc is None:
-            return
+        if proc is not None:
+            self._stop_capture(proc, gap)
+        if not gap:
+            self._stop_orphans(final=True)
+
+    def _stop_capture(self, proc: ExecProcess, gap: bool) -> None:
         try:
-            # Closing the stream is not enough: kubelets leave exec'd processes running.
-            stop_remote(self.conn, self.target, self.tap, proc)
+            try:
+                # Closing the stream is not enough: kubelets leave exec'd processes running.
+                stop_remote(self.conn, self.target, self.tap, proc)
+            except MirrorError:
+                if gap:
+                    # The API server is unreachable (that is likely why the stream dropped): the next start, or
+                    # the final stop, tries again.
+                    with self._lock:
+                        self._orphans.append(proc)
+                    return
+                raise
             # tcpdump prints its counters as it exits; the capture thread reads them with the end of the stream
             # (unless that stream is already gone: a dropped connection has nothing more to tell).
             deadline = time.monotonic() + 3.0
             while proc.returncode is None and not proc.ended and time.monotonic() < deadline:
                 time.sleep(0.05)
-            dropped = kernel_drops(proc.stderr_text())
+            said = proc.stderr_text()
+            log.debug("tcpdump in %s (exit %s) said: %s", self.name, proc.returncode,
+                      " | ".join(said.splitlines()[-4:]))
+            dropped = kernel_drops(said)
             if dropped:
                 self.warnings.append(
-                    f"tcpdump in pod {self.name} dropped {dropped} packets (its buffer was full): connections that "
-                    "lost them are counted incomplete; narrow the capture with --filter")
+                    f"tcpdump in pod {self.name} lost {dropped} packets (its buffer was full or still held them when "
+                    "it stopped): connections that lost them are counted incomplete; narrow the capture with --filter")
         except MirrorError as exc:
             self.stop_errors.append(exc)
         finally:
@@ -83,13 +117,24 @@ class KubePodCapture:
 
 
 def kernel_drops(stderr: str) -> int:
-    """Packets tcpdump reported lost before it could read them ("N packets dropped by kernel/interface")."""
-    total = 0
+    """Packets tcpdump saw but never wrote, from the counters it prints as it exits.
+
+    "N packets dropped by kernel/interface" is what its buffer could not hold; "received by filter" minus
+    "captured" also counts what was still queued when it was stopped. The larger of the two is what was lost.
+    """
+    dropped = received = captured = 0
     for line in stderr.splitlines():
         words = line.split()
-        if len(words) >= 5 and words[1:4] == ["packets", "dropped", "by"] and words[0].isdigit():
-            total += int(words[0])
-    return total
+        if len(words) < 3 or not words[0].isdigit() or words[1] != "packets":
+            continue
+        n = int(words[0])
+        if words[2:4] == ["dropped", "by"]:
+            dropped += n
+        elif words[2:5] == ["received", "by", "filter"]:
+            received = n
+        elif words[2] == "captured":
+            captured = n
+    return max(dropped, received - captured)
 
 
 def describe(targets: list[PodTarget]) -> str:
@@ -128,7 +173,7 @@ def run_live(args: argparse.Namespace) -> int:
             else:
                 summary = _capture_only(capture, args, targets)
         finally:
-            capture.stop()
+            capture.stop(reader_done=True)
         summary.warnings.extend(warning for pod in pods for warning in pod.warnings)
         summary.warnings.extend(err.message for pod in pods for err in pod.stop_errors)
         summary.warnings.extend(err.message for err in capture.errors)
