@@ -9,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Fixtures shared by the Kubernetes-side tests (the `conn` fixture).
+pytest_plugins = ["tests.kube_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def repo() -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
@@ -16,19 +15,13 @@ import pytest
 
 from kubectl_mirror.errors import ClusterError, UsageError
 from kubectl_mirror.execstream import V4, V5, capture_argv, open_exec, start_capture, stop_remote
-from kubectl_mirror.flags import add_connection_flags
-from kubectl_mirror.kubeconfig import Connection, connect
+from kubectl_mirror.kubeconfig import Connection
 from kubectl_mirror.tap import Tap, ensure_tap
 from kubectl_mirror.target import PodTarget
 from tests.apiserver import FakeCluster, PodNetns
+from tests.kube_fixtures import connection
 
 pytestmark = pytest.mark.netns
-
-
-def connection(fc: FakeCluster, *extra: str) -> Connection:
-    parser = argparse.ArgumentParser()
-    add_connection_flags(parser)
-    return connect(parser.parse_args(["--kubeconfig", str(fc.kubeconfig), *extra]))
 
 
 @pytest.fixture
@@ -43,13 +36,6 @@ def fc(tmp_path: Path, pod: PodNetns) -> Iterator[FakeCluster]:
         cluster.tap_start_delay = 0.05
         cluster.add_pod("default", "web-1", containers=[{"name": "app", "image": "nginx"}], netns=pod.name)
         yield cluster
-
-
-@pytest.fixture
-def conn(fc: FakeCluster) -> Iterator[Connection]:
-    c = connection(fc)
-    yield c
-    c.close()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 from collections.abc import Iterator
@@ -13,20 +12,14 @@ import pytest
 
 from kubectl_mirror import tap as tapmod
 from kubectl_mirror.errors import ClusterError
-from kubectl_mirror.flags import add_connection_flags
-from kubectl_mirror.kubeconfig import Connection, connect
+from kubectl_mirror.kubeconfig import Connection
 from kubectl_mirror.tap import DEFAULT_IMAGE, Tap, ensure_tap, find_taps
 from kubectl_mirror.target import PodTarget
 from tests.apiserver import FakeCluster
 from tests.apiserver.resources import BY_KIND
+from tests.kube_fixtures import connection
 
 IMAGE = "registry.example/tap:1.0"
-
-
-def connection(fc: FakeCluster) -> Connection:
-    parser = argparse.ArgumentParser()
-    add_connection_flags(parser)
-    return connect(parser.parse_args(["--kubeconfig", str(fc.kubeconfig)]))
 
 
 @pytest.fixture
@@ -34,13 +27,6 @@ def fc(tmp_path: Path) -> Iterator[FakeCluster]:
     with FakeCluster(tmp_path) as cluster:
         cluster.tap_start_delay = 0.05
         yield cluster
-
-
-@pytest.fixture
-def conn(fc: FakeCluster) -> Iterator[Connection]:
-    c = connection(fc)
-    yield c
-    c.close()
 
 
 def target(fc: FakeCluster, ns: str = "default", name: str = "web-1", **pod: Any) -> PodTarget:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,31 +9,18 @@ from typing import Any
 import pytest
 
 from kubectl_mirror.errors import ClusterError, UsageError
-from kubectl_mirror.flags import add_connection_flags
-from kubectl_mirror.kubeconfig import Connection, connect
+from kubectl_mirror.kubeconfig import Connection
 from kubectl_mirror.target import PodTarget, resolve
 from tests.apiserver import FakeCluster
+from tests.kube_fixtures import connection
 
 WEB = [{"name": "app", "image": "nginx:1.27", "ports": [{"name": "http", "containerPort": 8080}]}]
-
-
-def connection(fc: FakeCluster, *extra: str) -> Connection:
-    parser = argparse.ArgumentParser()
-    add_connection_flags(parser)
-    return connect(parser.parse_args(["--kubeconfig", str(fc.kubeconfig), *extra]))
 
 
 @pytest.fixture
 def fc(tmp_path: Path) -> Iterator[FakeCluster]:
     with FakeCluster(tmp_path) as cluster:
         yield cluster
-
-
-@pytest.fixture
-def conn(fc: FakeCluster) -> Iterator[Connection]:
-    c = connection(fc)
-    yield c
-    c.close()
 
 
 def one(conn: Connection, ref: str, **kw: Any) -> PodTarget:
