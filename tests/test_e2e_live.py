@@ -220,12 +220,20 @@ def test_burst_of_concurrent_connections_is_not_lost(lab: LiveLab, stack: contex
     # losing them without a word, or delivering a connection with a hole, may not.
     assert any("tcpdump in pod" in w and "lost" in w for w in result.summary["warnings"]), result.stdout
     whole = contents(truth)
+    suffixes = 0
     for r in got:
+        data = bytes(r.data)
+        if r.end == "eof" and data in whole:
+            continue  # delivered: exactly a real connection
         if r.end == "eof":
-            assert bytes(r.data) in whole, describe([r])  # delivered: exactly a real connection
+            # Its first packets (the SYN among them) were lost, so it was mirrored as a connection joined
+            # mid-stream, from its first captured byte to its end: a suffix of the real one, counted partial.
+            assert any(t.endswith(data) for t in whole), describe([r])
+            suffixes += 1
         else:
-            assert r.end == "reset" and any(t.startswith(bytes(r.data)) for t in whole), describe([r])
+            assert r.end == "reset" and any(data in t for t in whole), describe([r])
     conns = result.connections
+    assert conns["partial"] >= suffixes, conns
     assert conns["complete"] == sum(r.end == "eof" for r in got), conns
     assert conns["incomplete"] >= sum(r.end == "reset" for r in got), conns
 

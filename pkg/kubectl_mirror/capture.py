@@ -180,7 +180,10 @@ class LiveCapture:
         if not first:
             # Someone else is stopping (the engine's Ctrl-C hook): its results (tcpdump's counters, warnings) must
             # be in before the summary is printed, so wait for it rather than return at once.
-            self._stop_done.wait(timeout)
+            # Bounded by what the first stop can take: settling, then stop_remote (up to ~20 s with its SIGKILL
+            # fallback) and the exit counters. Returning early would let the process exit and kill that thread
+            # half-way, leaving a tcpdump in the pod.
+            self._stop_done.wait(timeout + SETTLE_MAX + 30.0)
             return
         try:
             self._stop(timeout)
