@@ -24,6 +24,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .model import (
     ACK,
@@ -196,6 +197,81 @@ class _Flow:
 class _Tomb:
     isn: int | None
     expires: float
+
+
+class _Stream(Protocol):
+    """One direction's sequencing state: the client's lives in _Flow, the server's in _Reply."""
+
+    nxt: int  # raw seq of the next byte to deliver
+    delivered: int  # stream position of `nxt`
+    need: int  # stream position up to which bytes are known to exist
+    fin: int | None  # stream position of the FIN
+    pending: _Pending | None  # out-of-order bytes
+
+
+def _deliver(s: _Stream, data: bytes) -> None:
+    n = len(data)
+    s.delivered += n
+    s.nxt = (s.nxt + n) & _MASK
+
+
+def _sequence(s: _Stream, seq: int, data: bytes, flags: int, whole: bool, stats: ReassemblyStats | None) -> list[bytes]:
+    """Place one segment of a direction in its stream and return the bytes now deliverable in order.
+
+    Duplicates and overlaps are trimmed (first-received bytes win), out-of-order bytes are buffered, a cut
+    segment (`whole` False) counts as missing, and a FIN marks the stream's end. What a gap or the FIN means
+    for the flow is the caller's to decide. `stats` counts duplicates and reordering (client direction only).
+    """
+    before = s.delivered
+    out: list[bytes] = []
+    pos = before + _signed(seq - s.nxt)
+    fin_at = pos + len(data)
+    if s.fin is not None and fin_at > s.fin:
+        data = data[: max(0, s.fin - pos)]
+    if not whole:
+        # The bytes exist but are unknown: they count as missing until a retransmission brings them.
+        missing = pos + max(len(data), 1)
+        if s.fin is not None:
+            missing = min(missing, s.fin)
+        s.need = max(s.need, missing)
+    elif data:
+        end = pos + len(data)
+        if end <= before:
+            if stats is not None:
+                stats.dup_bytes += len(data)
+        else:
+            if pos < before:
+                if stats is not None:
+                    stats.dup_bytes += before - pos
+                data = data[before - pos :]
+                pos = before
+            s.need = max(s.need, end)
+            if pos == before and s.pending is None:
+                _deliver(s, data)
+                out.append(data)
+            else:
+                if s.pending is None:
+                    s.pending = _Pending()
+                kept = s.pending.add(pos, data)
+                if stats is not None:
+                    if pos > before:
+                        stats.ooo_segments += 1
+                    stats.dup_bytes += len(data) - kept
+    if flags & FIN and whole and s.fin is None and fin_at >= before:
+        s.fin = fin_at
+        s.need = fin_at
+        if s.pending is not None:
+            s.pending.cut(fin_at)
+    pending = s.pending
+    if pending is not None:
+        if pending.starts and pending.starts[0] == s.delivered:
+            chunks = pending.take(s.delivered)
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            _deliver(s, data)
+            out.append(data)
+        if not pending.starts:
+            s.pending = None
+    return out
 
 
 class FlowTable:
@@ -454,54 +530,10 @@ class FlowTable:
         if f.need < f.delivered:
             f.need = f.delivered  # `need` is not maintained on the fast path
         before = f.delivered
-        out: list[Action] = []
-        pos = before + _signed(seq - f.nxt)
-        data = seg.payload
-        fin_at = pos + len(data)
-        if f.fin is not None and fin_at > f.fin:
-            data = data[: max(0, f.fin - pos)]
-        if not seg.whole:
-            # The bytes exist but are unknown: they count as missing until a retransmission brings them.
-            missing = pos + max(len(data), 1)
-            if f.fin is not None:
-                missing = min(missing, f.fin)
-            f.need = max(f.need, missing)
-        elif data:
-            end = pos + len(data)
-            if end <= before:
-                self._stats.dup_bytes += len(data)
-            else:
-                if pos < before:
-                    self._stats.dup_bytes += before - pos
-                    data = data[before - pos :]
-                    pos = before
-                f.need = max(f.need, end)
-                if pos == before and f.pending is None:
-                    self._advance(f, data)
-                    out.append(Send(f.id, data, ts))
-                else:
-                    if f.pending is None:
-                        f.pending = _Pending()
-                    if pos > before:
-                        self._stats.ooo_segments += 1
-                    self._stats.dup_bytes += len(data) - f.pending.add(pos, data)
-        if flags & FIN and seg.whole and f.fin is None and fin_at >= before:
-            f.fin = fin_at
-            f.need = fin_at
-            if f.pending is not None:
-                f.pending.cut(fin_at)
-        pending = f.pending
-        if pending is not None:
-            if pending.starts and pending.starts[0] == f.delivered:
-                chunks = pending.take(f.delivered)
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self._advance(f, data)
-                out.append(Send(f.id, data, ts))
-            if not pending.starts:
-                f.pending = None
-            elif pending.size > self._cfg.max_ooo_bytes:
-                out += self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, True)
-                return out
+        out: list[Action] = [Send(f.id, d, ts) for d in _sequence(f, seq, seg.payload, flags, seg.whole, self._stats)]
+        if f.pending is not None and f.pending.size > self._cfg.max_ooo_bytes:
+            out += self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, True)
+            return out
         if f.fin is not None and f.delivered == f.fin:
             f.nxt = (f.nxt + 1) & _MASK
             out += self._end(f, ts, Close(f.id, ts), EndReason.FIN, Outcome.COMPLETE, True)
@@ -656,50 +688,10 @@ class FlowTable:
         elif not seg.payload and not flags & FIN and seg.whole and r.hole_since is None:
             return []  # the server's pure ACKs, its most common segment: no bytes, and no gap to time out
         before = r.delivered
-        out: list[Action] = []
-        pos = before + _signed(seq - r.nxt)
-        data = seg.payload
-        fin_at = pos + len(data)
-        if r.fin is not None and fin_at > r.fin:
-            data = data[: max(0, r.fin - pos)]
-        if not seg.whole:
-            missing = pos + max(len(data), 1)
-            if r.fin is not None:
-                missing = min(missing, r.fin)
-            r.need = max(r.need, missing)
-        elif data:
-            end = pos + len(data)
-            if end > before:
-                if pos < before:
-                    data = data[before - pos :]
-                    pos = before
-                r.need = max(r.need, end)
-                if pos == before and r.pending is None:
-                    r.delivered = end
-                    r.nxt = (r.nxt + len(data)) & _MASK
-                    out.append(Reply(f.id, data, ts))
-                else:
-                    if r.pending is None:
-                        r.pending = _Pending()
-                    r.pending.add(pos, data)
-        if flags & FIN and seg.whole and r.fin is None and fin_at >= before:
-            r.fin = fin_at
-            r.need = fin_at
-            if r.pending is not None:
-                r.pending.cut(fin_at)
-        pending = r.pending
-        if pending is not None:
-            if pending.starts and pending.starts[0] == r.delivered:
-                chunks = pending.take(r.delivered)
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                r.delivered += len(data)
-                r.nxt = (r.nxt + len(data)) & _MASK
-                out.append(Reply(f.id, data, ts))
-            if not pending.starts:
-                r.pending = None
-            elif pending.size > self._cfg.max_ooo_bytes:
-                self._lose_reply(f)
-                return out
+        out: list[Action] = [Reply(f.id, d, ts) for d in _sequence(r, seq, seg.payload, flags, seg.whole, None)]
+        if r.pending is not None and r.pending.size > self._cfg.max_ooo_bytes:
+            self._lose_reply(f)
+            return out
         if r.fin is not None and r.delivered == r.fin:
             # Nothing to emit: HTTP framing tells where answers end. Just stop following, and expect the
             # client's ACK of the FIN (one past the last byte) to be no hole.
@@ -782,12 +774,6 @@ class FlowTable:
             return self._end(f, now, Abort(f.id, AbortReason.HOLE, now), EndReason.HOLE, Outcome.INCOMPLETE, True)
         # No tombstone: traffic resuming after this long is worth mirroring as a new (partial) flow.
         return self._end(f, now, Close(f.id, now), EndReason.IDLE, Outcome.COMPLETE, False)
-
-    @staticmethod
-    def _advance(f: _Flow, data: bytes) -> None:
-        n = len(data)
-        f.delivered += n
-        f.nxt = (f.nxt + n) & _MASK
 
     def _end(
         self, f: _Flow, ts: float, action: Action | None, end: EndReason, outcome: Outcome, bury: bool
