@@ -210,14 +210,17 @@ class Engine:
         """The capture's own damage (truncated, malformed): raised after the summary is shown."""
         return self._input_error
 
-    def summary(self) -> Summary:
+    def summary(self, running: Dissector | None = None) -> Summary:
+        """The run's figures; given the stream still being read, a snapshot for the status line."""
+        stats = running.stats if running is not None else None
         return self.builder.build(
-            packets=self._packets_before,
-            bytes_captured=self._bytes_before,
-            tcp_segments=self._segments_before,
+            packets=self._packets_before + (stats.packets if stats else 0),
+            bytes_captured=self._bytes_before + (stats.bytes_captured if stats else 0),
+            tcp_segments=self._segments_before + (stats.tcp_segments if stats else 0),
             stream_gaps=self._gaps,
             duration_seconds=time.monotonic() - self._started,
-            interrupted=self.stop.interrupted,
+            interrupted=stats is None and self.stop.interrupted,
+            open_flows=self.table.open_flows if stats is not None else None,
             http=self._http_summary(),
             compare=self._compare_summary(),
         )
@@ -380,18 +383,7 @@ class Engine:
             now = time.monotonic()
             if now - self._last_progress >= opts.progress_every:
                 self._last_progress = now
-                snapshot = self.builder.build(
-                    packets=self._packets_before + dissector.stats.packets,
-                    bytes_captured=self._bytes_before + dissector.stats.bytes_captured,
-                    tcp_segments=self._segments_before + dissector.stats.tcp_segments,
-                    stream_gaps=self._gaps,
-                    duration_seconds=now - self._started,
-                    interrupted=False,
-                    open_flows=self.table.open_flows,
-                    http=self._http_summary(),
-                    compare=self._compare_summary(),
-                )
-                opts.progress(snapshot)
+                opts.progress(self.summary(dissector))
 
     def _capture_now(self) -> float:
         """The capture clock: the last segment's time, advanced by wall time in live mode when idle."""
