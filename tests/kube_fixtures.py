@@ -1,4 +1,4 @@
-"""A Connection to the test API server, as the CLI builds one from kubectl's flags; shared by the kube tests."""
+"""Fixtures shared by the Kubernetes-side tests: a Connection as the CLI builds one, and the local service."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from kubectl_mirror.flags import add_connection_flags
 from kubectl_mirror.kubeconfig import Connection, connect
 from tests.apiserver import FakeCluster
+from tests.netlab.recorder import Recorder
 
 
 def connection(fc: FakeCluster, *extra: str) -> Connection:
@@ -24,3 +25,13 @@ def conn(fc: FakeCluster) -> Iterator[Connection]:
     c = connection(fc)
     yield c
     c.close()
+
+
+@pytest.fixture
+def local() -> Iterator[Recorder]:
+    """The developer's local service: a recorder on loopback."""
+    rec = Recorder("127.0.0.1", 0).start()
+    try:
+        yield rec
+    finally:
+        rec.stop(grace=0.0)

@@ -59,6 +59,10 @@ class LiveLab:
     workdir: Path
     pods: dict[str, ServingPod] = field(default_factory=dict)
 
+    def kube_args(self, *extra: str) -> list[str]:
+        """The connection flags of a run against this cluster, then `extra`."""
+        return ["--kubeconfig", str(self.fc.kubeconfig), *extra]
+
     def add_serving_pod(self, stack: contextlib.ExitStack, name: str, *, namespace: str = "default",
                         labels: dict[str, str] | None = None, ready: bool = True) -> ServingPod:
         netns = stack.enter_context(PodNetns())

@@ -71,20 +71,6 @@ def lab(tmp_path: Path, stack: contextlib.ExitStack) -> Iterator[LiveLab]:
         fc.stop()
 
 
-@pytest.fixture
-def local() -> Iterator[Recorder]:
-    """The developer's local service: a recorder on loopback."""
-    rec = Recorder("127.0.0.1", 0).start()
-    try:
-        yield rec
-    finally:
-        rec.stop(grace=0.0)
-
-
-def conn_args(lab: LiveLab, *extra: str) -> list[str]:
-    return ["--kubeconfig", str(lab.fc.kubeconfig), *extra]
-
-
 def deploy_web(lab: LiveLab, stack: contextlib.ExitStack, *, a_ready: bool = True) -> None:
     lab.add_serving_pod(stack, POD_A, ready=a_ready)
     lab.add_serving_pod(stack, POD_B)
@@ -144,7 +130,7 @@ def free_port() -> int:
 def test_deploy_ctrl_c_mirrors_byte_exact_and_stops_tcpdump(lab: LiveLab, stack: contextlib.ExitStack,
                                                             local: Recorder) -> None:
     deploy_web(lab, stack)
-    with live_run(["deploy/web", "--to", f"127.0.0.1:{local.port}", *conn_args(lab), "--json"]) as run:
+    with live_run(["deploy/web", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
         m = run.wait_mirroring()
         # Both pods are Ready: the first Ready one (by name) is mirrored, and only it got a tap.
         assert (m["ns"], m["pod"], m["port"], m["more"]) == ("default", POD_A, str(POD_PORT), None)
@@ -167,7 +153,7 @@ def test_deploy_ctrl_c_mirrors_byte_exact_and_stops_tcpdump(lab: LiveLab, stack:
 def test_deploy_duration_stops_by_itself(lab: LiveLab, stack: contextlib.ExitStack, local: Recorder) -> None:
     # The alphabetically first pod is not Ready: the plugin must pick the Ready one.
     deploy_web(lab, stack, a_ready=False)
-    with live_run(["deploy/web", "--to", f"127.0.0.1:{local.port}", "--duration", "3s", *conn_args(lab),
+    with live_run(["deploy/web", "--to", f"127.0.0.1:{local.port}", "--duration", "3s", *lab.kube_args(),
                    "--json"]) as run:
         m = run.wait_mirroring()
         assert m["pod"] == POD_B
@@ -187,7 +173,7 @@ def test_through_real_kubectl_plugin_discovery(lab: LiveLab, stack: contextlib.E
                             check=False)
     assert str(REPO / "kubectl-mirror") in listed.stdout, (listed.stdout, listed.stderr)
     deploy_web(lab, stack)
-    args = ["deploy/web", "--to", f"127.0.0.1:{local.port}", *conn_args(lab), "--json"]
+    args = ["deploy/web", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]
     # kubectl execs the plugin in place, so the SIGINT below reaches the plugin as a terminal's Ctrl-C would.
     with live_run(args, argv0=[KUBECTL, "mirror"], env=env) as run:
         m = run.wait_mirroring()
@@ -204,7 +190,7 @@ def test_through_real_kubectl_plugin_discovery(lab: LiveLab, stack: contextlib.E
 def test_burst_of_concurrent_connections_is_not_lost(lab: LiveLab, stack: contextlib.ExitStack,
                                                      local: Recorder) -> None:
     lab.add_serving_pod(stack, POD_A)
-    with live_run([f"pod/{POD_A}", "--to", f"127.0.0.1:{local.port}", *conn_args(lab), "--json"]) as run:
+    with live_run([f"pod/{POD_A}", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
         run.wait_mirroring()
         # 40 clients at once, 20 kB each: a few hundred packets within milliseconds, a modest real burst.
         raw_conns(lab.pods[POD_A].ip, POD_PORT, 40, "burst", size=20000, pause=None)
@@ -240,7 +226,7 @@ def test_burst_of_concurrent_connections_is_not_lost(lab: LiveLab, stack: contex
 
 def test_all_pods_mirrors_every_pod(lab: LiveLab, stack: contextlib.ExitStack, local: Recorder) -> None:
     deploy_web(lab, stack)
-    with live_run(["deploy/web", "--all-pods", "--to", f"127.0.0.1:{local.port}", *conn_args(lab),
+    with live_run(["deploy/web", "--all-pods", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(),
                    "--json"]) as run:
         m = run.wait_mirroring()
         assert m["more"] == "1"
@@ -261,7 +247,7 @@ def test_service_named_target_port(lab: LiveLab, stack: contextlib.ExitStack, lo
     # The service's own port (8080) is not the pod's: the named targetPort must lead to containerPort 80.
     lab.fc.add_service("default", "web", selector={"app": "web"},
                        ports=[{"name": "web", "port": 8080, "targetPort": "http"}])
-    with live_run(["svc/web", "--to", f"127.0.0.1:{local.port}", *conn_args(lab), "--json"]) as run:
+    with live_run(["svc/web", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
         m = run.wait_mirroring()
         assert (m["pod"], m["port"]) == (POD_A, str(POD_PORT))
         make_traffic(lab.pods[POD_A].ip, "svc", conns=5)
@@ -276,7 +262,7 @@ def test_baseline_namespace_falls_back_and_still_mirrors(lab: LiveLab, stack: co
                                                          local: Recorder) -> None:
     lab.fc.add_namespace("shop", labels={PSA_ENFORCE: "baseline"})
     lab.add_serving_pod(stack, POD_A, namespace="shop")
-    with live_run([f"pod/{POD_A}", "-n", "shop", "--to", f"127.0.0.1:{local.port}", *conn_args(lab),
+    with live_run([f"pod/{POD_A}", "-n", "shop", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(),
                    "--json"]) as run:
         m = run.wait_mirroring()
         assert m["ns"] == "shop"
@@ -299,7 +285,7 @@ def test_baseline_namespace_falls_back_and_still_mirrors(lab: LiveLab, stack: co
 
 def test_to_refused_before_any_tap(lab: LiveLab, stack: contextlib.ExitStack) -> None:
     deploy_web(lab, stack)
-    result = run_once(["deploy/web", "--to", f"127.0.0.1:{free_port()}", *conn_args(lab)])
+    result = run_once(["deploy/web", "--to", f"127.0.0.1:{free_port()}", *lab.kube_args()])
     assert_one_line_error(result, "cannot connect to", "--to", "connection refused")
     assert result.returncode == 1
     # Checked before the cluster is even asked: ephemeral containers cannot be removed again.
@@ -334,7 +320,7 @@ def test_cluster_failures(lab: LiveLab, local: Recorder, case: str, ref: str, wo
     elif case == "image-pull":
         lab.fc.fail_image_pull(image_prefix="registry.invalid/")
     result = run_once([ref, "-n", ns, "--to", f"127.0.0.1:{local.port}", "--image", "registry.invalid/tap:0",
-                       *conn_args(lab)])
+                       *lab.kube_args()])
     assert_one_line_error(result, *words)
     assert result.returncode == code
     if case == "image-pull":
@@ -348,7 +334,7 @@ def test_bad_filter_is_one_line_and_leaves_no_tcpdump(lab: LiveLab, stack: conte
                                                       local: Recorder) -> None:
     lab.add_serving_pod(stack, POD_A)
     result = run_once([f"pod/{POD_A}", "--filter", "host and and", "--to", f"127.0.0.1:{local.port}",
-                       *conn_args(lab)])
+                       *lab.kube_args()])
     assert_one_line_error(result, "tcpdump rejected the capture filter", "pcap-filter")
     assert result.returncode == 2
     # tcpdump really ran in the pod and refused the expression: nothing of it may be left running.
@@ -374,7 +360,7 @@ def _exec_history(lab: LiveLab) -> list[tuple[str, list[str]]]:
 def test_capture_only_writes_a_private_pcapng(lab: LiveLab, stack: contextlib.ExitStack, tmp_path: Path) -> None:
     lab.add_serving_pod(stack, POD_A)
     out = tmp_path / "out.pcapng"
-    with live_run([f"pod/{POD_A}", "-w", str(out), "--duration", "3s", *conn_args(lab), "--json"]) as run:
+    with live_run([f"pod/{POD_A}", "-w", str(out), "--duration", "3s", *lab.kube_args(), "--json"]) as run:
         m = run.wait_mirroring()
         assert m["pod"] == POD_A
         make_traffic(lab.pods[POD_A].ip, "file", conns=5)
@@ -393,7 +379,7 @@ def test_capture_only_writes_a_private_pcapng(lab: LiveLab, stack: contextlib.Ex
 
 def test_capture_to_stdout_is_only_the_capture(lab: LiveLab, stack: contextlib.ExitStack) -> None:
     lab.add_serving_pod(stack, POD_A)
-    with live_run([f"pod/{POD_A}", "-w", "-", *conn_args(lab)], stdout_binary=True) as run:
+    with live_run([f"pod/{POD_A}", "-w", "-", *lab.kube_args()], stdout_binary=True) as run:
         run.wait_mirroring()
         make_traffic(lab.pods[POD_A].ip, "stdout", conns=5)
         run.interrupt()
@@ -416,7 +402,7 @@ def test_stream_drop_reconnects_and_cuts_spanning_connections(lab: LiveLab, stac
     lab.add_serving_pod(stack, POD_A)
     ip = lab.pods[POD_A].ip
     first, rest = payload("span", 0, 2000), payload("span", 1, 2000)
-    with live_run([f"pod/{POD_A}", "--to", f"127.0.0.1:{local.port}", *conn_args(lab), "--json"]) as run:
+    with live_run([f"pod/{POD_A}", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
         run.wait_mirroring()
         before = raw_conns(ip, POD_PORT, 5, "before")
         spanning = HalfOpen(ip, POD_PORT, first)

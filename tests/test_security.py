@@ -85,19 +85,6 @@ def lab(tmp_path: Path, stack: contextlib.ExitStack) -> Iterator[LiveLab]:
         fc.stop()  # before `stack` removes the pods' namespaces: kills whatever a failed run left exec'd
 
 
-@pytest.fixture
-def local() -> Iterator[Recorder]:
-    rec = Recorder("127.0.0.1", 0).start()
-    try:
-        yield rec
-    finally:
-        rec.stop(grace=0.0)
-
-
-def kube(lab: LiveLab, *extra: str) -> list[str]:
-    return ["--kubeconfig", str(lab.fc.kubeconfig), *extra]
-
-
 def serve_workloads(lab: LiveLab, stack: contextlib.ExitStack, namespace: str = "default") -> None:
     """One serving pod that every kind of TYPE/NAME resolves to."""
     lab.add_serving_pod(stack, POD, namespace=namespace)
@@ -149,7 +136,7 @@ def test_readme_role_is_enough_for_a_byte_exact_live_mirror(lab: LiveLab, stack:
                                                             local: Recorder) -> None:
     serve_workloads(lab, stack)
     lab.fc.allow_only([p.rule for p in ROLE])
-    with live_run(["deploy/web", "--to", f"127.0.0.1:{local.port}", *kube(lab), "--json"]) as run:
+    with live_run(["deploy/web", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
         m = run.wait_mirroring()
         assert m["pod"] == POD
         sent = [secret(f"role{i}") for i in range(5)]
@@ -181,7 +168,7 @@ def test_readme_role_resolves_every_kind(lab: LiveLab, stack: contextlib.ExitSta
     refs = sorted(set(REF_NEEDING.values()))
     with contextlib.ExitStack() as runs:
         started = [runs.enter_context(live_run([ref, "--to", f"127.0.0.1:{local.port}", "--duration", "1s",
-                                                *kube(lab), "--json"])) for ref in refs]
+                                                *lab.kube_args(), "--json"])) for ref in refs]
         results = [run.finish() for run in started]
     for ref, result in zip(refs, results, strict=True):
         assert result.returncode == 0, (ref, result.stderr)
@@ -206,7 +193,7 @@ def test_each_role_permission_taken_away_fails_naming_it(lab: LiveLab, stack: co
     lab.fc.allow_only([p.rule for p in ROLE if p != perm])
     ref = REF_NEEDING[perm.full]
     # --duration: a run that wrongly succeeds ends by itself, and the test fails on its exit code.
-    result = run_once([ref, "--to", f"127.0.0.1:{local.port}", "--duration", "2s", *kube(lab)])
+    result = run_once([ref, "--to", f"127.0.0.1:{local.port}", "--duration", "2s", *lab.kube_args()])
     line = assert_one_line_error(result, "forbidden")
     m = FORBIDDEN_LINE.match(line)
     assert m is not None, line
@@ -247,7 +234,7 @@ def test_live_prints_payload_bytes_only_at_v9_and_never_the_token(lab: LiveLab, 
     # One run per level, side by side: each has its own tcpdump, so each mirrors its own copy of the connection.
     with contextlib.ExitStack() as runs:
         started = [runs.enter_context(live_run([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", f"-v={level}",
-                                                *kube(lab)])) for level in levels]
+                                                *lab.kube_args()])) for level in levels]
         for run in started:
             run.wait_mirroring()
         raw_connection(lab.pods[POD].ip, POD_PORT, data)
@@ -287,12 +274,12 @@ def test_token_never_printed_on_failures_or_status(lab: LiveLab, stack: contextl
     runs = {
         "401": (run_once([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", "-v=9", "--kubeconfig", str(stale)]),
                 wrong),
-        "status": (run_once(["status", "-v=9", *kube(lab)]), TOKEN),
+        "status": (run_once(["status", "-v=9", *lab.kube_args()]), TOKEN),
     }
     lab.fc.allow_only([("get", "pods", "")])
-    runs["403"] = (run_once([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", "-v=9", *kube(lab)]), TOKEN)
+    runs["403"] = (run_once([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", "-v=9", *lab.kube_args()]), TOKEN)
     lab.fc.allow_only([("*", "*", "*")])
-    runs["404"] = (run_once(["deploy/nope", "--to", f"127.0.0.1:{local.port}", "-v=9", *kube(lab)]), TOKEN)
+    runs["404"] = (run_once(["deploy/nope", "--to", f"127.0.0.1:{local.port}", "-v=9", *lab.kube_args()]), TOKEN)
     for what, (result, token) in runs.items():
         assert "Traceback" not in result.stderr, (what, result.stderr)
         assert token not in result.stderr and token not in result.stdout, (what, result.stderr)
@@ -326,7 +313,7 @@ def _assert_locked_down(tap: dict[str, Any]) -> dict[str, Any]:
 def test_tap_asks_for_net_raw_only(lab: LiveLab, stack: contextlib.ExitStack, local: Recorder) -> None:
     lab.add_serving_pod(stack, POD)
     before = lab.fc.get_pod("default", POD)
-    result = run_once([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", "--duration", "1s", *kube(lab)])
+    result = run_once([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", "--duration", "1s", *lab.kube_args()])
     assert result.returncode == 0, result.stderr
     after = lab.fc.get_pod("default", POD)
     [tap] = after["spec"]["ephemeralContainers"]
@@ -345,7 +332,7 @@ def test_tap_under_baseline_adds_no_capability(lab: LiveLab, stack: contextlib.E
     lab.add_serving_pod(stack, POD, namespace="shop")
     before = lab.fc.get_pod("shop", POD)
     result = run_once([f"pod/{POD}", "-n", "shop", "--to", f"127.0.0.1:{local.port}", "--duration", "1s",
-                       *kube(lab)])
+                       *lab.kube_args()])
     assert result.returncode == 0, result.stderr
     after = lab.fc.get_pod("shop", POD)
     [tap] = after["spec"]["ephemeralContainers"]
@@ -392,7 +379,7 @@ def _marker_files(lab: LiveLab) -> list[str]:
 def test_hostile_input_fails_cleanly_and_runs_nothing(lab: LiveLab, stack: contextlib.ExitStack,
                                                       local: Recorder, args: list[str], says: str) -> None:
     serve_workloads(lab, stack)
-    result = run_once([*args, "--to", f"127.0.0.1:{local.port}", "--duration", "2s", *kube(lab)])
+    result = run_once([*args, "--to", f"127.0.0.1:{local.port}", "--duration", "2s", *lab.kube_args()])
     assert_one_line_error(result, says)
     assert "uid=" not in result.stderr, "$(id) was expanded somewhere"
     assert _marker_files(lab) == []
@@ -455,7 +442,7 @@ def test_capture_file_is_0600_under_umask_0(lab: LiveLab, stack: contextlib.Exit
     # than 6 packets, its data segment the 4th.
     to = ["--to", f"127.0.0.1:{local.port}"] if mode == "mirror" else ["--count", "6"]
     data = secret(f"file-{mode}")
-    with live_run([f"pod/{POD}", *to, "-w", str(out), *kube(lab)], argv0=UMASK0, env=env) as run:
+    with live_run([f"pod/{POD}", *to, "-w", str(out), *lab.kube_args()], argv0=UMASK0, env=env) as run:
         run.wait_mirroring()
         raw_connection(lab.pods[POD].ip, POD_PORT, data)
         if mode == "mirror":
@@ -476,7 +463,7 @@ def test_capture_over_an_existing_readable_file_is_made_private(lab: LiveLab, st
     out.write_bytes(b"old")
     out.chmod(0o644)
     data = secret("file-existing")
-    with live_run([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", "-w", str(out), *kube(lab)], argv0=UMASK0,
+    with live_run([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", "-w", str(out), *lab.kube_args()], argv0=UMASK0,
                   env=env) as run:
         run.wait_mirroring()
         raw_connection(lab.pods[POD].ip, POD_PORT, data)
