@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +98,11 @@ def serve_workloads(lab: LiveLab, stack: contextlib.ExitStack, namespace: str = 
     lab.fc.add_service(namespace, "web", sel, [{"name": "http", "port": 8080, "targetPort": "http"}])
 
 
-def assert_no_tcpdump(lab: LiveLab) -> None:
+def assert_no_tcpdump(lab: LiveLab, results: Sequence[Finished] = ()) -> None:
     # The plugin waits for tcpdump to be gone before it exits; the server's reaper may lag a moment behind.
-    assert wait_for(lambda: not lab.tcpdumps(), 5.0), lab.fc.exec_processes()
+    # On failure, what the runs said (their warnings name a stop that failed) is what explains it.
+    said = [(r.returncode, r.stdout[-2000:], r.stderr[-2000:]) for r in results]
+    assert wait_for(lambda: not lab.tcpdumps(), 5.0), (lab.fc.exec_processes(), said)
 
 
 def secret(tag: str) -> bytes:
@@ -174,7 +176,7 @@ def test_readme_role_resolves_every_kind(lab: LiveLab, stack: contextlib.ExitSta
         assert result.returncode == 0, (ref, result.stderr)
         assert result.summary["source"].startswith(f"default/{POD}"), (ref, result.stdout)
     assert [ec["name"] for ec in lab.ephemeral(POD)] == ["mirror-tap"]
-    assert_no_tcpdump(lab)
+    assert_no_tcpdump(lab, results)
 
 
 def _role_case(p: Permission) -> Any:
