@@ -15,13 +15,17 @@ import re
 import signal
 import socket
 import stat
+import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kubectl_mirror.model import ACK, FIN, PSH, SYN
 from tests.apiserver import FakeCluster
+from tests.dissect_helpers import ethernet, tcp_ip
 from tests.live_helpers import (
     HTTP_CONTAINER,
     POD_PORT,
@@ -442,4 +446,79 @@ def test_stream_drop_reconnects_and_cuts_spanning_connections(lab: LiveLab, stac
     assert result.summary["stream_gaps"] >= 1
     assert (conns["incomplete"], conns["partial"]) == (1, 1), conns
     assert (conns["seen"], conns["complete"]) == (len(truth) + 1, len(whole) + 1), conns
+    assert_no_tcpdump(lab)
+
+
+# ---- what tcpdump says it lost ----------------------------------------------------------------------------
+
+
+def _two_connections_pcap(path: Path, server: str) -> tuple[bytes, bytes]:
+    """One connection that ends (FIN) and one still open when the capture ends; returns their client bytes."""
+    whole, cut = payload("ended", 0, 900), payload("open-at-end", 1, 700)
+    frames: list[bytes] = []
+    for port, data, ends in ((41000, whole, True), (41001, cut, False)):
+        c, s = 7000 + port, 90000 + port
+
+        def add(client: bool, seq: int, ack: int, flags: int, data: bytes = b"", port: int = port) -> None:
+            ends_ = ("10.200.0.9", server, port, POD_PORT) if client else (server, "10.200.0.9", POD_PORT, port)
+            frames.append(ethernet(tcp_ip(*ends_, seq, ack, flags, data)))
+
+        add(True, c, 0, SYN)
+        add(False, s, c + 1, SYN | ACK)
+        add(True, c + 1, s + 1, ACK)
+        add(True, c + 1, s + 1, PSH | ACK, data)
+        add(False, s + 1, c + 1 + len(data), ACK)
+        if ends:
+            add(True, c + 1 + len(data), s + 1, FIN | ACK)
+            add(False, s + 1, c + 2 + len(data), FIN | ACK)
+            add(True, c + 2 + len(data), s + 2, ACK)
+    out = bytearray(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
+    now = int(time.time())
+    for i, frame in enumerate(frames):
+        out += struct.pack("<IIII", now, i * 1000, len(frame), len(frame)) + frame
+    path.write_bytes(bytes(out))
+    return whole, cut
+
+
+def _replaying_tcpdump(lab: LiveLab, pcap: Path, dropped: int) -> None:
+    """A stand-in tcpdump for the pod: writes `pcap`, runs until stopped, then reports `dropped` packets lost."""
+    bindir = lab.workdir / "bin"
+    bindir.mkdir()
+    play = bindir / "play.sh"
+    counters = f"2 packets captured\n{2 + dropped} packets received by filter\n{dropped} packets dropped by kernel"
+    play.write_text(f"""#!/bin/bash
+trap 'printf "{counters}\\n" >&2; exit 0' INT TERM
+echo "tcpdump: listening on any, link-type EN10MB (Ethernet), snapshot length 262144 bytes" >&2
+cat {pcap}
+for i in $(seq 600); do sleep 0.1; done
+""")
+    tcpdump = bindir / "tcpdump"
+    # `exec -a`: what the plugin's stop checks before it signals is that the process is tcpdump.
+    tcpdump.write_text(f'#!/bin/bash\nexec -a tcpdump /bin/bash {play} "$@"\n')
+    tcpdump.chmod(0o755)
+    lab.fc.exec_path_prepend = [str(bindir)]
+
+
+@pytest.mark.parametrize("dropped", [0, 3])
+def test_connections_open_at_the_end_of_a_lossy_capture_are_not_closed_as_whole(
+        lab: LiveLab, stack: contextlib.ExitStack, local: Recorder, dropped: int) -> None:
+    # tcpdump can lose a connection's last packets, its FIN among them: nothing in the capture shows a hole, only
+    # tcpdump's counters at its exit. Such a connection must not reach the local service as if it had ended.
+    lab.add_serving_pod(stack, POD_A)
+    whole, cut = _two_connections_pcap(lab.workdir / "played.pcap", lab.pods[POD_A].ip)
+    _replaying_tcpdump(lab, lab.workdir / "played.pcap", dropped)
+    result = run_once([f"pod/{POD_A}", "--to", f"127.0.0.1:{local.port}", "--duration", "2s", *lab.kube_args(),
+                       "--json"])
+    assert result.returncode == 0, result.stderr
+    got = {bytes(r.data): r.end for r in mirrored(local, 2)}
+    conns = result.connections
+    if dropped:
+        assert got == {whole: "eof", cut: "reset"}, (describe(list(local.records)), result.stderr[-2000:])
+        assert (conns["complete"], conns["incomplete"]) == (1, 1), conns
+        assert any(f"lost {dropped} packets" in w for w in result.summary["warnings"]), result.stdout
+    else:
+        # Nothing lost: the capture simply ended while it was open, and all it sent so far was delivered.
+        assert got == {whole: "eof", cut: "eof"}, describe(list(local.records))
+        assert (conns["complete"], conns["incomplete"]) == (2, 0), conns
+    assert result.summary["stream_gaps"] == 0
     assert_no_tcpdump(lab)

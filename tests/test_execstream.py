@@ -5,17 +5,20 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kubectl_mirror.errors import ClusterError, UsageError
+from kubectl_mirror.errors import ClusterError, MirrorError, UsageError
 from kubectl_mirror.execstream import V4, V5, capture_argv, open_exec, start_capture, stop_remote
 from kubectl_mirror.kubeconfig import Connection
+from kubectl_mirror.live import KubePodCapture
 from kubectl_mirror.tap import Tap, ensure_tap
 from kubectl_mirror.target import PodTarget
 from tests.apiserver import FakeCluster, PodNetns
@@ -188,3 +191,50 @@ def test_filter_error_is_one_line(conn: Connection, target: PodTarget, tap: Tap,
     assert msg.startswith("tcpdump rejected the capture filter: ")
     assert "syntax error" in msg and "\n" not in msg
     assert _wait_gone(fc, "tcpdump") == []
+
+
+def _stand_in_tcpdump(fc: FakeCluster, tmp_path: Path, body: str) -> None:
+    """A `tcpdump` first on the pod's PATH, running `body` (bash); `exec -a tcpdump` keeps what stop checks."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    script = bindir / "tcpdump"
+    script.write_text(f"#!/bin/bash\n{body}\n")
+    script.chmod(0o755)
+    fc.exec_path_prepend = [str(bindir)]
+
+
+def test_a_tcpdump_that_never_gets_ready_is_killed(
+        fc: FakeCluster, conn: Connection, target: PodTarget, tap: Tap, tmp_path: Path) -> None:
+    _stand_in_tcpdump(fc, tmp_path, "exec -a tcpdump sleep 60")
+    with pytest.raises(ClusterError, match="did not start capturing within 1s"):
+        start_capture(conn, target, tap, ready_timeout=1.0)
+    assert _wait_gone(fc, "tcpdump") == []
+
+
+def test_the_final_stop_during_a_start_leaves_no_tcpdump(
+        fc: FakeCluster, conn: Connection, target: PodTarget, tap: Tap, tmp_path: Path) -> None:
+    # A reconnect's start can still be waiting for tcpdump when the run ends: the stop finds nothing to stop yet.
+    real = shutil.which("tcpdump")
+    assert real is not None
+    _stand_in_tcpdump(fc, tmp_path, f'sleep 1.5\nexec -a tcpdump {real} "$@"')
+    pod = KubePodCapture(conn, target, tap, None)
+    outcome: list[object] = []
+
+    def start() -> None:
+        try:
+            outcome.append(pod.start())
+        except MirrorError as exc:
+            outcome.append(exc)
+
+    starter = threading.Thread(target=start, daemon=True)
+    starter.start()
+    deadline = time.monotonic() + 10
+    while not [p for p in fc.exec_processes() if "tcpdump" in p[1]] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pod.stop()
+    starter.join(30)
+    assert not starter.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], ClusterError), outcome
+    assert "after the run had ended" in str(outcome[0])
+    assert _wait_gone(fc, "tcpdump") == []
+    assert pod.stop_errors == []

@@ -8,6 +8,7 @@ incomplete: bytes may have been lost in between.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import struct
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 # Before tcpdump is told to stop: wait until nothing arrived for SETTLE_QUIET s, SETTLE_MAX s at most.
 SETTLE_QUIET = 0.3
 SETTLE_MAX = 3.0
+# How long a pod's stop may take at most: stop_remote's SIGINT wait, its SIGKILL fallback and the exec round trips
+# around them, with room to spare. Past it the stop is abandoned (the run must end).
+STOPPER_BOUND = 60.0
 
 # ---- pcapng blocks (section header, interface description, enhanced packet) -----------------------------
 
@@ -79,6 +83,9 @@ class PodCapture(Protocol):
     def start(self) -> BinaryIO:
         """Start tcpdump and return its pcap stdout. Raises MirrorError when it cannot."""
 
+    def lost_packets(self) -> int:
+        """Packets the capture whose stream just ended saw but never wrote (tcpdump's exit counters)."""
+
     def stop(self, *, gap: bool = False) -> None:
         """Make sure the remote tcpdump is gone and close the stream. Safe to call twice.
 
@@ -88,12 +95,22 @@ class PodCapture(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """A pod's stream dropped after `after_frame` records of the merged stream had been written."""
+    """A pod's stream dropped after `after_frame` records of the merged stream had been written.
+
+    Or, with `lost` > 0, its capture ended having lost that many packets: the stream itself did not drop, but a
+    flow still open at its end may have lost its last bytes (its FIN among them) without a hole to show it.
+    """
 
     pod: str
     servers: frozenset[str]
     after_frame: int
     reason: str
+    lost: int = 0
+
+    @property
+    def dropped(self) -> bool:
+        """The stream dropped (and was reopened), as opposed to a loss reported at the end."""
+        return self.lost == 0
 
 
 @dataclass
@@ -183,7 +200,7 @@ class LiveCapture:
             # Bounded by what the first stop can take: settling, then stop_remote (up to ~20 s with its SIGKILL
             # fallback) and the exit counters. Returning early would let the process exit and kill that thread
             # half-way, leaving a tcpdump in the pod.
-            self._stop_done.wait(timeout + SETTLE_MAX + 30.0)
+            self._stop_done.wait(timeout + SETTLE_MAX + STOPPER_BOUND)
             return
         try:
             self._stop(timeout)
@@ -197,8 +214,12 @@ class LiveCapture:
         stoppers = [threading.Thread(target=pod.stop, daemon=True) for pod in self._pods]
         for t in stoppers:
             t.start()
+        # The stoppers bound their own time (stop_remote gives up with an error); returning before they are done
+        # would let the process exit half-way through one and leave its tcpdump running in the pod.
+        for t in stoppers:
+            t.join(STOPPER_BOUND)
         deadline = time.monotonic() + timeout
-        for t in [*stoppers, *self._threads]:
+        for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in self._threads) and not self.stream.closed:
             # A reader still blocked writing into a pipe nobody drains any more (the engine has finished):
@@ -219,12 +240,12 @@ class LiveCapture:
             while True:
                 reason = self._pump(pod, stream)
                 if self._stopping.is_set():
+                    lost = pod.lost_packets()
+                    if lost:
+                        self._add_gap(Gap(pod.name, pod.server_hosts, 0, f"tcpdump lost {lost} packets", lost))
                     return
                 log.warning("%s: %s; starting a new capture", pod.name, reason)
-                with self._write_lock:
-                    after = self._written_records  # every record of this pod before the drop is in the pipe
-                with self._lock:
-                    self._gaps.append(Gap(pod.name, pod.server_hosts, after, reason))
+                self._add_gap(Gap(pod.name, pod.server_hosts, 0, reason))
                 pod.stop(gap=True)
                 restarted = self._restart(pod)
                 if restarted is None:
@@ -236,6 +257,12 @@ class LiveCapture:
                 last = self._alive == 0
             if last:
                 self._close_write()
+
+    def _add_gap(self, gap: Gap) -> None:
+        with self._write_lock:
+            after = self._written_records  # every record of this pod before the gap is in the pipe
+        with self._lock:
+            self._gaps.append(dataclasses.replace(gap, after_frame=after))
 
     def _pump(self, pod: PodCapture, stream: BinaryIO) -> str:
         """Copy one capture's records into the merged stream until it ends; return why it ended."""

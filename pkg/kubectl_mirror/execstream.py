@@ -395,13 +395,13 @@ def start_capture(conn: Connection, target: PodTarget, tap: Tap, *, user_filter:
         # tcpdump says "listening on" once the capture is live: packets after this moment are not missed.
         proc._pump(lambda: "listening on" in proc.stderr_text(), time.monotonic() + ready_timeout)
     except subprocess.TimeoutExpired:
+        _read_pid(proc)
         proc.close()
+        # It may still come up: a tcpdump nobody reads would run on in the pod (kubelets keep exec'd processes).
+        _kill_quietly(conn, tap, proc.remote_pid)
         raise ClusterError(f"tcpdump in pod {target.pod} did not start capturing within {ready_timeout:g}s; "
                            f"stderr: {proc.stderr_text().strip()[-200:] or 'empty'}") from None
-    for line in proc.stderr_text().splitlines():
-        if line.startswith(PID_MARK) and line[len(PID_MARK):].strip().isdigit():
-            proc.remote_pid = int(line[len(PID_MARK):].strip())
-            break
+    _read_pid(proc)
     if "listening on" not in proc.stderr_text():
         if proc.returncode is None and proc._eof:
             proc.close()
@@ -412,11 +412,32 @@ def start_capture(conn: Connection, target: PodTarget, tap: Tap, *, user_filter:
     return proc
 
 
+def _read_pid(proc: ExecProcess) -> None:
+    for line in proc.stderr_text().splitlines():
+        if line.startswith(PID_MARK) and line[len(PID_MARK):].strip().isdigit():
+            proc.remote_pid = int(line[len(PID_MARK):].strip())
+            return
+
+
+def _kill_quietly(conn: Connection, tap: Tap, pid: int | None) -> None:
+    if pid is None:
+        return
+    try:
+        _signal(conn, tap, pid, "KILL", 5.0)
+    except MirrorError:
+        pass  # the failure being reported says more than this one would
+
+
 def _signal(conn: Connection, tap: Tap, pid: int, signal: str, timeout: float) -> bool:
     """Signal `pid` if it still is tcpdump; True if it was (exit status of the remote check)."""
     argv = ["sh", "-c", _SIGNAL_SCRIPT if signal else _IS_TCPDUMP, "mirror-stop", str(pid), signal or "0"]
     with open_exec(conn, tap.namespace, tap.pod, tap.name, argv) as proc:
-        return proc.wait(timeout) == 0
+        try:
+            return proc.wait(timeout) == 0
+        except subprocess.TimeoutExpired:
+            # A MirrorError like any other failed stop: callers keep the capture as an orphan and try again.
+            raise ClusterError(f"pod {tap.pod} did not answer within {timeout:g}s when asked to stop tcpdump "
+                               f"(pid {pid})") from None
 
 
 def stop_remote(conn: Connection, target: PodTarget, tap: Tap, proc: ExecProcess, *, timeout: float = 10.0) -> bool:

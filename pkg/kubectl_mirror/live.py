@@ -15,7 +15,7 @@ from typing import BinaryIO, cast
 
 from .capture import LiveCapture
 from .dissect import TsharkInfo, find_tshark
-from .errors import MirrorError, ToolError, UsageError
+from .errors import ClusterError, MirrorError, ToolError, UsageError
 from .execstream import ExecProcess, start_capture, stop_remote
 from .kubeconfig import Connection, connect
 from .pcap import PcapReader, PcapWriter
@@ -52,15 +52,30 @@ class KubePodCapture:
         # Captures whose tcpdump could not be stopped yet (the API server was unreachable): retried later, since
         # a kubelet leaves them running otherwise.
         self._orphans: list[ExecProcess] = []
+        self._finished = False  # the final stop has begun: a start still under way must undo itself
+        self._last: ExecProcess | None = None  # the latest capture, kept after its stop for its exit counters
 
     def start(self) -> BinaryIO:
         proc = start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter)
+        with self._lock:
+            finished = self._finished
+            if not finished:
+                self._proc = self._last = proc
+        if finished:
+            # The run ended while this (re)start waited for tcpdump: the final stop found nothing to stop, so
+            # this one is stopped here or it would run on in the pod.
+            self._stop_capture(proc, gap=False)
+            raise ClusterError(f"the capture in {self.name} started after the run had ended; it was stopped")
         self._stop_orphans(final=False)  # the API server answers again: finish what a drop left behind
         log.info("capturing in %s (tap %s, tcpdump pid %s, %s)", self.name, self.tap.name, proc.remote_pid,
                  proc.protocol)
-        with self._lock:
-            self._proc = proc
         return cast(BinaryIO, proc.stdout)
+
+    def lost_packets(self) -> int:
+        # Called by the thread that read the stream to its end: tcpdump's exit counters came before that end.
+        with self._lock:
+            last = self._last
+        return kernel_drops(last.stderr_text()) if last is not None else 0
 
     def _stop_orphans(self, *, final: bool) -> None:
         with self._lock:
@@ -79,6 +94,7 @@ class KubePodCapture:
         """Stop the running capture. `gap`: its stream just dropped and the run goes on (a new one follows)."""
         with self._lock:
             proc, self._proc = self._proc, None
+            self._finished = self._finished or not gap
         if proc is not None:
             self._stop_capture(proc, gap)
         if not gap:
@@ -286,5 +302,5 @@ def _capture_only(capture: LiveCapture, args: argparse.Namespace, targets: list[
         print(f"wrote {packets} packets to {path}", file=sys.stderr)
     builder = SummaryBuilder(source=describe(targets), target=f"capture only: {path}")
     return builder.build(packets=packets, bytes_captured=captured, tcp_segments=packets,
-                         stream_gaps=len(capture.pop_gaps()), duration_seconds=time.monotonic() - started,
-                         interrupted=stop.interrupted)
+                         stream_gaps=sum(gap.dropped for gap in capture.pop_gaps()),
+                         duration_seconds=time.monotonic() - started, interrupted=stop.interrupted)

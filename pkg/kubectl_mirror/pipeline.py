@@ -176,6 +176,7 @@ class Engine:
                 # The rest of these connections exists (in the file, or in the cluster past a failure) but will
                 # not be delivered: a clean FIN would tell the local service they ended. Reset them instead.
                 self._execute(self.table.interrupt(self._capture_now()))
+            self._apply_late_gaps()
             self._execute(self.table.finish())
             self._collect()
             self.replayer.drain(self.options.replay.drain_timeout)
@@ -357,9 +358,20 @@ class Engine:
                 log.log(PAYLOAD, "flow %d: %d bytes %r", a.flow, len(a.data), a.data[:64])
 
     def _apply_gap(self, gap: Gap) -> None:
-        log.info("stream gap in %s (%s): its open flows end as incomplete", gap.pod, gap.reason)
-        self._gaps += 1
+        if gap.dropped:
+            log.info("stream gap in %s (%s): its open flows end as incomplete", gap.pod, gap.reason)
+            self._gaps += 1
+        else:
+            log.info("%s: %s: flows still open may have lost their end, so they end as incomplete", gap.pod,
+                     gap.reason)
         self._execute(self.table.interrupt(self._capture_now(), gap.servers or None))
+
+    def _apply_late_gaps(self) -> None:
+        """Gaps told after the last segment (a loss tcpdump reported as it exited): they follow everything."""
+        if self.options.gaps is not None:
+            self._pending_gaps.extend(self.options.gaps())
+        while self._pending_gaps:
+            self._apply_gap(self._pending_gaps.pop(0))
 
     def _housekeeping(self, dissector: Dissector) -> None:
         self._timers()
