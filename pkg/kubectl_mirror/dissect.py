@@ -214,7 +214,9 @@ class DissectStats:
 
 
 @dataclass(eq=False)
-class _Instance:
+class TsharkProcess:
+    """One tshark reading pcap records on its stdin and printing one line per TCP segment."""
+
     proc: subprocess.Popen[bytes]
     stderr: IO[bytes]
     base: int = 0  # global frame number before this instance's first record
@@ -248,7 +250,29 @@ class _Instance:
         return lines[-1] if lines else ""
 
 
-def _spawn(tshark: TsharkInfo, live: bool) -> _Instance:
+    def close(self) -> None:
+        """Stop it (if still running) and release its pipes; safe to call twice."""
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                if pipe is not None:
+                    pipe.close()
+            except OSError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.stderr.close()
+
+
+def start_tshark(tshark: TsharkInfo, *, live: bool = False) -> TsharkProcess:
+    """A tshark for a Dissector's first stream, started ahead: its ~0.2 s start-up overlaps the caller's own."""
+    return _spawn(tshark, live)
+
+
+def _spawn(tshark: TsharkInfo, live: bool) -> TsharkProcess:
     err = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the tshark it belongs to
     try:
         proc = subprocess.Popen(tshark_command(tshark, live=live), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -259,7 +283,7 @@ def _spawn(tshark: TsharkInfo, live: bool) -> _Instance:
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-    return _Instance(proc, err)
+    return TsharkProcess(proc, err)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -286,8 +310,8 @@ class Dissector:
         self._tee = tee
         self._live = live
         self.stats = DissectStats()
-        self._instances: list[_Instance] = []  # appended by the feeder, read by the caller
-        self._standby: _Instance | None = None
+        self._instances: list[TsharkProcess] = []  # appended by the feeder, read by the caller
+        self._standby: TsharkProcess | None = None
         self._reading = 0  # index of the instance whose output is being read
         self._cond = threading.Condition()
         self._stop = False
@@ -304,8 +328,10 @@ class Dissector:
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        first = _spawn(self._tshark, self._live)
+    def start(self, first: TsharkProcess | None = None) -> None:
+        """Start dissecting; `first`: a tshark already started for this stream (start_tshark), now owned here."""
+        if first is None:
+            first = _spawn(self._tshark, self._live)
         self._instances.append(first)
         self._thread = threading.Thread(target=self._feed, name="dissect-feeder", daemon=True)
         self._thread.start()
@@ -319,19 +345,7 @@ class Dissector:
             self._cond.notify_all()
         everyone = list(self._instances) + ([self._standby] if self._standby is not None else [])
         for inst in everyone:
-            for pipe in (inst.proc.stdin, inst.proc.stdout):
-                try:
-                    if pipe is not None:
-                        pipe.close()
-                except OSError:
-                    pass
-            if inst.proc.poll() is None:
-                inst.proc.kill()
-            try:
-                inst.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            inst.stderr.close()
+            inst.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             # the feeder may sit in a read of a live source that never returns; it is a daemon thread
             self._thread.join(timeout=2)
@@ -382,7 +396,7 @@ class Dissector:
                 standby.stderr.close()
 
     @staticmethod
-    def _close_stdin(inst: _Instance) -> None:
+    def _close_stdin(inst: TsharkProcess) -> None:
         try:
             if inst.proc.stdin is not None:
                 inst.proc.stdin.close()
@@ -447,7 +461,7 @@ class Dissector:
                 return False  # tshark died or we are closing: the reading side reports it
         return True
 
-    def _memory_full(self, inst: _Instance) -> bool:
+    def _memory_full(self, inst: TsharkProcess) -> bool:
         """True once tshark's memory reached the limit; read every RSS_CHECK_EVERY records (a /proc read)."""
         if inst.written - inst.rss_checked < RSS_CHECK_EVERY:
             return False
@@ -458,7 +472,7 @@ class Dissector:
         inst.rss_high = rss >= self._handover_rss * 0.85
         return rss >= self._handover_rss
 
-    def _handover(self, old: _Instance) -> _Instance:
+    def _handover(self, old: TsharkProcess) -> TsharkProcess:
         new = self._standby if self._standby is not None else _spawn(self._tshark, self._live)
         self._standby = None
         new.base = old.base + old.written
@@ -517,7 +531,7 @@ class Dissector:
                 self._cond.notify_all()
         return out
 
-    def _read_more(self, inst: _Instance) -> bool:
+    def _read_more(self, inst: TsharkProcess) -> bool:
         """One non-blocking read of tshark's output. False when nothing is available now."""
         assert inst.proc.stdout is not None
         try:
@@ -536,7 +550,7 @@ class Dissector:
         self._finish(inst)
         return True
 
-    def _finish(self, inst: _Instance) -> None:
+    def _finish(self, inst: TsharkProcess) -> None:
         inst.eof = True
         try:
             code = inst.proc.wait(timeout=5)  # stdout closed: tshark is exiting right now
@@ -559,7 +573,7 @@ class Dissector:
             inst.line_pos = 0
             inst.partial = b""
 
-    def _retire(self, inst: _Instance) -> None:
+    def _retire(self, inst: TsharkProcess) -> None:
         """Every line of a finished instance is parsed: whatever it never printed a line for was not TCP."""
         left = len(inst.records)
         self.stats.non_tcp += left
@@ -577,7 +591,7 @@ class Dissector:
             except OSError:
                 pass
 
-    def _parse(self, inst: _Instance, out: list[Segment], limit: int) -> None:
+    def _parse(self, inst: TsharkProcess, out: list[Segment], limit: int) -> None:
         # One loop with everything in locals: this runs once per packet and is most of the caller's CPU.
         lines = inst.lines
         stop = min(len(lines), inst.line_pos + limit)

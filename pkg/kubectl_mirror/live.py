@@ -23,14 +23,13 @@ from .pipeline import (
     Engine,
     EngineOptions,
     StopFlag,
-    destination,
     flow_config,
     replay_config,
     report,
     shadow_options,
     status_line,
 )
-from .replay import Destination
+from .replay import Destination, destination
 from .summary import Summary, SummaryBuilder, exit_code
 from .tap import DEFAULT_IMAGE, Tap, ensure_tap
 from .target import PodTarget, resolve
@@ -170,7 +169,7 @@ def run_live(args: argparse.Namespace) -> int:
     tshark: TsharkInfo | None = None
     if args.to:
         # Before the pod is touched: ephemeral containers cannot be removed, so fail on a typo first.
-        dest = destination(args)
+        dest = destination(args.to, allow_remote=args.allow_remote)
         tshark = find_tshark(args.tshark)
     conn = connect(args)
     try:

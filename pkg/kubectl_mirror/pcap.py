@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -492,3 +494,17 @@ class PcapWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_capture(path: str, stack: ExitStack) -> BinaryIO:
+    """The capture to read, unbuffered (`-` is stdin); `stack` closes it. Errors say what to do."""
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return stack.enter_context(open(path, "rb", buffering=0))
+    except FileNotFoundError:
+        raise InputError(f"cannot read {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"cannot read {path}: it is a directory, not a pcap file") from None
+    except PermissionError:
+        raise InputError(f"cannot read {path}: permission denied") from None

@@ -24,14 +24,14 @@ from types import FrameType
 from typing import BinaryIO
 
 from .capture import Gap
-from .dissect import HANDOVER_EVERY, Dissector, TsharkInfo, find_tshark
-from .errors import EXIT_INTERRUPTED, InputError, MirrorError, UsageError
+from .dissect import HANDOVER_EVERY, Dissector, TsharkInfo, TsharkProcess
+from .errors import EXIT_INTERRUPTED, InputError, MirrorError
 from .httpflow import HttpLayer, HttpOptions
 from .model import PAYLOAD, Abort, Action, Close, Open, Reply, Segment, Send
 from .pcap import PcapWriter
 from .progress import StatusLine
 from .reassemble import FlowConfig, FlowTable
-from .replay import Destination, ReplayConfig, Replayer, check_target, parse_to
+from .replay import Destination, ReplayConfig, Replayer
 from .shadow import RequestResult, Shadow, ShadowOptions
 from .summary import CompareSummary, HttpSummary, Summary, SummaryBuilder, exit_code, render_json, render_text
 
@@ -49,6 +49,8 @@ class EngineOptions:
     flow: FlowConfig
     replay: ReplayConfig
     tshark: TsharkInfo
+    # A tshark started ahead for the first stream (start_tshark): the engine takes it over and closes it.
+    first_tshark: TsharkProcess | None = None
     speed: float = 0.0  # 0: as fast as possible; 1: the capture's own timing; 2: twice as fast
     live: bool = False
     handover_every: int = HANDOVER_EVERY
@@ -251,8 +253,9 @@ class Engine:
         )
         held: deque[Segment] = deque()
         grace_until: float | None = None
+        first, self.options.first_tshark = self.options.first_tshark, None
         try:
-            dissector.start()
+            dissector.start(first)
             while True:
                 if self.stop.requested:
                     if opts.on_stop is None:
@@ -574,19 +577,6 @@ def replay_config(args: argparse.Namespace) -> ReplayConfig:
     return ReplayConfig(flow_buffer=args.flow_buffer, max_buffer=max(args.max_buffer, args.flow_buffer))
 
 
-def _open_input(path: str, stack: ExitStack) -> BinaryIO:
-    if path == "-":
-        return sys.stdin.buffer
-    try:
-        return stack.enter_context(open(path, "rb", buffering=0))
-    except FileNotFoundError:
-        raise InputError(f"cannot read {path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"cannot read {path}: it is a directory, not a pcap file") from None
-    except PermissionError:
-        raise InputError(f"cannot read {path}: permission denied") from None
-
-
 def report(summary: Summary, args: argparse.Namespace) -> None:
     """The final summary: JSON on stdout for scripts, a table on stderr for people.
 
@@ -617,28 +607,26 @@ class CompareStatusLine(StatusLine):
         return f"{line}  compare: {s.compare.same:,} same, {s.compare.different:,} different"
 
 
-def destination(args: argparse.Namespace) -> Destination:
-    """--to, parsed, allowed and reachable: checked before anything else starts, so a typo fails fast."""
-    dest = parse_to(args.to)
-    if not dest.is_loopback and not getattr(args, "allow_remote", False):
-        raise UsageError(f"--to {dest} is not on this machine, and mirrored traffic carries production data "
-                         "(tokens, passwords): pass --allow-remote to send it there anyway")
-    check_target(dest)
-    return dest
+@dataclass
+class ReplayStart:
+    """What `replay` checks and starts before the engine's modules are even imported (see cli.start_replay)."""
+
+    dest: Destination
+    tshark: TsharkInfo
+    source: BinaryIO
+    first_tshark: TsharkProcess | None = None
 
 
-def run_replay(args: argparse.Namespace) -> int:
-    if not args.to:
-        raise UsageError("replay needs --to [HOST]:PORT, the local service to mirror to (for example --to :8080)")
-    dest = destination(args)
-    tshark = find_tshark(args.tshark)
-    with ExitStack() as stack:
-        source = _open_input(args.file, stack)
+def run_replay(args: argparse.Namespace, start: ReplayStart, stack: ExitStack) -> int:
+    """The offline run; `stack` holds the opened input and the started tshark, and closes them."""
+    dest, tshark, source = start.dest, start.tshark, start.source
+    with stack:
         options = EngineOptions(
             dest=dest,
             flow=flow_config(args, args.port),
             replay=replay_config(args),
             tshark=tshark,
+            first_tshark=start.first_tshark,
             speed=args.speed,
             # A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on lines it has.
             live=args.file == "-",

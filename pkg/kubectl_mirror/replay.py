@@ -655,3 +655,13 @@ class Replayer:
         if fd is not None:
             self._sel.register(fd, _READ, None)
             self._extra_fd = fd
+
+
+def destination(to: str, *, allow_remote: bool = False) -> Destination:
+    """--to, parsed, allowed and reachable: checked before anything else starts, so a typo fails fast."""
+    dest = parse_to(to)
+    if not dest.is_loopback and not allow_remote:
+        raise UsageError(f"--to {dest} is not on this machine, and mirrored traffic carries production data "
+                         "(tokens, passwords): pass --allow-remote to send it there anyway")
+    check_target(dest)
+    return dest
