@@ -41,7 +41,7 @@ BUILD_SCRIPT = REPO / "krew" / "build.py"
 BENCHNET = Path(__file__).resolve().parent / "benchnet.py"
 KUBECTL = "/usr/bin/kubectl"
 
-EXEC_MIB = 200
+EXEC_MIB = 500
 POD_PORT = 80
 MESSAGES, CONNS, RATE = 2000, 20, 200.0  # "moderate load": 200 msg/s over 20 connections for ~10 s
 MSG_MIN, MSG_MAX = 100, 500
@@ -66,10 +66,11 @@ def log(msg: str) -> None:
 
 @dataclass
 class ExecResult:
-    mib: int
+    mib: int  # N: each client moved N and 2N MiB
     rounds: int
-    ours: float = 0.0  # best MB/s
+    ours: float = 0.0  # MB/s of the channel (exec_bench.Throughput.rate)
     kubectl: float = 0.0
+    walls: dict[tuple[str, int], float] = field(default_factory=dict)
     kubectl_version: str = "?"
     error: str = ""
 
@@ -84,39 +85,24 @@ def _kubectl_version() -> str:
 
 
 def measure_exec(mib: int = EXEC_MIB) -> ExecResult:
-    """Best MB/s of each client over exec_bench's rounds, alternated so a noisy minute hurts both alike."""
-    # Imported here: exec_bench pulls in the plugin's live-mode dependencies, which --skip-exec need not load.
+    """exec_bench's measurement: both clients as processes of their own, throughput from two sizes."""
+    # Imported here: exec_bench pulls in the test API server, which --skip-exec need not load.
     from tests.apiserver import FakeCluster, PodNetns
     from tests.bench import exec_bench
-
-    from kubectl_mirror.flags import add_connection_flags
 
     res = ExecResult(mib, exec_bench.ROUNDS, kubectl_version=_kubectl_version())
     if not Path(KUBECTL).is_file():
         res.error = f"{KUBECTL} not found"
         return res
-    argv = ["head", "-c", str(mib << 20), "/dev/zero"]
     with tempfile.TemporaryDirectory() as tmp, PodNetns() as pod, FakeCluster(Path(tmp)) as fc:
-        # exec_bench's functions exec into default/web-1, container app.
+        # exec_bench's clients exec into default/web-1, container app.
         fc.add_pod("default", "web-1", containers=[{"name": "app", "image": "nginx"}], netns=pod.name)
-        parser = argparse.ArgumentParser()
-        add_connection_flags(parser)
-        args = parser.parse_args(["--kubeconfig", str(fc.kubeconfig)])
-        for i in range(exec_bench.ROUNDS):
-            for name in ("kubectl", "ours"):
-                log(f"exec round {i + 1}/{exec_bench.ROUNDS}: {name} ...")
-                try:
-                    # exec_bench.kubectl runs `kubectl` from PATH; /usr/bin is on every PATH this runs with.
-                    elapsed, size = (exec_bench.kubectl(fc.kubeconfig, argv) if name == "kubectl"
-                                     else exec_bench.ours(args, argv))
-                except SystemExit as exc:  # exec_bench reports a failed exec this way
-                    res.error = f"{name}: {exc}"
-                    return res
-                if size != mib << 20:
-                    res.error = f"{name} delivered {size} bytes, expected {mib << 20}"
-                    return res
-                rate = size / elapsed / 1e6
-                setattr(res, name, max(getattr(res, name), rate))
+        try:
+            t = exec_bench.measure(fc.kubeconfig, mib, log=log)
+        except SystemExit as exc:  # exec_bench reports a failed exec this way
+            res.error = str(exc)
+            return res
+    res.walls, res.ours, res.kubectl = t.walls, t.rate("ours"), t.rate("kubectl")
     return res
 
 
