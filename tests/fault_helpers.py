@@ -21,6 +21,7 @@ from typing import Any
 
 from tests.dissect_helpers import ethernet, tcp_ip
 from tests.netlab.lab import CLI, REPO
+from tests.netlab.listener import close_listener
 
 CLIENT_IP, SERVER_IP, SERVER_PORT = "192.0.2.10", "192.0.2.80", 80
 SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10
@@ -120,7 +121,8 @@ class Target:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._dead = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def _accept(self) -> None:
         while not self._dead.is_set():
@@ -170,7 +172,8 @@ class Target:
         """Die: stop listening and reset every connection, as the kernel does for a crashed server."""
         with self._lock:
             self._dead.set()
-            self.sock.close()
+        close_listener(self.sock, self._acceptor)  # outside the lock: the acceptor takes it as it leaves
+        with self._lock:
             for conn in self._conns:
                 with contextlib.suppress(OSError):
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

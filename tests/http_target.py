@@ -26,6 +26,8 @@ from typing import Any
 
 import h11
 
+from tests.netlab.listener import close_listener
+
 MID_BODY = 20_000  # the mid-stream client's first request body, half before the capture, half after
 MID_LATE = b"GET /late1 HTTP/1.1\r\nHost: mid\r\n\r\nGET /diff/late2 HTTP/1.1\r\nHost: mid\r\n\r\n"
 
@@ -66,7 +68,8 @@ class HttpTarget:
         self.lock = threading.Lock()
 
     def start(self) -> HttpTarget:
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
         return self
 
     def _accept(self) -> None:
@@ -146,7 +149,7 @@ class HttpTarget:
         return False
 
     def stop(self) -> list[Conn]:
-        self.sock.close()
+        close_listener(self.sock, self._acceptor)
         with self.lock:
             return [c for c in self.conns if c.data]  # the empty one is --to's reachability probe
 

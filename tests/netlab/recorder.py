@@ -24,6 +24,8 @@ from typing import Any
 
 import h11
 
+from tests.netlab.listener import close_listener
+
 HTTP_START = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) /")
 READ_SIZE = 65536
 
@@ -180,7 +182,7 @@ class Recorder:
     def stop(self, grace: float = 5.0) -> list[ConnRecord]:
         self.wait_idle(0, grace)
         self.closing = True
-        self.sock.close()
+        close_listener(self.sock, self.accepter if self.accepter.is_alive() else None)
         with self.lock:
             return list(self.records)
 
