@@ -157,7 +157,8 @@ def test_deploy_ctrl_c_mirrors_byte_exact_and_stops_tcpdump(lab: LiveLab, stack:
 def test_deploy_duration_stops_by_itself(lab: LiveLab, stack: contextlib.ExitStack, local: Recorder) -> None:
     # The alphabetically first pod is not Ready: the plugin must pick the Ready one.
     deploy_web(lab, stack, a_ready=False)
-    with live_run(["deploy/web", "--to", f"127.0.0.1:{local.port}", "--duration", "3s", *lab.kube_args(),
+    # The window is wide enough for the traffic below on a loaded CI machine: cut mid-way it would not be whole.
+    with live_run(["deploy/web", "--to", f"127.0.0.1:{local.port}", "--duration", "6s", *lab.kube_args(),
                    "--json"]) as run:
         m = run.wait_mirroring()
         assert m["pod"] == POD_B
@@ -521,4 +522,46 @@ def test_connections_open_at_the_end_of_a_lossy_capture_are_not_closed_as_whole(
         assert got == {whole: "eof", cut: "eof"}, describe(list(local.records))
         assert (conns["complete"], conns["incomplete"]) == (2, 0), conns
     assert result.summary["stream_gaps"] == 0
+    assert_no_tcpdump(lab)
+
+
+# ---- Ctrl-C twice ---------------------------------------------------------------------------------------------
+
+
+def test_second_ctrl_c_quits_at_once_and_says_how_to_stop_the_tcpdump_left(
+        lab: LiveLab, stack: contextlib.ExitStack, local: Recorder) -> None:
+    # A tcpdump slow to stop (this stand-in ignores SIGINT, so the stop waits before it escalates): the user presses
+    # Ctrl-C again and leaves at once. What is left in the pod must be named with the command that removes it.
+    lab.add_serving_pod(stack, POD_A)
+    bindir = lab.workdir / "bin"
+    bindir.mkdir()
+    header = bindir / "empty.pcap"
+    header.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
+    stub = bindir / "stub.sh"
+    stub.write_text(f"""trap '' INT
+echo "tcpdump: listening on any, link-type EN10MB (Ethernet), snapshot length 262144 bytes" >&2
+cat {header}
+for i in $(seq 600); do sleep 0.1; done
+""")
+    (bindir / "tcpdump").write_text(f'#!/bin/bash\nexec -a tcpdump /bin/bash {stub} "$@"\n')
+    (bindir / "tcpdump").chmod(0o755)
+    lab.fc.exec_path_prepend = [str(bindir)]
+    with live_run([f"pod/{POD_A}", "--to", f"127.0.0.1:{local.port}", *lab.kube_args()]) as run:
+        run.wait_mirroring()
+        [pid] = lab.tcpdumps()
+        run.interrupt()
+        assert wait_for(lambda: "Ctrl-C again" in run.stderr, 10.0), run.stderr
+        time.sleep(0.5)  # the stop has sent its SIGINT by now and waits for an exit that will not come
+        run.interrupt()
+        result = run.finish(10.0)
+    assert result.returncode == 130, result.stderr
+    hints = [line for line in result.stderr.splitlines() if line.startswith("warning: tcpdump")]
+    assert hints == [f"warning: tcpdump (pid {pid}) may still run in pod default/{POD_A}: stop it with kubectl exec "
+                     f"-n default {POD_A} -c mirror-tap -- kill {pid}"], result.stderr
+    assert lab.tcpdumps() == [pid]
+    # The hint works as printed, through the real kubectl.
+    command = hints[0].split("stop it with ", 1)[1].split()
+    done = subprocess.run([KUBECTL, "--kubeconfig", str(lab.fc.kubeconfig), *command[1:]], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
     assert_no_tcpdump(lab)

@@ -11,6 +11,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import BinaryIO, cast
 
 from .capture import LiveCapture
@@ -53,10 +54,13 @@ class KubePodCapture:
         self._orphans: list[ExecProcess] = []
         self._finished = False  # the final stop has begun: a start still under way must undo itself
         self._last: ExecProcess | None = None  # the latest capture, kept after its stop for its exit counters
+        self._unconfirmed: set[int] = set()  # remote tcpdump PIDs not yet seen stopped
 
     def start(self) -> BinaryIO:
         proc = start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter)
         with self._lock:
+            if proc.remote_pid is not None:
+                self._unconfirmed.add(proc.remote_pid)
             finished = self._finished
             if not finished:
                 self._proc = self._last = proc
@@ -70,6 +74,19 @@ class KubePodCapture:
                  proc.protocol)
         return cast(BinaryIO, proc.stdout)
 
+    def leftover_hints(self) -> list[str]:
+        """How to stop, by hand, each tcpdump of this pod not yet seen stopped (for an exit that cannot wait)."""
+        with self._lock:
+            pids = sorted(self._unconfirmed)
+        t = self.target
+        return [f"tcpdump (pid {pid}) may still run in pod {self.name}: stop it with kubectl exec -n {t.namespace} "
+                f"{t.pod} -c {self.tap.name} -- kill {pid}" for pid in pids]
+
+    def _stop_remote(self, proc: ExecProcess) -> None:
+        stop_remote(self.conn, self.target, self.tap, proc)  # raises when it cannot tell the process is gone
+        with self._lock:
+            self._unconfirmed.discard(proc.remote_pid or -1)
+
     def lost_packets(self) -> int:
         # Called by the thread that read the stream to its end: tcpdump's exit counters came before that end.
         with self._lock:
@@ -81,7 +98,7 @@ class KubePodCapture:
             orphans, self._orphans = self._orphans, []
         for proc in orphans:
             try:
-                stop_remote(self.conn, self.target, self.tap, proc)
+                self._stop_remote(proc)
             except MirrorError as exc:
                 if final:
                     self.stop_errors.append(exc)
@@ -103,7 +120,7 @@ class KubePodCapture:
         try:
             try:
                 # Closing the stream is not enough: kubelets leave exec'd processes running.
-                stop_remote(self.conn, self.target, self.tap, proc)
+                self._stop_remote(proc)
             except MirrorError:
                 if gap:
                     # The API server is unreachable (that is likely why the stream dropped): the next start, or
@@ -178,17 +195,23 @@ def run_live(args: argparse.Namespace) -> int:
         pods = [KubePodCapture(conn, t, _tap(conn, t, args), args.filter) for t in targets]
         capture = LiveCapture(pods)
         capture.start()
-        if not args.quiet:
-            where = str(dest) if dest else f"capture only, {_capture_path(args, targets)}"
-            print(f"mirroring {describe(targets)} -> {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        # Installed before the "mirroring" line: a Ctrl-C from then on is the graceful stop it announces.
+        stop = StopFlag(on_force=lambda: _leftover_warnings(pods))
+        stop.install()
         failure: MirrorError | None = None
         try:
+            if not args.quiet:
+                where = str(dest) if dest else f"capture only, {_capture_path(args, targets)}"
+                print(f"mirroring {describe(targets)} -> {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
             if dest is not None and tshark is not None:
-                summary, failure = _mirror(capture, args, targets, dest, tshark)
+                summary, failure = _mirror(capture, stop, args, targets, dest, tshark)
             else:
-                summary = _capture_only(capture, args, targets)
+                summary = _capture_only(capture, stop, args, targets)
         finally:
-            capture.stop(reader_done=True)
+            try:
+                capture.stop(reader_done=True)
+            finally:
+                stop.uninstall()  # only now: a second Ctrl-C while tcpdump is being stopped still says what it left
         summary.warnings.extend(warning for pod in pods for warning in pod.warnings)
         summary.warnings.extend(err.message for pod in pods for err in pod.stop_errors)
         summary.warnings.extend(err.message for err in capture.errors)
@@ -226,8 +249,22 @@ def _writer(path: str, quiet: bool = False) -> PcapWriter:
     return PcapWriter(path)
 
 
-def _mirror(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTarget], dest: Destination,
-            tshark: TsharkInfo) -> tuple[Summary, MirrorError | None]:
+def _begin_stop(capture: LiveCapture, *, interrupted: bool, quiet: bool) -> None:
+    if interrupted and not quiet:
+        print("stopping: tcpdump in the pod sends what it still holds (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+    threading.Thread(target=capture.stop, daemon=True).start()
+
+
+def _leftover_warnings(pods: Sequence[KubePodCapture]) -> None:
+    """The second Ctrl-C leaves now: say which tcpdump may be left running, and how to stop it."""
+    for pod in pods:
+        for hint in pod.leftover_hints():
+            print(f"warning: {hint}", file=sys.stderr, flush=True)
+
+
+def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, targets: list[PodTarget],
+            dest: Destination, tshark: TsharkInfo) -> tuple[Summary, MirrorError | None]:
     """Run the engine on the live stream; the error that stopped it comes back beside the summary."""
     tee = _writer(args.write, args.quiet) if args.write else None
     options = EngineOptions(
@@ -240,8 +277,9 @@ def _mirror(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTar
         duration=args.duration,
         max_packets=args.count,
         gaps=capture.pop_gaps,
-        # Called from the loop or a signal handler: only start the stop, the loop reads what still comes.
-        on_stop=lambda: threading.Thread(target=capture.stop, daemon=True).start(),
+        # Called from the loop: only start the stop, the loop reads what still comes.
+        on_stop=lambda: _begin_stop(capture, interrupted=stop.interrupted, quiet=args.quiet),
+        stop=stop,
         http=shadow_options(args),
     )
     status = status_line(args, options.http)
@@ -264,12 +302,13 @@ def _mirror(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTar
     return summary, failure
 
 
-def _capture_only(capture: LiveCapture, args: argparse.Namespace, targets: list[PodTarget]) -> Summary:
+def _capture_only(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, targets: list[PodTarget]) -> Summary:
     """No --to: write the capture (what ksniff users expect) and count what went by."""
     path = _capture_path(args, targets)
     writer = _writer(path, args.quiet)
-    stop = StopFlag(on_first=lambda: threading.Thread(target=capture.stop, daemon=True).start())
-    stop.install()
+    if stop.requested:  # Ctrl-C came before this loop
+        _begin_stop(capture, interrupted=stop.interrupted, quiet=args.quiet)
+    stop.on_first = lambda: _begin_stop(capture, interrupted=True, quiet=args.quiet)
     started = time.monotonic()
     timer: threading.Timer | None = None
     if args.duration is not None:
@@ -295,7 +334,6 @@ def _capture_only(capture: LiveCapture, args: argparse.Namespace, targets: list[
     finally:
         if timer is not None:
             timer.cancel()
-        stop.uninstall()
         writer.close()
     if path != "-" and not args.quiet:
         print(f"wrote {packets} packets to {path}", file=sys.stderr)

@@ -63,6 +63,8 @@ class EngineOptions:
     # Live: gaps in a pod's stream (flows to that pod end as incomplete), and how a stop reaches the capture.
     gaps: Callable[[], list[Gap]] | None = None
     on_stop: Callable[[], None] | None = None
+    # The run's Ctrl-C flag when the caller installed it earlier (live: before it says "mirroring").
+    stop: StopFlag | None = None
     stop_grace: float = 10.0  # after on_stop, how long the rest of the stream may take to arrive
     # HTTP mode (--http and what implies it); None: byte mode, where nothing below the flow table parses HTTP.
     http: ShadowOptions | None = None
@@ -91,7 +93,10 @@ class StopFlag:
     requested: bool = False
     reason: str = ""
     on_first: Callable[[], None] | None = None  # called from the signal handler: must only start things
+    # Called on the second Ctrl-C, just before the process exits: says what the hurry leaves behind.
+    on_force: Callable[[], None] | None = None
     _previous: object = field(default=None, repr=False)
+    _installed: int = field(default=0, repr=False)  # install() calls not yet undone: only the outermost counts
 
     def request(self, reason: str) -> None:
         if not self.requested:
@@ -105,19 +110,29 @@ class StopFlag:
         def on_sigint(signum: int, frame: FrameType | None) -> None:
             if self.requested and self.reason == "interrupted":
                 # The second Ctrl-C: the user wants out now, whatever is still buffered.
+                if self.on_force is not None:
+                    try:
+                        self.on_force()
+                    except Exception:  # leaving now matters more than a hint
+                        pass
                 os._exit(EXIT_INTERRUPTED)
             self.requested, self.reason = True, "interrupted"
             if self.on_first is not None:
                 self.on_first()
 
+        self._installed += 1
+        if self._installed > 1:
+            return
         try:
             self._previous = signal.signal(signal.SIGINT, on_sigint)
         except ValueError:  # not the main thread (tests running the engine in a thread)
             self._previous = None
 
     def uninstall(self) -> None:
-        if self._previous is not None:
+        self._installed = max(0, self._installed - 1)
+        if self._installed == 0 and self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+            self._previous = None
 
 
 class Engine:
@@ -140,7 +155,7 @@ class Engine:
         self._comparing = self.shadow is not None and self.shadow.comparing
         self.replayer = Replayer(options.dest, replay)
         self.builder = SummaryBuilder(source=source_name, target=str(options.dest))
-        self.stop = StopFlag()
+        self.stop = options.stop if options.stop is not None else StopFlag()
         self._pacer = _Pacer(options.speed)
         self._last_ts: float | None = None
         self._last_tick_ts: float = 0.0
