@@ -628,6 +628,25 @@ def test_exec_path_prepend_stands_in_a_binary(fc: FakeCluster, netpod: PodNetns,
 
 
 @pytest.mark.netns
+@pytest.mark.parametrize("upgrade_verb", ["create", "get"])
+def test_exec_upgrade_is_authorized_as_the_servers_version_does(fc: FakeCluster, netpod: PodNetns,
+                                                                 upgrade_verb: str) -> None:
+    # Kubernetes >= 1.31 checks "create" on pods/exec for the WebSocket GET, older servers "get": the README's
+    # Role grants both, and each is needed by one generation.
+    fc.exec_upgrade_verb = upgrade_verb
+    other = "get" if upgrade_verb == "create" else "create"
+    fc.allow_only([(other, "pods", "exec")])
+    with pytest.raises(websocket.WebSocketBadStatusException) as denied:
+        ws_exec(fc, "default", "web-1", ["true"])
+    assert denied.value.status_code == 403
+    status = json.loads(denied.value.resp_body or b"{}")
+    assert status["reason"] == "Forbidden"
+    assert f'cannot {upgrade_verb} resource "pods/exec"' in status["message"], status
+    fc.allow_only([(upgrade_verb, "pods", "exec")])
+    assert ws_exec(fc, "default", "web-1", ["echo", "ok"]).stdout == b"ok\n"
+
+
+@pytest.mark.netns
 def test_exit_kills_what_is_left(tmp_path: Path, netns: PodNetns) -> None:
     with FakeCluster(tmp_path) as cluster:
         cluster.add_pod("default", "web-1", containers=WEB, netns=netns.name)

@@ -147,6 +147,14 @@ class FakeCluster:
         self.settings.tap_start_delay = value
 
     @property
+    def exec_upgrade_verb(self) -> str:
+        return self.settings.exec_upgrade_verb
+
+    @exec_upgrade_verb.setter
+    def exec_upgrade_verb(self, value: str) -> None:
+        self.settings.exec_upgrade_verb = value
+
+    @property
     def exec_kill_on_disconnect(self) -> bool:
         return self.settings.exec_kill_on_disconnect
 

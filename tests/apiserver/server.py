@@ -128,6 +128,8 @@ class ApiServer:
         if sub == "ephemeralcontainers" and self.settings.no_ephemeral_containers:
             raise no_such_path()
         verb = self.verb(request, name)
+        if sub == "exec" and request.method == "GET":
+            verb = self.settings.exec_upgrade_verb  # the WebSocket upgrade; a POST (SPDY) is "create" anyway
         if not self.settings.allowed(verb, res.name, sub):
             raise rbac_forbidden(self.settings.user, verb, res.name, sub, res.group, ns, name)
         if sub == "exec":

@@ -18,6 +18,9 @@ class Settings:
     image_pull_failure_prefix: str | None = None
     tap_start_delay: float = 0.3
     exec_kill_on_disconnect: bool = False
+    # The RBAC verb a WebSocket exec (an HTTP GET upgrade) needs on pods/exec: "create" since Kubernetes 1.31
+    # (the AuthorizePodWebsocketUpgradeCreatePermission gate), "get" on older API servers.
+    exec_upgrade_verb: str = "create"
     # Directories put in front of PATH for exec'd commands: lets a test stand in its own binaries (a generator
     # named tcpdump) without touching the host's.
     exec_path_prepend: list[str] = field(default_factory=list)
