@@ -14,11 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from .errors import ClusterError, UsageError
-from .kubeconfig import Connection, api_errors, api_failure, api_message
+from .kubeconfig import Connection, api_errors, api_failure, api_message, api_request
 from .target import ContainerStatus, Pod, PodTarget
 
 # nicolaka/netshoot v0.11 pinned by digest: it ships tcpdump, sh, kill and sleep in one widely mirrored image
@@ -123,10 +122,13 @@ def _choose(pod: Pod, base: str, image: str) -> tuple[str, dict[str, Any] | None
                        f"{base}-{MAX_NAMES}); something kills them: check kubectl describe pod {pod.metadata.name}")
 
 
+POD_PATH = "/api/v1/namespaces/{namespace}/pods/{name}"
+
+
 def _read_pod(conn: Connection, namespace: str, pod: str) -> Pod:
     try:
         with api_errors(conn):
-            resp: Any = k8s.CoreV1Api(conn.api_client).read_namespaced_pod(pod, namespace, _preload_content=False)
+            resp: Any = api_request(conn, "GET", POD_PATH, {"namespace": namespace, "name": pod})
     except ApiException as exc:
         raise api_failure(exc, conn, verb="get", resource="pods", namespace=namespace, name=pod) from None
     return Pod.model_validate(json.loads(resp.data))
@@ -139,16 +141,16 @@ def _patch(conn: Connection, pod: Pod, spec: dict[str, Any]) -> Pod:
         "spec": {"ephemeralContainers": [spec]},
     }
     with api_errors(conn):
-        resp: Any = k8s.CoreV1Api(conn.api_client).patch_namespaced_pod_ephemeralcontainers(
-            pod.metadata.name, pod.metadata.namespace, body,
-            _content_type="application/strategic-merge-patch+json", _preload_content=False)
+        resp: Any = api_request(conn, "PATCH", POD_PATH + "/ephemeralcontainers",
+                                {"namespace": pod.metadata.namespace, "name": pod.metadata.name}, body=body,
+                                content_type="application/strategic-merge-patch+json")
     return Pod.model_validate(json.loads(resp.data))
 
 
 def _namespace_label(conn: Connection, namespace: str) -> str | None:
     try:
         with api_errors(conn):
-            resp: Any = k8s.CoreV1Api(conn.api_client).read_namespace(namespace, _preload_content=False)
+            resp: Any = api_request(conn, "GET", "/api/v1/namespaces/{name}", {"name": namespace})
     except (ApiException, ClusterError):
         return None  # reading namespaces is often not allowed: the admission message is enough
     labels = (json.loads(resp.data).get("metadata") or {}).get("labels") or {}
@@ -244,7 +246,6 @@ def _waiting_reason(tap: Tap, pod: Pod | None) -> str:
 
 def _wait_running(conn: Connection, tap: Tap, pod: Pod, deadline: float, timeout: float) -> None:
     """Watch the pod until the tap runs, fails, or the deadline passes."""
-    api = k8s.CoreV1Api(conn.api_client)
     last: Pod | None = pod
     for _ in range(1000):  # each round is one watch request; rounds end early only on server timeouts
         if last is not None and _check(tap, last):
@@ -255,10 +256,13 @@ def _wait_running(conn: Connection, tap: Tap, pod: Pod, deadline: float, timeout
         rv = last.metadata.resource_version if last is not None else ""
         try:
             with api_errors(conn):
-                resp: Any = api.list_namespaced_pod(
-                    tap.namespace, field_selector=f"metadata.name={tap.pod}", watch=True, resource_version=rv,
-                    timeout_seconds=max(1, int(remaining) + 1), allow_watch_bookmarks=False,
-                    _preload_content=False, _request_timeout=(min(remaining, 30.0), remaining))
+                query = [("fieldSelector", f"metadata.name={tap.pod}"), ("watch", "true"),
+                         ("timeoutSeconds", str(max(1, int(remaining) + 1))), ("allowWatchBookmarks", "false")]
+                if rv:
+                    query.append(("resourceVersion", rv))
+                resp: Any = api_request(conn, "GET", "/api/v1/namespaces/{namespace}/pods",
+                                        {"namespace": tap.namespace}, query=query,
+                                        timeout=(min(remaining, 30.0), remaining))
         except ApiException as exc:
             if exc.status == 410:
                 last = _read_pod(conn, tap.namespace, tap.pod)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ClusterError, UsageError
-from .kubeconfig import Connection, api_errors, api_failure
+from .kubeconfig import Connection, api_errors, api_failure, api_request
 
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 
@@ -168,27 +166,25 @@ class Kind:
     name: str  # kubectl's singular name
     plural: str  # as the server names it in messages: deployments.apps
     aliases: tuple[str, ...]
-    read: Callable[[k8s.ApiClient, str, str], Any]
+    path: str  # the object's REST path, a template over {namespace} and {name}
 
 
-def _reader(api: type[Any], method: str) -> Callable[[k8s.ApiClient, str, str], Any]:
-    def read(client: k8s.ApiClient, name: str, namespace: str) -> Any:
-        return getattr(api(client), method)(name, namespace, _preload_content=False)
+def _core(plural: str) -> str:
+    return f"/api/v1/namespaces/{{namespace}}/{plural}/{{name}}"
 
-    return read
+
+def _group(group: str, plural: str) -> str:
+    return f"/apis/{group}/v1/namespaces/{{namespace}}/{plural}/{{name}}"
 
 
 KINDS: tuple[Kind, ...] = (
-    Kind("pod", "pods", ("po", "pods"), _reader(k8s.CoreV1Api, "read_namespaced_pod")),
-    Kind("deployment", "deployments.apps", ("deploy", "deployments"),
-         _reader(k8s.AppsV1Api, "read_namespaced_deployment")),
-    Kind("statefulset", "statefulsets.apps", ("sts", "statefulsets"),
-         _reader(k8s.AppsV1Api, "read_namespaced_stateful_set")),
-    Kind("daemonset", "daemonsets.apps", ("ds", "daemonsets"), _reader(k8s.AppsV1Api, "read_namespaced_daemon_set")),
-    Kind("replicaset", "replicasets.apps", ("rs", "replicasets"),
-         _reader(k8s.AppsV1Api, "read_namespaced_replica_set")),
-    Kind("job", "jobs.batch", ("jobs",), _reader(k8s.BatchV1Api, "read_namespaced_job")),
-    Kind("service", "services", ("svc", "services"), _reader(k8s.CoreV1Api, "read_namespaced_service")),
+    Kind("pod", "pods", ("po", "pods"), _core("pods")),
+    Kind("deployment", "deployments.apps", ("deploy", "deployments"), _group("apps", "deployments")),
+    Kind("statefulset", "statefulsets.apps", ("sts", "statefulsets"), _group("apps", "statefulsets")),
+    Kind("daemonset", "daemonsets.apps", ("ds", "daemonsets"), _group("apps", "daemonsets")),
+    Kind("replicaset", "replicasets.apps", ("rs", "replicasets"), _group("apps", "replicasets")),
+    Kind("job", "jobs.batch", ("jobs",), _group("batch", "jobs")),
+    Kind("service", "services", ("svc", "services"), _core("services")),
 )
 
 
@@ -226,7 +222,7 @@ def _json(resp: Any) -> dict[str, Any]:
 def _read(conn: Connection, kind: Kind, name: str, namespace: str) -> dict[str, Any]:
     try:
         with api_errors(conn):
-            return _json(kind.read(conn.api_client, name, namespace))
+            return _json(api_request(conn, "GET", kind.path, {"namespace": namespace, "name": name}))
     except ApiException as exc:
         raise api_failure(exc, conn, verb="get", resource=kind.plural, namespace=namespace, name=name) from None
 
@@ -234,8 +230,8 @@ def _read(conn: Connection, kind: Kind, name: str, namespace: str) -> dict[str, 
 def list_pods(conn: Connection, namespace: str, selector: str) -> list[Pod]:
     try:
         with api_errors(conn):
-            resp = k8s.CoreV1Api(conn.api_client).list_namespaced_pod(namespace, label_selector=selector,
-                                                                      _preload_content=False)
+            resp = api_request(conn, "GET", "/api/v1/namespaces/{namespace}/pods", {"namespace": namespace},
+                               query=[("labelSelector", selector)] if selector else ())
     except ApiException as exc:
         raise api_failure(exc, conn, verb="list", resource="pods", namespace=namespace) from None
     return sorted((Pod.model_validate(item) for item in _json(resp).get("items") or []),
@@ -249,7 +245,7 @@ def _node_os(conn: Connection, pod: Pod) -> str | None:
         return None
     try:
         with api_errors(conn):
-            node = _json(k8s.CoreV1Api(conn.api_client).read_node(pod.spec.node_name, _preload_content=False))
+            node = _json(api_request(conn, "GET", "/api/v1/nodes/{name}", {"name": pod.spec.node_name}))
     except ApiException:
         return None  # many users may not read nodes: then only spec.os can tell
     labels = (node.get("metadata") or {}).get("labels") or {}
