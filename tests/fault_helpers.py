@@ -5,13 +5,9 @@ purpose, and the CLI as a watched subprocess (its children, its peak memory).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.cli_run import CliRun, wait_for
 from tests.dissect_helpers import ethernet, tcp_ip
-from tests.netlab.lab import CLI, REPO
 from tests.netlab.listener import close_listener
 
 CLIENT_IP, SERVER_IP, SERVER_PORT = "192.0.2.10", "192.0.2.80", 80
@@ -202,37 +198,7 @@ def target(port: int = 0, policy: Policy = read_all) -> Iterator[Target]:
         t.kill()
 
 
-# ---- the CLI as a watched subprocess ---------------------------------------------------------------------
-
-
-def cli_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-
-
-def children(pid: int) -> list[tuple[int, str]]:
-    """(pid, comm) of every live descendant of `pid`, from /proc (zombies left out: they hold nothing)."""
-    table: dict[int, tuple[int, str, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        rest = stat[stat.rindex(")") + 2 :].split()
-        table[int(entry)] = (int(rest[1]), comm, rest[0])
-    out: list[tuple[int, str]] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for child, (ppid, comm, state) in table.items():
-            if ppid == parent:
-                todo.append(child)
-                if state != "Z":
-                    out.append((child, comm))
-    return out
+# ---- processes ------------------------------------------------------------------------------------------
 
 
 def processes_named(comm: str) -> set[int]:
@@ -249,139 +215,14 @@ def processes_named(comm: str) -> set[int]:
     return found
 
 
-def vm_hwm(pid: int) -> int | None:
-    """Peak resident memory of a process in bytes (VmHWM), None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-    peak_rss: int = 0
-    tshark_pids: set[int] = field(default_factory=set)
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        return dict(json.loads(self.stdout))
-
-    @property
-    def connections(self) -> dict[str, int]:
-        return dict(self.summary["connections"])
-
-    def error_lines(self) -> list[str]:
-        return [ln for ln in self.stderr.splitlines() if ln.startswith("error:")]
-
-
-class Run:
-    """The CLI in the background, watched: stderr lines as they come, its tshark children, its peak RSS."""
-
-    def __init__(self, args: Sequence[str], *, stdin: Any = subprocess.DEVNULL) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(CLI), *args], cwd=REPO, stdin=stdin,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
-        self.pid = self.proc.pid
-        self._lines: list[str] = []
-        self._out = bytearray()
-        self._lock = threading.Lock()
-        self.peak_rss = 0
-        self.tshark_pids: set[int] = set()
-        self._watching = True
-        self._threads = [threading.Thread(target=self._read_err, daemon=True),
-                         threading.Thread(target=self._read_out, daemon=True),
-                         threading.Thread(target=self._watch, daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            with self._lock:
-                self._lines.append(raw.decode(errors="replace"))
-
-    def _read_out(self) -> None:
-        assert self.proc.stdout is not None
-        for chunk in iter(lambda: self.proc.stdout.read1(65536) if self.proc.stdout else b"", b""):
-            with self._lock:
-                self._out += chunk
-
-    def _watch(self) -> None:
-        # VmHWM only grows, so the last value read before the process ends is its peak (to within one poll).
-        while self._watching and self.proc.poll() is None:
-            hwm = vm_hwm(self.pid)
-            if hwm is not None:
-                self.peak_rss = max(self.peak_rss, hwm)
-            self.tshark_pids |= {p for p, comm in children(self.pid) if comm == "tshark"}
-            time.sleep(0.05)
-
-    @property
-    def stderr(self) -> str:
-        with self._lock:
-            return "".join(self._lines)
-
-    def wait_line(self, text: str, timeout: float) -> bool:
-        """Until a stderr line contains `text` (bounded); False if it never came or the run ended first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.stderr:
-                return True
-            if self.proc.poll() is not None:
-                time.sleep(0.2)  # let the reader catch the last lines
-                return text in self.stderr
-            time.sleep(0.02)
-        return False
-
-    def tsharks(self) -> list[int]:
-        return [p for p, comm in children(self.pid) if comm == "tshark"]
-
-    def interrupt(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-
-    def finish(self, timeout: float = 60.0) -> Result:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"the CLI did not exit within {timeout:g}s; stderr:\n{self.stderr}") from None
-        self._watching = False
-        for t in self._threads:
-            t.join(10.0)
-        with self._lock:
-            out = bytes(self._out)
-        return Result(self.proc.returncode, out.decode(errors="replace"), self.stderr, self.peak_rss,
-                      set(self.tshark_pids))
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @contextlib.contextmanager
-def cli(args: Sequence[str], **kwargs: Any) -> Iterator[Run]:
-    run = Run(args, **kwargs)
+def cli(args: Sequence[str], **kwargs: Any) -> Iterator[CliRun]:
+    """The CLI, watched (peak memory, tshark children); killed on the way out if a test failed half-way."""
+    run = CliRun(args, watch=True, **kwargs)
     try:
         yield run
     finally:
-        run.kill()  # a failing test never leaves the CLI behind
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
+        run.kill()
 
 
 def gone(pids: set[int], timeout: float = 5.0) -> bool:

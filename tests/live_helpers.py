@@ -8,10 +8,6 @@ starts through exec sees exactly what a real pod's interface would.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.apiserver import FakeCluster, PodNetns
+from tests.cli_run import CliRun, Finished, cli_env
 from tests.netlab.lab import CLI, REPO, NsRecorder
 from tests.netlab.netns import Netns
 from tests.netlab.recorder import ConnRecord
@@ -34,7 +31,6 @@ HTTP_CONTAINER: dict[str, Any] = {"name": "web", "image": "nginx:1.27",
 # Every wait in these tests is bounded by one of these; none of them is asserted as a timing.
 START_TIMEOUT = 60.0  # until "mirroring ..." (tap added and running, tcpdump listening)
 RUN_TIMEOUT = 60.0  # until the CLI exits after it was told to stop
-MIRRORING = re.compile(r"^mirroring (?P<ns>[^/\s]+)/(?P<pod>\S+):(?P<port>\d+)(?: \(\+(?P<more>\d+) more\))? -> ")
 
 
 # ---- pods that really serve ----------------------------------------------------------------------
@@ -96,121 +92,12 @@ def _stop_quietly(server: NsRecorder) -> None:
         server.proc.wait(10)
 
 
-def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
-    """Poll `predicate()` until true or `timeout` passes; the caller asserts on the result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
 # ---- the CLI as a live subprocess ------------------------------------------------------------------
 
 
-@dataclass
-class Finished:
-    returncode: int
-    stdout: str
-    stderr: str
-    stdout_bytes: bytes = b""
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        return dict(json.loads(self.stdout))
-
-    @property
-    def connections(self) -> dict[str, int]:
-        return dict(self.summary["connections"])
-
-
-def cli_env(path_first: Path | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    if path_first is not None:
-        env["PATH"] = f"{path_first}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-class LiveRun:
-    """`kubectl-mirror ...` running in the background; stderr is read as it comes so the test can sync on it."""
-
-    def __init__(self, args: Sequence[str], *, argv0: Sequence[str] | None = None, env: dict[str, str] | None = None,
-                 stdout_binary: bool = False) -> None:
-        argv = [*(argv0 if argv0 is not None else [sys.executable, str(CLI)]), *args]
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env if env is not None else cli_env())
-        self._stderr: list[str] = []
-        self._stdout = bytearray()
-        self._mirroring = threading.Event()
-        self._lock = threading.Lock()
-        self._readers = [threading.Thread(target=self._read_stderr, daemon=True),
-                         threading.Thread(target=self._read_stdout, daemon=True)]
-        for t in self._readers:
-            t.start()
-        self.stdout_binary = stdout_binary
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace")
-            with self._lock:
-                self._stderr.append(line)
-            if line.startswith("mirroring "):
-                self._mirroring.set()
-        self._mirroring.set()  # EOF: the run ended before (or without) the line; wait_mirroring reports it
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for chunk in iter(lambda: self.proc.stdout.read1(65536) if self.proc.stdout else b"", b""):
-            with self._lock:
-                self._stdout += chunk
-
-    @property
-    def stderr(self) -> str:
-        with self._lock:
-            return "".join(self._stderr)
-
-    def wait_mirroring(self, timeout: float = START_TIMEOUT) -> re.Match[str]:
-        """Until the capture is live (the "mirroring ..." line); fails the test with the CLI's stderr if not."""
-        if not self._mirroring.wait(timeout):
-            self.kill()
-            raise AssertionError(f"no 'mirroring' line within {timeout:g}s; stderr so far:\n{self.stderr}")
-        for line in self.stderr.splitlines():
-            m = MIRRORING.match(line)
-            if m:
-                return m
-        self.finish(10.0)
-        raise AssertionError(f"the CLI ended without a usable 'mirroring' line:\n{self.stderr}")
-
-    def interrupt(self) -> None:
-        """Ctrl-C once: SIGINT to the process (kubectl execs plugins, so it is the plugin itself)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-
-    def finish(self, timeout: float = RUN_TIMEOUT) -> Finished:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"the CLI did not exit within {timeout:g}s; stderr:\n{self.stderr}") from None
-        for t in self._readers:
-            t.join(10.0)
-        with self._lock:
-            out = bytes(self._stdout)
-        return Finished(self.proc.returncode, "" if self.stdout_binary else out.decode(errors="replace"),
-                        self.stderr, out)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @contextlib.contextmanager
-def live_run(args: Sequence[str], **kwargs: Any) -> Iterator[LiveRun]:
-    run = LiveRun(args, **kwargs)
+def live_run(args: Sequence[str], **kwargs: Any) -> Iterator[CliRun]:
+    run = CliRun(args, **kwargs)
     try:
         yield run
     finally:

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from tests.apiserver import FakeCluster
+from tests.cli_run import wait_for
 from tests.http_target import MID_LATE, PIPELINED, Conn, HttpTarget
-from tests.live_helpers import POD_PORT, LiveLab, curl_keepalive, live_run, wait_for
+from tests.live_helpers import POD_PORT, LiveLab, curl_keepalive, live_run
 from tests.netlab import traffic
 from tests.netlab.capture import Capture
 from tests.netlab.lab import REPO, run_cli

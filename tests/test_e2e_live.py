@@ -25,21 +25,19 @@ import pytest
 
 from kubectl_mirror.model import ACK, FIN, PSH, SYN
 from tests.apiserver import FakeCluster
+from tests.cli_run import Finished, cli_env, wait_for
 from tests.dissect_helpers import ethernet, tcp_ip
 from tests.live_helpers import (
     HTTP_CONTAINER,
     POD_PORT,
-    Finished,
     HalfOpen,
     LiveLab,
     assert_one_line_error,
-    cli_env,
     curl_keepalive,
     live_run,
     pcap_packet_count,
     raw_conns,
     run_once,
-    wait_for,
 )
 from tests.netlab.lab import REPO, contents, without_probe
 from tests.netlab.recorder import ConnRecord, Recorder

@@ -24,17 +24,16 @@ from typing import Any
 import pytest
 
 from tests.apiserver import FakeCluster, PodNetns
+from tests.cli_run import Finished, wait_for
 from tests.fault_helpers import (
     Conn,
     Received,
-    Result,
     Target,
     cli,
     gone,
     payload,
     processes_named,
     target,
-    wait_for,
     write_pcap,
 )
 from tests.netlab.lab import NsRecorder
@@ -43,11 +42,11 @@ from tests.netlab.netns import Netns
 # ---- shared checks ---------------------------------------------------------------------------------------
 
 
-def assert_no_traceback(result: Result) -> None:
+def assert_no_traceback(result: Finished) -> None:
     assert "Traceback" not in result.stderr, result.stderr
 
 
-def assert_one_error_line(result: Result, *words: str) -> str:
+def assert_one_error_line(result: Finished, *words: str) -> str:
     """Exactly one `error:` line on stderr, naming every one of `words`, and no traceback."""
     assert_no_traceback(result)
     errors = result.error_lines()
@@ -81,7 +80,7 @@ def assert_only_prefixes(received: Sequence[Received], sent: Sequence[bytes],
     return whole, cut
 
 
-def tshark_leftovers(result: Result) -> None:
+def tshark_leftovers(result: Finished) -> None:
     assert result.tshark_pids, "the run never started tshark: the scenario did not happen"
     assert gone(result.tshark_pids), f"tshark outlived the run: {result.tshark_pids}"
 
@@ -229,7 +228,7 @@ def cut_capture(tmp_path: Path) -> tuple[bytes, list[bytes], int]:
     return data[: (start + end) // 2], [c.payload for c in conns], 5
 
 
-def assert_cut_delivery(result: Result, records: list[Received], sent: list[bytes], whole: int) -> None:
+def assert_cut_delivery(result: Finished, records: list[Received], sent: list[bytes], whole: int) -> None:
     assert result.returncode == 1, result.stderr
     assert_one_error_line(result)
     got_whole, cut = assert_only_prefixes(records, sent)
@@ -279,7 +278,7 @@ def many_packets(tmp_path: Path) -> tuple[Path, list[bytes]]:
     return pcap, [c.payload for c in conns]
 
 
-def kill_tshark_mid_run(tmp_path: Path) -> tuple[Result, list[Received], list[bytes]]:
+def kill_tshark_mid_run(tmp_path: Path) -> tuple[Finished, list[Received], list[bytes]]:
     pcap, sent = many_packets(tmp_path)
     with target() as t:
         with cli(replay_args(pcap, t.port, "--speed", "1")) as run:
@@ -307,7 +306,7 @@ def test_replay_tshark_killed_flows_in_flight_are_reset(tmp_path: Path) -> None:
     assert_only_prefixes(records, sent)
 
 
-def interrupt_replay(tmp_path: Path) -> tuple[Result, list[Received], list[bytes]]:
+def interrupt_replay(tmp_path: Path) -> tuple[Finished, list[Received], list[bytes]]:
     pcap, sent = many_packets(tmp_path)
     with target() as t:
         with cli(replay_args(pcap, t.port, "--speed", "1")) as run:
@@ -439,7 +438,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(small)], check=False, timeout=10)
 
 
-def fill_disk_live(live: Live, out: Path) -> Result:
+def fill_disk_live(live: Live, out: Path) -> Finished:
     with cli(live.args("-w", str(out), "--json")) as run:
         assert run.wait_line("mirroring", 60.0), run.stderr
         # Well over 64 KiB of packets, sent until the run gives up on its own (bounded).
@@ -519,7 +518,7 @@ def black_hole_kubeconfig(fc: FakeCluster, tmp_path: Path, port: int) -> Path:
     return path
 
 
-def assert_clean_interrupt(result: Result, live: Live, tsharks_before: set[int]) -> None:
+def assert_clean_interrupt(result: Finished, live: Live, tsharks_before: set[int]) -> None:
     assert_no_traceback(result)
     assert result.returncode in (0, 130), result.stderr
     assert not result.error_lines(), result.stderr

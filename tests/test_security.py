@@ -22,17 +22,15 @@ from typing import Any
 import pytest
 
 from tests.apiserver import FakeCluster
+from tests.cli_run import Finished, cli_env, wait_for
 from tests.live_helpers import (
     HTTP_CONTAINER,
     POD_PORT,
-    Finished,
     LiveLab,
     assert_one_line_error,
-    cli_env,
     live_run,
     raw_connection,
     run_once,
-    wait_for,
 )
 from tests.netlab.lab import CLI, REPO, contents, without_probe
 from tests.netlab.recorder import Recorder

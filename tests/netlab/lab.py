@@ -53,11 +53,12 @@ class NsRecorder:
 
 
 @dataclass
-class ReplayResult:
+class CliOutput:
+    """What a finished CLI run printed; `summary` is its --json summary."""
+
     returncode: int
     stdout: str
     stderr: str
-    records: list[ConnRecord] = field(default_factory=list)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -66,6 +67,11 @@ class ReplayResult:
     @property
     def connections(self) -> dict[str, int]:
         return dict(self.summary["connections"])
+
+
+@dataclass
+class ReplayResult(CliOutput):
+    records: list[ConnRecord] = field(default_factory=list)
 
 
 def run_cli(args: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
