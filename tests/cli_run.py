@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.netlab.lab import CLI, REPO, CliOutput
+from tests.proctable import memory, proc_table, tree
 
 MIRRORING_PREFIX = "mirroring "  # the live mode's "capture is live" line
 MIRRORING = re.compile(r"^mirroring (?P<ns>[^/\s]+)/(?P<pod>\S+):(?P<port>\d+)(?: \(\+(?P<more>\d+) more\))? -> ")
@@ -54,41 +55,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
 
 
 def children(pid: int) -> list[tuple[int, str]]:
-    """(pid, comm) of every live descendant of `pid`, from /proc (zombies left out: they hold nothing)."""
-    table: dict[int, tuple[int, str, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        rest = stat[stat.rindex(")") + 2 :].split()
-        table[int(entry)] = (int(rest[1]), comm, rest[0])
-    out: list[tuple[int, str]] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for child, (ppid, comm, state) in table.items():
-            if ppid == parent:
-                todo.append(child)
-                if state != "Z":
-                    out.append((child, comm))
-    return out
-
-
-def vm_hwm(pid: int) -> int | None:
-    """Peak resident memory of a process in bytes (VmHWM), None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """(pid, comm) of every live descendant of `pid` (zombies left out: they hold nothing)."""
+    table = proc_table()
+    return [(p, table[p].comm) for p in tree(pid, table)[1:] if table[p].state != "Z"]
 
 
 class CliRun:
@@ -134,9 +103,9 @@ class CliRun:
     def _watch(self) -> None:
         # VmHWM only grows, so the last value read before the process ends is its peak (to within one poll).
         while self._watching and self.proc.poll() is None:
-            hwm = vm_hwm(self.pid)
-            if hwm is not None:
-                self.peak_rss = max(self.peak_rss, hwm)
+            mem = memory(self.pid)
+            if mem is not None:
+                self.peak_rss = max(self.peak_rss, mem[1])
             self.tshark_pids |= {p for p, comm in children(self.pid) if comm == "tshark"}
             time.sleep(0.05)
 

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))  # tests.netlab, when run as a script
 from tests.bench import http_bench, live_bench  # noqa: E402
 from tests.netlab.capture import LINKTYPE_EN10MB, Capture, pcap_linktype  # noqa: E402
 from tests.netlab.netns import Link, veth_lab  # noqa: E402
+from tests.proctable import is_dissecting_tshark, memory, proc_table, tree  # noqa: E402
 
 GEN_VERSION = "2"  # 2: MTU-sized segments (gso_max_segs 1)
 CACHE = REPO / "bench" / "out"
@@ -220,43 +221,6 @@ def ensure_capture(spec: Spec, regenerate: bool) -> tuple[Path, dict[str, Any]]:
 # ---- measuring a process tree ---------------------------------------------------------------------------------
 
 
-def _proc_table() -> tuple[dict[int, list[int]], dict[int, int]]:
-    """Children of every process, and every process's CPU time (utime + stime, in clock ticks)."""
-    kids: dict[int, list[int]] = {}
-    cpu: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue  # exited meanwhile
-        # comm may hold spaces and parentheses: the fields after it start after the last ")".
-        rest = stat[stat.rindex(")") + 2 :].split()
-        pid = int(name)
-        kids.setdefault(int(rest[1]), []).append(pid)
-        cpu[pid] = int(rest[11]) + int(rest[12])
-    return kids, cpu
-
-
-def _status(pid: int) -> tuple[str, int, int] | None:
-    """(name, VmHWM kB, VmRSS kB); None once the process is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            text = f.read()
-    except OSError:
-        return None
-    vals: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, val = line.partition(":")
-        if key in ("Name", "VmHWM", "VmRSS"):
-            vals[key] = val.strip()
-    if "VmHWM" not in vals:
-        return None
-    return vals["Name"], int(vals["VmHWM"].split()[0]), int(vals.get("VmRSS", "0 kB").split()[0])
-
-
 class TreeSampler(threading.Thread):
     """Every SAMPLE_EVERY: VmHWM/VmRSS of the root process and all its descendants, by pid."""
 
@@ -278,26 +242,17 @@ class TreeSampler(threading.Thread):
             self._halt.wait(SAMPLE_EVERY)
 
     def sample(self) -> None:
-        kids, cpu = _proc_table()
-        todo, tree = [self.root], []
-        for _ in range(10_000):
-            if not todo:
-                break
-            pid = todo.pop()
-            tree.append(pid)
-            todo.extend(kids.get(pid, []))
+        table = proc_table()
         root_rss, tsharks = 0, []
-        for pid in tree:
-            st = _status(pid)
+        for pid in tree(self.root, table):
+            st = memory(pid)
             if st is None:
                 continue
-            name, hwm, rss = st
-            self.cpu[pid] = cpu.get(pid, 0)
-            if name.startswith("tshark") and pid not in self.dissecting and pid != self.root:
-                # find_tshark's version check is a tshark child too: only the ones reading fields count.
-                with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"\0fields\0" in f.read():
-                        self.dissecting.add(pid)
+            name, hwm, rss = st[0], st[1] // 1024, st[2] // 1024  # kB, as the timeline keeps them
+            self.cpu[pid] = table[pid].cpu_ticks if pid in table else 0
+            if name.startswith("tshark") and pid not in self.dissecting and pid != self.root \
+                    and is_dissecting_tshark(pid):
+                self.dissecting.add(pid)
             old = self.peak.get(pid)
             self.peak[pid] = (name, max(hwm, old[1] if old else 0))
             if pid == self.root:

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # tests.*, when run as a script
 
 from tests.apiserver import FakeCluster, PodNetns  # noqa: E402
+from tests.proctable import is_dissecting_tshark, memory, proc_table, tree  # noqa: E402
 from tests.soak.plan import SoakConfig, expected  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -57,34 +58,6 @@ def mark(ok: bool) -> str:
 
 
 # ---- sampling the plugin's process tree ------------------------------------------------------------------
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # comm may hold spaces and parentheses: the fields after it start after the last ")".
-        kids.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(name))
-    return kids
-
-
-def _mem(pid: int) -> tuple[str, int, int] | None:
-    """(name, VmHWM bytes, VmRSS bytes); None once gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            text = f.read()
-    except OSError:
-        return None
-    vals = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    if "VmHWM" not in vals:
-        return None
-    return vals["Name"].strip(), int(vals["VmHWM"].split()[0]) * 1024, int(vals["VmRSS"].split()[0]) * 1024
 
 
 def cpu_seconds(pid: int | str) -> float | None:
@@ -132,31 +105,23 @@ class Sampler(threading.Thread):
             self._halt.wait(SAMPLE_EVERY)
 
     def sample(self) -> None:
-        kids = _children()
-        todo, tree = [self.root], list[int]()
-        while todo and len(tree) < 10_000:
-            pid = todo.pop()
-            tree.append(pid)
-            todo.extend(kids.get(pid, []))
-        for pid in tree:
-            st = _mem(pid)
+        table = proc_table()
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in tree(self.root, table):
+            st = memory(pid)
             if st is None:
                 continue
             name, hwm, rss = st
-            cpu = cpu_seconds(pid)
-            if cpu is not None and (pid == self.root or pid in self.tsharks or name.startswith("tshark")):
-                self.cpu[pid] = cpu
+            if pid in table and (pid == self.root or pid in self.tsharks or name.startswith("tshark")):
+                self.cpu[pid] = table[pid].cpu_ticks / tick
             if pid == self.root:
                 self.plugin_hwm, self.plugin_rss = max(self.plugin_hwm, hwm), rss
                 n = fd_count(pid)
                 if n is not None:
                     self.fds.append(n)
             elif name.startswith("tshark"):
-                if pid not in self.tsharks:
-                    # `tshark -v` (the version check) is a tshark child too: only the ones printing fields count.
-                    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
-                        if b"\0fields\0" not in f.read():
-                            continue
+                if pid not in self.tsharks and not is_dissecting_tshark(pid):
+                    continue
                 self.tsharks[pid] = max(self.tsharks.get(pid, 0), hwm)
 
     def stop(self) -> None:
