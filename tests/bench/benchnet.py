@@ -12,18 +12,44 @@ the replay target of the benchmark, so neither ever shares a GIL with the proces
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import random
 import selectors
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 RECV_SIZE = 256 * 1024
 POOL_SIZE = 8 << 20  # incompressible bytes every connection's payload is sliced from
+
+
+@contextlib.contextmanager
+def server_process(host: str, port: int, max_seconds: float, what: str,
+                   wrap: Callable[[list[str]], list[str]] = list) -> Iterator[int]:
+    """This module's discard server as a process of its own (`wrap` puts it in a network namespace): yields its
+    port once it listens; SIGTERM on the way out, SIGKILL if it lingers."""
+    argv = [sys.executable, __file__, "server", "--host", host, "--port", str(port), "--max-seconds", str(max_seconds)]
+    srv = subprocess.Popen(wrap(argv), stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None
+        line = srv.stdout.readline()  # EOF if it dies: never hangs
+        if not line.startswith("listening"):
+            raise RuntimeError(f"{what} did not start: {line!r}")
+        yield int(line.split()[1])
+    finally:
+        if srv.poll() is None:
+            srv.send_signal(signal.SIGTERM)
+        try:
+            srv.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.communicate(timeout=10)
 
 
 def serve(host: str, port: int, max_seconds: float) -> int:

@@ -28,7 +28,6 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +35,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # tests.apiserver, when run as a script
 
+from tests.bench import benchnet  # noqa: E402
+
 CLI = REPO / "kubectl-mirror"
 BUILD_SCRIPT = REPO / "krew" / "build.py"
-BENCHNET = Path(__file__).resolve().parent / "benchnet.py"
 KUBECTL = "/usr/bin/kubectl"
 
 EXEC_MIB = 500
@@ -299,25 +299,10 @@ class PluginRun:
         return code
 
 
-@contextlib.contextmanager
-def pod_server(netns: str) -> Iterator[None]:
+def pod_server(netns: str) -> contextlib.AbstractContextManager[int]:
     """The pod's application: benchnet's discard server inside the pod's namespace, on the declared port."""
-    srv = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, str(BENCHNET), "server", "--host", "0.0.0.0",
-                            "--port", str(POD_PORT), "--max-seconds", "600"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert srv.stdout is not None
-        line = srv.stdout.readline()  # EOF if it dies: never hangs
-        if not line.startswith("listening"):
-            raise RuntimeError(f"pod server did not start: {line!r}")
-        yield
-    finally:
-        if srv.poll() is None:
-            srv.send_signal(signal.SIGTERM)
-        try:
-            srv.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.communicate(timeout=10)
+    return benchnet.server_process("0.0.0.0", POD_PORT, 600, "pod server",
+                                   wrap=lambda argv: ["ip", "netns", "exec", netns, *argv])
 
 
 def _warm_up(rec: Receiver, pod_ip: str) -> bool:

@@ -23,14 +23,12 @@ import math
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -38,7 +36,7 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # tests.netlab, when run as a script
 
-from tests.bench import http_bench, live_bench  # noqa: E402
+from tests.bench import benchnet, http_bench, live_bench  # noqa: E402
 from tests.netlab.capture import LINKTYPE_EN10MB, Capture, pcap_linktype  # noqa: E402
 from tests.netlab.netns import Link, veth_lab  # noqa: E402
 from tests.proctable import is_dissecting_tshark, memory, proc_table, tree  # noqa: E402
@@ -134,24 +132,8 @@ def tshark_meta(path: Path, timeout: float) -> dict[str, int]:
     return {"packets": packets, "payload": payload, "c2s_payload": c2s, "connections": syns, "truncated": truncated}
 
 
-@contextlib.contextmanager
-def ns_server(link: Link) -> Iterator[subprocess.Popen[str]]:
-    srv = subprocess.Popen(link.server.argv([sys.executable, str(BENCHNET), "server", "--host", "::", "--port",
-                                             str(PORT), "--max-seconds", "1800"]), stdout=subprocess.PIPE, text=True)
-    try:
-        assert srv.stdout is not None
-        line = srv.stdout.readline()  # EOF if it dies: never hangs
-        if not line.startswith("listening"):
-            raise RuntimeError(f"bench server did not start: {line!r}")
-        yield srv
-    finally:
-        if srv.poll() is None:
-            srv.send_signal(signal.SIGTERM)
-        try:
-            srv.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.communicate(timeout=10)
+def ns_server(link: Link) -> contextlib.AbstractContextManager[int]:
+    return benchnet.server_process("::", PORT, 1800, "bench server", wrap=link.server.argv)
 
 
 def capture_once(spec: Spec, part: Path, scale: float) -> tuple[Capture, dict[str, Any]]:
@@ -306,24 +288,9 @@ def timed(argv: list[str], timeout: float, stdin: IO[bytes] | None = None, captu
     return Run(wall, proc.returncode, (out or b"").decode(errors="replace"), err.decode(errors="replace"), sampler)
 
 
-@contextlib.contextmanager
-def discard_server() -> Iterator[int]:
+def discard_server() -> contextlib.AbstractContextManager[int]:
     """The replay target: a separate process, so reading the replayed bytes never takes the plugin's GIL."""
-    srv = subprocess.Popen([sys.executable, str(BENCHNET), "server", "--host", "127.0.0.1", "--port", "0",
-                            "--max-seconds", "3600"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert srv.stdout is not None
-        line = srv.stdout.readline()
-        if not line.startswith("listening"):
-            raise SystemExit(f"discard server did not start: {line!r}")
-        yield int(line.split()[1])
-    finally:
-        srv.send_signal(signal.SIGTERM)
-        try:
-            srv.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.communicate(timeout=10)
+    return benchnet.server_process("127.0.0.1", 0, 3600, "discard server")
 
 
 # ---- the measurements -----------------------------------------------------------------------------------------
