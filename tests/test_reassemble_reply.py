@@ -34,11 +34,8 @@ from kubectl_mirror.model import (
 )
 from kubectl_mirror.pipeline import coalesce
 from kubectl_mirror.reassemble import FlowConfig, FlowTable
+from tests.test_reassemble import CLIENT, MASK, SERVER, feed, one_record, sent
 from tests.test_reassemble_props import Piece, transmissions
-
-MASK = 0xFFFFFFFF
-CLIENT = Endpoint("10.0.0.1", 40000)
-SERVER = Endpoint("10.0.0.2", 8080)
 
 
 class Conn:
@@ -95,29 +92,14 @@ def table(
     return FlowTable(cfg)
 
 
-def feed(t: FlowTable, *segs: Segment) -> list[Action]:
-    out: list[Action] = []
-    for s in segs:
-        out += t.feed(s)
-    return out
-
-
 def replied(actions: list[Action], flow: int | None = None) -> bytes:
     return b"".join(a.data for a in actions if isinstance(a, Reply) and (flow is None or a.flow == flow))
-
-
-def sent(actions: list[Action], flow: int | None = None) -> bytes:
-    return b"".join(a.data for a in actions if isinstance(a, Send) and (flow is None or a.flow == flow))
 
 
 def without_replies(actions: list[Action]) -> list[Action]:
     return [a for a in actions if not isinstance(a, Reply)]
 
 
-def one_record(t: FlowTable) -> FlowRecord:
-    records = t.pop_finished()
-    assert len(records) == 1, records
-    return records[0]
 
 
 def handshake(t: FlowTable, c: Conn) -> None:
