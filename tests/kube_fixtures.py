@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +18,13 @@ def connection(fc: FakeCluster, *extra: str) -> Connection:
     parser = argparse.ArgumentParser()
     add_connection_flags(parser)
     return connect(parser.parse_args(["--kubeconfig", str(fc.kubeconfig), *extra]))
+
+
+@pytest.fixture
+def stack() -> Iterator[contextlib.ExitStack]:
+    """Teardown in reverse order of set-up, for what a test builds step by step (pods, servers, runs)."""
+    with contextlib.ExitStack() as s:
+        yield s
 
 
 @pytest.fixture

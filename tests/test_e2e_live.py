@@ -55,12 +55,6 @@ POD_A, POD_B = "web-7d4b9c-aaaaa", "web-7d4b9c-bbbbb"
 
 
 @pytest.fixture
-def stack() -> Iterator[contextlib.ExitStack]:
-    with contextlib.ExitStack() as s:
-        yield s
-
-
-@pytest.fixture
 def lab(tmp_path: Path, stack: contextlib.ExitStack) -> Iterator[LiveLab]:
     fc = FakeCluster(tmp_path)
     fc.start()

@@ -67,12 +67,6 @@ FORBIDDEN_LINE = re.compile(r"^error: forbidden(?: \(as [^)]*\))?: cannot (?P<ve
 
 
 @pytest.fixture
-def stack() -> Iterator[contextlib.ExitStack]:
-    with contextlib.ExitStack() as s:
-        yield s
-
-
-@pytest.fixture
 def lab(tmp_path: Path, stack: contextlib.ExitStack) -> Iterator[LiveLab]:
     fc = FakeCluster(tmp_path, token=TOKEN)
     fc.start()
