@@ -154,6 +154,17 @@ class HttpTarget:
             return [c for c in self.conns if c.data]  # the empty one is --to's reachability probe
 
 
+def _read_answers(s: socket.socket, count: int) -> bytes:
+    """Read until `count` responses have begun (or the server closes)."""
+    got = b""
+    while got.count(b"HTTP/1.1 ") < count:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
 def _midclient(host: str, port: int) -> int:
     s = socket.create_connection((host, port), timeout=30)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -164,12 +175,7 @@ def _midclient(host: str, port: int) -> int:
     s.sendall(b"x" * (MID_BODY - MID_BODY // 2))
     time.sleep(0.05)
     s.sendall(MID_LATE)
-    got = b""
-    while got.count(b"HTTP/1.1 ") < 3:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        got += chunk
+    got = _read_answers(s, 3)
     s.close()
     print("done", got.count(b"HTTP/1.1 "), flush=True)
     return 0
@@ -185,12 +191,7 @@ def _pipelined(host: str, port: int) -> int:
     """Three requests in one write (the last one chunked), then every answer read."""
     s = socket.create_connection((host, port), timeout=30)
     s.sendall(PIPELINED)
-    got = b""
-    while got.count(b"HTTP/1.1 ") < 3:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        got += chunk
+    got = _read_answers(s, 3)
     s.shutdown(socket.SHUT_WR)
     while s.recv(65536):
         pass
