@@ -17,14 +17,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.apiserver import FakeCluster, PodNetns
-from tests.cli_run import Finished, wait_for
+from tests.cli_run import CliRun, Finished, wait_for
 from tests.fault_helpers import (
     Conn,
     Received,
@@ -479,21 +479,16 @@ def test_live_disk_full_leaves_whole_records(live: Live, tmp_path: Path) -> None
         assert check.returncode == 0, check.stderr
 
 
-@pytest.mark.netns
-def test_live_exec_websocket_dropped_reconnects(live: Live) -> None:
-    port = live.fc.url.rsplit(":", 1)[1]
+def mirror_across(live: Live, disrupt: Callable[[CliRun, int], None]) -> tuple[Finished, int]:
+    """A live run that mirrors 5 connections, goes through `disrupt(run, first tcpdump's pid)` (which returns once
+    the plugin says it captures again), then mirrors 5 more. Every connection arrives whole and a gap is
+    counted. Returns the result and the first tcpdump's pid."""
     with cli(live.args("--json")) as run:
         assert run.wait_line("mirroring", 60.0), run.stderr
         before = live.send("before", 5)
         assert wait_for(lambda: len(live.local.records(0)) >= 5, 20.0), run.stderr
         [old] = live.tcpdumps()
-        # Tear down the plugin's TCP connections to the API server (the exec WebSocket among them), as a load
-        # balancer's idle cut or an API server restart would; the server side is left to notice by itself.
-        subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"], capture_output=True,
-                       timeout=10, check=True)
-        assert wait_for(lambda: any(p != old for p in live.tcpdumps()), 30.0), run.stderr
-        # The new tcpdump exists before it captures: send only once the plugin says it captures again.
-        assert run.wait_line("capturing again", 30.0), run.stderr
+        disrupt(run, old)
         after = live.send("after", 5)
         assert wait_for(lambda: len(live.local.records(0)) >= 10, 20.0), run.stderr
         run.interrupt()
@@ -501,8 +496,26 @@ def test_live_exec_websocket_dropped_reconnects(live: Live) -> None:
     assert_no_traceback(result)
     assert result.returncode == 0, result.stderr
     assert result.summary["stream_gaps"] >= 1
+    # No connection with a hole: each one delivered is byte-exact, or a prefix that did not end with a clean FIN.
     whole, cut = assert_only_prefixes(live.local.records(), [*before, *after])
     assert sorted(whole) == sorted([*before, *after]) and not cut
+    return result, old
+
+
+@pytest.mark.netns
+def test_live_exec_websocket_dropped_reconnects(live: Live) -> None:
+    port = live.fc.url.rsplit(":", 1)[1]
+
+    def drop_connections(run: CliRun, old: int) -> None:
+        # Tear down the plugin's TCP connections to the API server (the exec WebSocket among them), as a load
+        # balancer's idle cut or an API server restart would; the server side is left to notice by itself.
+        subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"], capture_output=True,
+                       timeout=10, check=True)
+        assert wait_for(lambda: any(p != old for p in live.tcpdumps()), 30.0), run.stderr
+        # The new tcpdump exists before it captures: send only once the plugin says it captures again.
+        assert run.wait_line("capturing again", 30.0), run.stderr
+
+    mirror_across(live, drop_connections)
     # The first tcpdump does not outlive the stream it fed: a kubelet would leave it running forever.
     assert wait_for(lambda: not live.tcpdumps(), 10.0), live.fc.exec_processes()
 
@@ -591,27 +604,15 @@ class TcpdumpLeftBehind(AssertionError):
 
 @pytest.mark.netns
 def test_live_api_server_restart_mid_capture(live: Live) -> None:
-    with cli(live.args("--json")) as run:
-        assert run.wait_line("mirroring", 60.0), run.stderr
-        before = live.send("before", 5)
-        assert wait_for(lambda: len(live.local.records(0)) >= 5, 20.0), run.stderr
-        [old] = live.tcpdumps()
+    def restart_api_server(run: CliRun, old: int) -> None:
         # Every connection to the API server is cut (the exec WebSocket among them) and connecting is refused for
         # a second; the pod's tcpdump is the kubelet's and keeps running.
         live.fc.restart(1.0)
         assert old in live.tcpdumps()
         # Reconnecting is the plugin's own doing, within its backoff: at most 0.5 + 1 + 2 + 4 + 8 s of waits.
         assert run.wait_line("capturing again", 40.0), run.stderr
-        after = live.send("after", 5)
-        assert wait_for(lambda: len(live.local.records(0)) >= 10, 20.0), run.stderr
-        run.interrupt()
-        result = run.finish(60.0)
-    assert_no_traceback(result)
-    assert result.returncode == 0, result.stderr
-    assert result.summary["stream_gaps"] >= 1
-    # No connection with a hole: each one delivered is byte-exact, or a prefix that did not end with a clean FIN.
-    whole, cut = assert_only_prefixes(live.local.records(), [*before, *after])
-    assert sorted(whole) == sorted([*before, *after]) and not cut
+
+    result, old = mirror_across(live, restart_api_server)
     # Neither tcpdump outlives the run, the one from before the restart included: the plugin has to signal it
     # once it can reach the API server again; a kubelet would leave it capturing forever. (Its own exception
     # class, so that a leftover tcpdump reads as exactly that, not as a broken reconnect or delivery.)
