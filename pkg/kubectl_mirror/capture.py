@@ -197,8 +197,8 @@ class LiveCapture:
         if not first:
             # Someone else is stopping (the engine's Ctrl-C hook): its results (tcpdump's counters, warnings) must
             # be in before the summary is printed, so wait for it rather than return at once.
-            # Bounded by what the first stop can take: settling, then stop_remote (up to ~20 s with its SIGKILL
-            # fallback) and the exit counters. Returning early would let the process exit and kill that thread
+            # Bounded by what the first stop can take: settling, then the stoppers (STOPPER_BOUND at most) and
+            # the exit counters. Returning early would let the process exit and kill that thread
             # half-way, leaving a tcpdump in the pod.
             self._stop_done.wait(timeout + SETTLE_MAX + STOPPER_BOUND)
             return

@@ -329,7 +329,7 @@ def _capture_only(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace
             over_count = args.count is not None and packets >= args.count
             if over_count or (args.duration is not None and time.monotonic() - started >= args.duration):
                 stop.request("count" if over_count else "duration")
-                threading.Thread(target=capture.stop, daemon=True).start()
+                _begin_stop(capture, interrupted=False, quiet=args.quiet)
                 break
     finally:
         if timer is not None:
