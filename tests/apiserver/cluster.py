@@ -41,6 +41,7 @@ class FakeCluster:
         self._runner: web.AppRunner | None = None
         self._creds: Credentials | None = None
         self._svc_ips = itertools.count(10)
+        self._deletions: list[threading.Timer] = []  # graceful pod deletions still waiting for their grace period
         self.url = ""
         self.port = 0
         self.kubeconfig = self.workdir / "kubeconfig"
@@ -114,6 +115,8 @@ class FakeCluster:
         asyncio.run_coroutine_threadsafe(self._open(sock), loop).result(START_TIMEOUT)
 
     def stop(self) -> None:
+        for timer in self._deletions:
+            timer.cancel()
         loop = self._loop
         if loop is None:
             return
@@ -233,9 +236,35 @@ class FakeCluster:
     def get_pod(self, ns: str, name: str) -> Obj:
         return self.store.get(BY_KIND["Pod"], ns, name)
 
-    def delete_pod(self, ns: str, name: str) -> None:
-        """Delete a pod (DELETED event); its exec'd processes die with its containers."""
-        self.store.delete(BY_KIND["Pod"], ns, name)
+    def delete_pod(self, ns: str, name: str, grace: float = 0.0) -> None:
+        """Delete a pod (DELETED event); its exec'd processes die with its containers.
+
+        With `grace` > 0, as `kubectl delete` with a grace period: first a MODIFIED event with deletionTimestamp
+        and the pod no longer Ready (the kubelet is stopping it, its processes still run), then after `grace`
+        seconds the DELETED event and the processes gone.
+        """
+        if grace <= 0:
+            self._delete_now(ns, name)
+            return
+        pod = self.get_pod(ns, name)
+        pod["metadata"]["deletionTimestamp"] = now_rfc3339()
+        pod["metadata"]["deletionGracePeriodSeconds"] = max(1, round(grace))
+        for cond in pod["status"]["conditions"]:
+            if cond["type"] in ("Ready", "ContainersReady"):
+                cond["status"] = "False"
+        for cs in pod["status"]["containerStatuses"]:
+            cs["ready"] = False
+        self.store.update(BY_KIND["Pod"], pod)
+        timer = threading.Timer(grace, self._delete_now, args=(ns, name))
+        timer.daemon = True
+        self._deletions.append(timer)
+        timer.start()
+
+    def _delete_now(self, ns: str, name: str) -> None:
+        try:
+            self.store.delete(BY_KIND["Pod"], ns, name)
+        except ApiError:
+            pass  # already gone
         self._server.processes.kill_pod((ns, name))
 
     def set_pod_phase(self, ns: str, name: str, phase: str, ready: bool | None = None) -> Obj:
@@ -261,6 +290,12 @@ class FakeCluster:
         return self.store.update(BY_KIND["Pod"], pod)
 
     def _owner_for(self, ns: str, labels: dict[str, str]) -> Obj | None:
+        # A pod carrying a pod-template-hash belongs to the ReplicaSet of that hash (a rollout has two of them).
+        pth = labels.get("pod-template-hash")
+        for rs in self.store.list(BY_KIND["ReplicaSet"], ns)[0] if pth else []:
+            selector = rs["spec"]["selector"]["matchLabels"]
+            if selector.get("pod-template-hash") == pth and all(labels.get(k) == v for k, v in selector.items()):
+                return rs
         for kind in WORKLOAD_KINDS:
             for wl in self.store.list(BY_KIND[kind], ns)[0]:
                 selector = wl["spec"]["selector"]["matchLabels"]
@@ -335,6 +370,49 @@ class FakeCluster:
         self._ensure_namespace(ns)
         ip = str(ipaddress.ip_address("10.96.0.0") + next(self._svc_ips))
         return self.store.create(BY_KIND["Service"], objects.service(ns, name, selector, copy.deepcopy(ports), ip))
+
+    # -- workload changes and watch faults (see watch.py) ---------------------------------------------------------
+    def new_revision(self, ns: str, deployment: str) -> dict[str, str]:
+        """A rollout's new ReplicaSet (next revision, its own pod-template-hash): returns the labels its pods carry.
+
+        Pods are added by the test (add_pod with these labels: each needs its own network namespace), made Ready
+        with set_pod_phase, and the old ones removed with delete_pod(grace=...), in the order a rollout does it.
+        """
+        deploy = self.store.get(BY_KIND["Deployment"], ns, deployment)
+        uid = deploy["metadata"]["uid"]
+        owned = [rs for rs in self.store.list(BY_KIND["ReplicaSet"], ns)[0]
+                 if any(ref.get("uid") == uid for ref in rs["metadata"].get("ownerReferences", []))]
+        revision = len(owned) + 1
+        pth = objects.template_hash(ns, f"{deployment}/{revision}")
+        match = {**deploy["spec"]["selector"]["matchLabels"], "pod-template-hash": pth}
+        rs = objects.workload("ReplicaSet", ns, f"{deployment}-{pth}", match, deploy["spec"].get("replicas", 1),
+                              deploy["spec"]["template"]["spec"]["containers"])
+        rs["metadata"]["ownerReferences"] = [objects.owner_ref(deploy)]
+        rs["metadata"]["annotations"] = {"deployment.kubernetes.io/revision": str(revision)}
+        self.store.create(BY_KIND["ReplicaSet"], rs)
+        return match
+
+    def scale(self, kind: str, ns: str, name: str, replicas: int) -> Obj:
+        """Set spec.replicas (the test adds or deletes the pods themselves: each needs its own network namespace)."""
+        obj = self.store.get(BY_KIND[kind], ns, name)
+        obj["spec"]["replicas"] = replicas
+        return self.store.update(BY_KIND[kind], obj)
+
+    def compact(self) -> str:
+        """etcd compaction: a watch resuming from any resourceVersion before now gets 410 Expired."""
+        return self.store.compact()
+
+    def expire_watches(self) -> int:
+        """End every open watch with an ERROR event carrying 410 Expired; returns how many there were."""
+        return self.store.expire_watchers(f"too old resource version: 1 ({self.store.current_rv()})")
+
+    @property
+    def bookmark_every(self) -> float:
+        return self._server.watch_settings.bookmark_every
+
+    @bookmark_every.setter
+    def bookmark_every(self, value: float) -> None:
+        self._server.watch_settings.bookmark_every = value
 
 
 def listen_socket(port: int) -> socket.socket:

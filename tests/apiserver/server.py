@@ -19,11 +19,11 @@ from .settings import Settings
 from .status import ApiError, bad_request, conflict, forbidden, invalid, no_such_path, rbac_forbidden, unauthorized
 from .store import Store
 from .tables import to_table, wants_table
+from .watch import WatchSettings, serve_watch
 
 Obj = dict[str, Any]
 PODS = BY_KIND["Pod"]
 NAMESPACES = BY_KIND["Namespace"]
-WATCH_DEFAULT_TIMEOUT = 300.0  # a real server picks 30-60 min; tests never need that long
 
 
 def dumps(obj: Any) -> str:
@@ -34,28 +34,13 @@ def respond(obj: Any, status: int = 200) -> web.Response:
     return web.Response(text=dumps(obj), status=status, content_type="application/json")
 
 
-def filter_event(event: Obj, matches: bool, shown: set[str]) -> Obj | None:
-    """A selector watch sees objects enter (ADDED) and leave (DELETED) its selection, like the watch cache does."""
-    uid = event["object"]["metadata"]["uid"]
-    # Replayed history (a resume from a resourceVersion) keeps its type: the client already knows what matched.
-    replayed = event.pop("replayed", False)
-    if event["type"] == "DELETED" or not matches:
-        if uid not in shown and not (replayed and matches):
-            return None
-        shown.discard(uid)
-        return {"type": "DELETED", "object": event["object"]}
-    if event["type"] == "MODIFIED" and uid not in shown and not replayed:
-        event = {"type": "ADDED", "object": event["object"]}
-    shown.add(uid)
-    return event
-
-
 class ApiServer:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
         self.kubelet = Kubelet(store, settings)
         self.processes = ProcessTable()
+        self.watch_settings = WatchSettings()
         # Transports of the requests being handled (watches and exec streams are the long-lived ones): a restart
         # cuts them, since the server that held them is gone. Touched only on the server loop.
         self._in_flight: set[asyncio.Transport] = set()
@@ -183,42 +168,7 @@ class ApiServer:
                         "items": items})
 
     async def watch(self, request: web.Request, res: Resource, ns: str) -> web.StreamResponse:
-        match_l = label_selector(request.query.get("labelSelector"))
-        match_f = field_selector(request.query.get("fieldSelector"), res.kind)
-        try:
-            timeout = float(request.query.get("timeoutSeconds", WATCH_DEFAULT_TIMEOUT))
-        except ValueError as exc:
-            raise bad_request(f"invalid timeoutSeconds: {request.query.get('timeoutSeconds')}") from exc
-        watcher = self.store.watch(res, ns, request.query.get("resourceVersion"), asyncio.get_running_loop())
-        resp = web.StreamResponse(headers={"Content-Type": "application/json", "Cache-Control": "no-cache"})
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, min(timeout, WATCH_DEFAULT_TIMEOUT))
-        shown: set[str] = set()  # uids this watcher has been shown as matching its selectors
-        try:
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    event = await asyncio.wait_for(watcher.queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-                if event is None:
-                    break
-                event = filter_event(event, match_l(event["object"]) and match_f(event["object"]), shown)
-                if event is not None:
-                    await resp.write((dumps(event) + "\n").encode())
-        except (ConnectionError, RuntimeError):
-            pass  # the client went away
-        finally:
-            self.store.unwatch(watcher)
-        try:
-            await resp.write_eof()
-        except (ConnectionError, RuntimeError):
-            pass
-        return resp
+        return await serve_watch(request, self.store, self.watch_settings, res, ns)
 
     async def ephemeral(self, request: web.Request, ns: str, name: str) -> web.Response:
         old = self.store.get(PODS, ns, name)

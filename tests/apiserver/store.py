@@ -152,6 +152,21 @@ class Store:
             if w in self._watchers:
                 self._watchers.remove(w)
 
+    def compact(self) -> str:
+        """Forget the event history, as etcd compaction does: resuming from any older resourceVersion is 410."""
+        with self._lock:
+            self._history.clear()
+            return str(self._rv)
+
+    def expire_watchers(self, message: str) -> int:
+        """End every open watch with an ERROR event (410 Expired), as a server whose watch fell behind does."""
+        event = {"type": "ERROR", "object": gone(message).status()}
+        with self._lock:
+            watchers, self._watchers = self._watchers, []
+            for w in watchers:
+                w.loop.call_soon_threadsafe(w.queue.put_nowait, copy.deepcopy(event))
+            return len(watchers)
+
     def close_watchers(self) -> None:
         with self._lock:
             for w in self._watchers:
