@@ -177,7 +177,8 @@ def test_json_round_trips_through_the_model() -> None:
         "source", "target", "packets", "bytes_captured", "tcp_segments", "connections", "bytes_delivered",
         "stream_gaps", "duration_seconds", "direction_guessed", "interrupted", "warnings",
     ]
-    assert list(data["connections"]) == ["seen", "complete", "partial", "incomplete", "dropped", "failed", "skipped"]
+    assert list(data["connections"]) == ["seen", "complete", "partial", "incomplete", "dropped", "failed", "skipped",
+                                         "tls"]
     assert data["connections"]["dropped"] == 15 and data["bytes_delivered"] == 80_000_000
 
 
@@ -227,3 +228,17 @@ def test_text_stays_quiet_when_all_is_well() -> None:
     assert "1 complete" in text and "12 B" in text and "in 1.5s" in text
     for word in ("incomplete", "dropped", "failed", "skipped", "warning", "->  ", "mid-stream", "gaps"):
         assert word not in text, word
+
+
+def test_tls_flows_count_as_tls_with_no_bytes_in_either_order() -> None:
+    b = SummaryBuilder(source="x", target="y")
+    b.add_tls([1])
+    b.add_record(record(1, Outcome.COMPLETE, end=EndReason.GAVE_UP, sent=517))
+    b.add_record(record(2, sent=300))  # waits for its delivery
+    b.add_tls([2])  # held back after all: counted now, whatever the flow table handed over
+    b.add_flow(record(3, sent=10), delivery(3, sent=10))
+    s = b.build(duration_seconds=1.0)
+    assert (s.connections.seen, s.connections.tls, s.connections.complete, s.connections.incomplete) == (3, 2, 1, 0)
+    assert s.bytes_delivered == 10
+    assert exit_code(s) == EXIT_OK
+    assert "2 tls" in render_text(s) and "--tls-passthrough" in render_text(s)

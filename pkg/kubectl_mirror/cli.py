@@ -88,6 +88,9 @@ def add_replay_flags(p: argparse.ArgumentParser, *, live: bool = False) -> None:
     if not live:
         g.add_argument("--speed", type=float, default=0.0, metavar="X",
                        help="1 keeps the capture's timing, 2 is twice as fast; 0 (default) is as fast as possible")
+    g.add_argument("--tls-passthrough", action="store_true",
+                   help="replay connections that open with a TLS ClientHello too, for a TLS server at --to "
+                        "(default: they are not replayed and are counted as tls)")
     g.add_argument("--skip-partial", action="store_true",
                    help="drop connections already open when the capture started (default: replay them)")
     g.add_argument("--hole-timeout", type=parse_duration, default=2.0, metavar="DURATION",

@@ -25,6 +25,7 @@ from .pipeline import (
     EngineOptions,
     StopFlag,
     flow_config,
+    notice_printer,
     replay_config,
     report,
     shadow_options,
@@ -281,10 +282,12 @@ def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, targ
         on_stop=lambda: _begin_stop(capture, interrupted=stop.interrupted, quiet=args.quiet),
         stop=stop,
         http=shadow_options(args),
+        tls_passthrough=args.tls_passthrough,
     )
     status = status_line(args, options.http)
     if status is not None:
         options.progress, options.progress_every = status, status.every
+    options.notice = notice_printer(args, status)
     engine = Engine(options, source_name=describe(targets))
     failure: MirrorError | None = None
     try:

@@ -54,6 +54,7 @@ class Outcome(str, enum.Enum):
     DROPPED = "dropped"  # the local target was too slow: buffer overflowed, aborted
     FAILED = "failed"  # the local target refused or reset the connection
     SKIPPED = "skipped"  # not replayed (joined mid-stream with --skip-partial)
+    TLS = "tls"  # not replayed: it opened with a TLS ClientHello and --to is plaintext (no --tls-passthrough)
 
 
 # ---- actions: what the flow table asks the replayer to do ---------------------------------------

@@ -34,6 +34,7 @@ from .reassemble import FlowConfig, FlowTable
 from .replay import Destination, ReplayConfig, Replayer
 from .shadow import RequestResult, Shadow, ShadowOptions
 from .summary import CompareSummary, HttpSummary, Summary, SummaryBuilder, exit_code, render_json, render_text
+from .tlsgate import TlsGate
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ class EngineOptions:
     stop_grace: float = 10.0  # after on_stop, how long the rest of the stream may take to arrive
     # HTTP mode (--http and what implies it); None: byte mode, where nothing below the flow table parses HTTP.
     http: ShadowOptions | None = None
+    # Connections opening with a TLS ClientHello go to --to anyway (a local TLS server); else held back as tls.
+    tls_passthrough: bool = False
+    # Said once, as it happens, to the user (stderr): the first connection held back as TLS, and what to do.
+    notice: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -153,6 +158,8 @@ class Engine:
             self.shadow = Shadow(options.http)
             replay = dataclasses.replace(replay, on_response=self.shadow.local)
         self._comparing = self.shadow is not None and self.shadow.comparing
+        self.tls: TlsGate | None = None if options.tls_passthrough else TlsGate()
+        self._tls_named = False
         self.replayer = Replayer(options.dest, replay)
         self.builder = SummaryBuilder(source=source_name, target=str(options.dest))
         self.stop = options.stop if options.stop is not None else StopFlag()
@@ -322,6 +329,8 @@ class Engine:
             seg = held.popleft()
             if gaps and seg.frame > gaps[0].after_frame:
                 # Everything the pod sent before its stream dropped has been fed: end its flows now.
+                if self.tls is not None:
+                    batch = self._through_tls(batch)
                 if self.http is not None:
                     batch = self._through_http(batch)
                 self.replayer.execute(coalesce(batch))
@@ -332,6 +341,8 @@ class Engine:
             if actions:
                 batch += actions
         if batch:
+            if self.tls is not None:
+                batch = self._through_tls(batch)
             if self.http is not None:
                 # Before coalescing: the layer cuts requests at their own boundaries, whatever the segments.
                 batch = self._through_http(batch)
@@ -355,6 +366,8 @@ class Engine:
             self._last_ts = seg.ts
             actions = feed(seg)
             if actions:
+                if self.tls is not None:
+                    actions = self._through_tls(actions)
                 if self.http is not None:
                     actions = self._through_http(actions)
                 if self._trace:
@@ -437,10 +450,36 @@ class Engine:
 
     def _execute(self, actions: Sequence[Action]) -> None:
         if actions:
+            if self.tls is not None:
+                actions = self._through_tls(list(actions))
             if self.http is not None:
                 # Ends (Close, Abort) too: the layer may owe the target held bytes, or must forget the flow.
                 actions = self._through_http(list(actions))
             self.replayer.execute(actions)
+
+    def _through_tls(self, actions: list[Action]) -> list[Action]:
+        """Hold each new flow until its first bytes show whether it is TLS; TLS flows are not replayed."""
+        gate = self.tls
+        assert gate is not None
+        out = gate.process(actions, self.table.stats.flows)
+        found = gate.pop_tls()
+        if found:
+            flows = [t.flow for t in found]
+            self.builder.add_tls(flows)  # before their records: _collect pairs them afterwards
+            for flow in flows:
+                self.table.give_up(flow)  # nothing more from the flow table, however long the connection lasts
+            gate.forget(flows)
+            if not self._tls_named:
+                self._tls_named = True
+                first = found[0]
+                message = (f"{first.client} -> {first.server} opened with a TLS ClientHello: connections like it "
+                           f"are not replayed to the plaintext --to {self.options.dest} (counted as tls); mirror "
+                           "the plaintext port (in a mesh, the sidecar's hop to the app), or pass --tls-passthrough "
+                           "if --to is a TLS server")
+                log.info("%s", message)
+                if self.options.notice is not None:
+                    self.options.notice(message)
+        return out
 
     def _through_http(self, actions: list[Action]) -> list[Action]:
         """The HTTP layer's verdict on actions bound for the replayer; requests are noted before they go out."""
@@ -606,6 +645,19 @@ def report(summary: Summary, args: argparse.Namespace) -> None:
         print(render_text(summary), file=sys.stderr, flush=True)
 
 
+def notice_printer(args: argparse.Namespace, status: StatusLine | None) -> Callable[[str], None] | None:
+    """A one-off warning line on stderr, above the status line (redrawn at its next tick)."""
+    if getattr(args, "quiet", False):
+        return None
+
+    def say(message: str) -> None:
+        if status is not None:
+            status.clear()
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
 def status_line(args: argparse.Namespace, http: ShadowOptions | None = None) -> StatusLine | None:
     if getattr(args, "quiet", False):
         return None
@@ -646,10 +698,12 @@ def run_replay(args: argparse.Namespace, start: ReplayStart, stack: ExitStack) -
             # A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on lines it has.
             live=args.file == "-",
             http=shadow_options(args),
+            tls_passthrough=getattr(args, "tls_passthrough", False),
         )
         status = status_line(args, options.http)
         if status is not None and status.tty:
             options.progress, options.progress_every = status, status.every
+        options.notice = notice_printer(args, status)
         engine = Engine(options, source_name=args.file)
         try:
             summary = engine.run([source])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -17,13 +18,14 @@ from .replay import Delivery
 class Connections(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    seen: int = Field(default=0, ge=0)  # complete + incomplete + dropped + failed + skipped
+    seen: int = Field(default=0, ge=0)  # complete + incomplete + dropped + failed + skipped + tls
     complete: int = Field(default=0, ge=0)
     partial: int = Field(default=0, ge=0)  # joined mid-stream; also counted under its outcome
     incomplete: int = Field(default=0, ge=0)
     dropped: int = Field(default=0, ge=0)
     failed: int = Field(default=0, ge=0)
     skipped: int = Field(default=0, ge=0)
+    tls: int = Field(default=0, ge=0)  # opened with a TLS ClientHello: not replayed to a plaintext --to
 
 
 class HttpSummary(BaseModel):
@@ -79,9 +81,9 @@ _SEVERITY: dict[Outcome, int] = {Outcome.COMPLETE: 0, Outcome.INCOMPLETE: 1, Out
 
 
 def merge_outcome(record: FlowRecord, delivery: Delivery | None) -> Outcome:
-    """Worst wins: FAILED > DROPPED > INCOMPLETE > COMPLETE. A skipped flow was never replayed."""
-    if record.outcome is Outcome.SKIPPED:
-        return Outcome.SKIPPED
+    """Worst wins: FAILED > DROPPED > INCOMPLETE > COMPLETE. A skipped or TLS flow was never replayed."""
+    if record.outcome is Outcome.SKIPPED or record.outcome is Outcome.TLS:
+        return record.outcome
     outcome: Outcome = record.outcome
     if delivery is not None and delivery.outcome is not None and _SEVERITY[delivery.outcome] > _SEVERITY[outcome]:
         outcome = delivery.outcome
@@ -116,6 +118,8 @@ class SummaryBuilder:
     # HTTP mode: flows the replayer never heard of (no Delivery will come), and flows cut short on purpose.
     _no_delivery: set[int] = field(init=False, default_factory=set)
     _forced: dict[int, Outcome] = field(init=False, default_factory=dict)
+    # Flows held back as TLS (tlsgate): the flow table's record of each is counted as tls, whatever it says.
+    _tls: set[int] = field(init=False, default_factory=set)
 
     def add_capture(self, *, packets: int = 0, bytes_captured: int = 0, tcp_segments: int = 0) -> None:
         self.packets += packets
@@ -141,6 +145,17 @@ class SummaryBuilder:
             if record is not None:
                 self.add_flow(record, None)
 
+    def add_tls(self, flows: Iterable[int]) -> None:
+        """Flows never replayed because they opened with a TLS ClientHello: tls, 0 bytes delivered.
+
+        As add_suppressed: call it before their records arrive; one already waiting is counted now.
+        """
+        for flow in flows:
+            self._tls.add(flow)
+            record = self._records.pop(flow, None)
+            if record is not None:
+                self.add_record(record)
+
     def add_aborted(self, flows: Iterable[int]) -> None:
         """Flows the HTTP layer reset because a request broke off mid-stream: incomplete, whatever else says."""
         for flow in flows:
@@ -155,7 +170,7 @@ class SummaryBuilder:
         self._counts[outcome] += 1
         self._partial += record.partial
         self._guessed += record.direction_guessed
-        if outcome is not Outcome.SKIPPED and not never_sent:
+        if outcome is not Outcome.SKIPPED and outcome is not Outcome.TLS and not never_sent:
             # What the target's kernel accepted, when the replayer says; else what was handed to it.
             self._delivered += delivery.bytes_sent if delivery is not None else record.bytes_delivered
         return outcome
@@ -171,7 +186,10 @@ class SummaryBuilder:
 
     def add_record(self, record: FlowRecord) -> Outcome | None:
         """A flow ended in the flow table. Counted now if its delivery is known (or none will come)."""
-        if record.outcome is Outcome.SKIPPED or record.flow in self._no_delivery:
+        if self._tls and record.flow in self._tls:
+            self._tls.discard(record.flow)
+            record = dataclasses.replace(record, outcome=Outcome.TLS, bytes_delivered=0)
+        if record.outcome is Outcome.SKIPPED or record.outcome is Outcome.TLS or record.flow in self._no_delivery:
             return self.add_flow(record, None)
         delivery = self._deliveries.pop(record.flow, None)
         if delivery is None:
@@ -227,7 +245,7 @@ class SummaryBuilder:
             counts[outcome] += 1
             partial += record.partial
             guessed += record.direction_guessed
-            delivered += record.bytes_delivered if outcome is not Outcome.SKIPPED else 0
+            delivered += record.bytes_delivered if outcome not in (Outcome.SKIPPED, Outcome.TLS) else 0
         for delivery in self._deliveries.values():
             counts[delivery.outcome or Outcome.COMPLETE] += 1
             delivered += delivery.bytes_sent
@@ -245,6 +263,7 @@ class SummaryBuilder:
                 dropped=counts[Outcome.DROPPED],
                 failed=counts[Outcome.FAILED],
                 skipped=counts[Outcome.SKIPPED],
+                tls=counts[Outcome.TLS],
             ),
             bytes_delivered=delivered,
             stream_gaps=self.stream_gaps if stream_gaps is None else stream_gaps,
@@ -283,6 +302,9 @@ _HINTS = {
                 "raise --flow-buffer or slow down with --speed"),
     "failed": ("your service refused or reset the connection",
                "check its logs, and that it is still up at --to"),
+    "tls": ("opened with a TLS ClientHello: not replayed, a plaintext --to would only see garbage",
+            "mirror the plaintext port (in a mesh, the sidecar's hop to the app), or --tls-passthrough for a "
+            "local TLS server"),
 }
 _LABEL = 13
 _FIGURE = 10
@@ -300,7 +322,7 @@ def render_text(summary: Summary) -> str:
     segments = f"{_count(summary.tcp_segments)} TCP segment{_s(summary.tcp_segments)}"
     row("packets", _count(summary.packets), f"{_size(summary.bytes_captured)} captured, {segments}")
     outcomes = [("complete", c.complete), ("incomplete", c.incomplete), ("dropped", c.dropped),
-                ("failed", c.failed), ("skipped", c.skipped)]
+                ("failed", c.failed), ("skipped", c.skipped), ("tls", c.tls)]
     counted = ", ".join(f"{_count(n)} {name}" for name, n in outcomes if n or name == "complete")
     row("connections", _count(c.seen), counted)
     notes = []
