@@ -118,7 +118,29 @@ class Reply:
     ts: float
 
 
-Action = Open | Send | Close | Abort | Reply
+@dataclass(slots=True)
+class Turn:
+    """The client's next bytes, or its end, came only after production had answered (FlowConfig.turns only).
+
+    It precedes the Send, Close or Abort it belongs to. Delivery that takes turns holds what follows until the
+    local service has answered too; `answer_bytes` and `answer_time` say how production answered.
+    """
+
+    flow: int
+    answer_bytes: int  # server payload bytes production sent since the client's previous bytes
+    answer_time: float  # capture seconds from the client's previous bytes to production's last answer byte
+    ts: float
+
+
+Action = Open | Send | Close | Abort | Reply | Turn
+
+
+@dataclass(slots=True)
+class GiveUp:
+    """A command for delivery from a layer above the flow table: stop delivering the flow (reset it, DROPPED)."""
+
+    flow: int
+    reason: str
 
 
 class EndReason(str, enum.Enum):

@@ -43,6 +43,7 @@ from .model import (
     Reply,
     Segment,
     Send,
+    Turn,
 )
 
 _MASK = 0xFFFFFFFF
@@ -73,6 +74,7 @@ class FlowConfig:
     tombstone_ttl: float = 120.0  # how long an ended connection still absorbs its stray segments
     max_tombstones: int = 65536
     server_stream: bool = False  # also reassemble server->client bytes into Reply actions
+    turns: bool = False  # emit a Turn before client bytes (or an end) that came after production had answered
 
 
 @dataclass
@@ -191,6 +193,11 @@ class _Flow:
     hole_since: float | None = None  # capture time of the last progress while a gap was pending
     pending: _Pending | None = None
     reply: _Reply | None = None  # server_stream, mirrored flows only
+    # Turn-taking: server payload bytes since the client's last bytes, the last one's time, the client's last time.
+    # Counted whether or not FlowConfig.turns is set: cheaper than asking on every segment.
+    ans: int = 0
+    ans_ts: float = 0.0
+    cts: float = 0.0
 
 
 @dataclass(slots=True)
@@ -328,15 +335,24 @@ class FlowTable:
                     n = len(data)
                     f.nxt = (f.nxt + n) & _MASK
                     f.delivered += n
+                    if f.ans:
+                        return self._turn_then(f, Send(f.id, data, seg.ts))
+                    f.cts = seg.ts
                     return [Send(f.id, data, seg.ts)]
             elif not seg.flags & ACK or not 0 < (seg.ack - f.nxt) & _MASK < _HALF:
                 f.last_ts = seg.ts
+                if seg.payload:
+                    f.ans += len(seg.payload)
+                    f.ans_ts = seg.ts
                 return []
         f.last_ts = seg.ts
         if f.mode is not _Mode.ACTIVE:
             return self._passive(f, from_client, seg)
         if from_client:
             return self._client(f, seg)
+        if seg.payload and not seg.flags & RST:
+            f.ans += len(seg.payload)
+            f.ans_ts = seg.ts
         return self._server(f, seg)
 
     def tick(self, now: float) -> list[Action]:
@@ -531,6 +547,10 @@ class FlowTable:
             f.need = f.delivered  # `need` is not maintained on the fast path
         before = f.delivered
         out: list[Action] = [Send(f.id, d, ts) for d in _sequence(f, seq, seg.payload, flags, seg.whole, self._stats)]
+        if out:
+            if f.ans:
+                out = self._turn_then(f, *out)
+            f.cts = ts
         if f.pending is not None and f.pending.size > self._cfg.max_ooo_bytes:
             out += self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, True)
             return out
@@ -607,6 +627,9 @@ class FlowTable:
                 n = len(data)
                 f.nxt = (f.nxt + n) & _MASK
                 f.delivered += n
+                if f.ans:
+                    return self._turn_then(f, Send(f.id, data, seg.ts))
+                f.cts = seg.ts
                 return [Send(f.id, data, seg.ts)]
             if f.mode is not _Mode.ACTIVE:
                 return self._passive(f, True, seg)
@@ -617,6 +640,9 @@ class FlowTable:
         if mode is not _Mode.ACTIVE:
             return self._passive(f, False, seg)
         flags = seg.flags
+        if seg.payload and not flags & RST:
+            f.ans += len(seg.payload)
+            f.ans_ts = seg.ts
         if not f.clean or flags & _CTRL or (flags & ACK and 0 < (seg.ack - f.nxt) & _MASK < _HALF):
             out = self._server(f, seg)
             if out:  # _server only ever returns the flow's end
@@ -800,10 +826,31 @@ class FlowTable:
                 f.clean = False
                 self._index[f.skey] = (f, False)
                 self._draining[f.id] = f
-                return [] if action is None else [action]
+                return self._last(f, action)
             self._reply_holes.pop(f.id, None)
         self._finished.append(self._record(f, outcome, end))
-        return [] if action is None else [action]
+        return self._last(f, action)
+
+    def _last(self, f: _Flow, action: Action | None) -> list[Action]:
+        """A mirrored flow's end action, after a Turn when production answered since the client's last bytes.
+
+        A FIN or a RST must reach the local service only once it has answered what production answered before
+        the client ended; an end for lost bytes (HOLE, GAP) has nothing to wait for.
+        """
+        if action is None:
+            return []
+        if f.ans and (type(action) is Close or (type(action) is Abort and action.reason is AbortReason.RESET)):
+            return self._turn_then(f, action)
+        return [action]
+
+    def _turn_then(self, f: _Flow, *actions: Action) -> list[Action]:
+        """`actions`, after a Turn when turn-taking is on; either way production's answer so far is used up."""
+        n, f.ans = f.ans, 0
+        first = actions[0]
+        turn = Turn(f.id, n, max(0.0, f.ans_ts - f.cts), first.ts) if self._cfg.turns else None
+        if type(first) is Send:
+            f.cts = first.ts
+        return list(actions) if turn is None else [turn, *actions]
 
     def _bury(self, key: Key, isn: int | None, ts: float) -> None:
         cfg = self._cfg
