@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check pkg tests kubectl-mirror
+	$(VENV)/bin/ruff check pkg tests kubectl-mirror kubectl_complete-mirror
 	$(VENV)/bin/mypy
 
 unit: venv

@@ -353,6 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     prog = prog_name(argv[0] if argv else "kubectl-mirror")
     rest = argv[1:]
+    if rest and rest[0] in ("__complete", "__completeNoDesc"):
+        # cobra's hidden command: what kubectl_complete-mirror runs in the krew binary (see completion.py).
+        from .completion import main as complete
+
+        return complete(rest)
     try:
         if rest and rest[0] == "replay":
             args = build_replay_parser(prog).parse_args(rest[1:])
