@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PKGS := tshark tcpdump tcpflow iproute2 nftables curl
+SYSTEM_PKGS := tshark tcpdump tcpflow iproute2 nftables curl zstd lz4
 # Commands the packages above provide; apt-get runs only when one is missing.
-SYSTEM_CMDS := tshark editcap tcpdump tcpflow ip nft curl
+SYSTEM_CMDS := tshark editcap tcpdump tcpflow ip nft curl zstd lz4
 
 .PHONY: all system-deps venv lint unit test demo bench soak fuzz clean
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kubectl_mirror.pcap import PcapReader
 from tests.netlab import traffic
 from tests.netlab.capture import (
     LINKTYPE_EN10MB,
@@ -255,6 +256,29 @@ def small_pcap(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Con
         truth = capture(link, pcap, lambda lk: traffic.raw_conns(
             lk.client, lk.server_ip4, PORT, 8, 6000, tag="seq", sequential=True))
     return pcap, truth
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(("kind", "fmt", "stdin"), [
+    ("gzip", "pcap", False), ("gzip", "pcapng", True), ("zstd", "pcapng", False), ("zstd", "pcap", True),
+    ("lz4", "pcap", False), ("lz4", "pcapng", True),
+])
+def test_compressed_capture_replays_byte_exact(small_pcap: tuple[Path, list[ConnRecord]], tmp_path: Path, kind: str,
+                                               fmt: str, stdin: bool) -> None:
+    """What tshark opens compressed, replay opens too, from a file or from stdin."""
+    pcap, truth = small_pcap
+    source = pcap
+    if fmt == "pcapng":
+        source = tmp_path / "small.pcapng"
+        subprocess.run(["editcap", "-F", "pcapng", str(pcap), str(source)], check=True, timeout=60)
+    packed = tmp_path / f"small.{fmt}.{kind}"
+    with open(packed, "wb") as out:
+        subprocess.run([kind, "-c", str(source)], stdout=out, check=True, timeout=60)
+    assert subprocess.run(["tshark", "-r", str(packed), "-c", "1"], capture_output=True, timeout=60).returncode == 0
+    result = replay(packed, expect_conns=len(truth), http=False, stdin=stdin)
+    assert_replayed(result, truth)
+    with open(source, "rb") as f:
+        assert result.summary["packets"] == len(list(PcapReader(f)))
 
 
 def test_empty_file(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ live input is whatever a pod's tcpdump, a broken exec stream or a user's file ha
 
 from __future__ import annotations
 
+import gzip
 import io
 import random
 import signal
@@ -16,7 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
+import lz4.frame
 import pytest
+from backports import zstd
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -403,6 +406,48 @@ def test_damage_keeps_every_whole_record_before_it(case: tuple[Capture, bytes], 
         assert [r.data for r in out.records] == before[: len(out.records)]
         return
     assert [r.data for r in out.records[: len(before)]] == before, "a whole record before the damage was lost"
+
+
+def _compress(kind: str, data: bytes) -> bytes:
+    if kind == "gzip":
+        return gzip.compress(data)
+    if kind == "zstd":
+        return zstd.compress(data)
+    return lz4.frame.compress(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(captures, st.sampled_from(["gzip", "zstd", "lz4"]), st.data(), st.randoms(use_true_random=False))
+def test_compressed_captures_damaged_or_cut_keep_the_whole_records_before_it(
+    cap: Capture, kind: str, data: st.DataObject, rnd: random.Random
+) -> None:
+    """Compressed: the records are those of the plain capture; damage or a cut anywhere is one InputError after
+    records that are a prefix of them, whole or through short reads."""
+    packed = _compress(kind, cap.data)
+    plain = [d for _, d in cap.packets]
+    records: list[list[bytes]] = []
+    for stream in (io.BytesIO(packed), ShortReads(packed, rnd, rnd.choice([1, 3, 17, 4096]))):
+        with time_limit(10.0):
+            got = [r.data for r in PcapReader(stream)]  # type: ignore[arg-type]
+        assert got == plain
+        records.append(got)
+    cut = data.draw(st.integers(0, len(packed) - 1), label="cut")
+    truncate = data.draw(st.booleans(), label="truncate")
+    damaged = bytearray(packed[:cut] if truncate else packed)
+    if not truncate:
+        damaged[cut] ^= data.draw(st.integers(1, 255), label="xor")
+    got: list[bytes] = []
+    error = None
+    with time_limit(10.0):
+        try:
+            for rec in PcapReader(io.BytesIO(bytes(damaged))):
+                got.append(rec.data)
+        except InputError as exc:  # anything else fails the test
+            error = str(exc)
+    assert error is None or (error and "\n" not in error)
+    if truncate:  # the stream ends early: the records before are the capture's own, and it is said
+        assert got == plain[: len(got)]
+        assert error is not None
 
 
 # ---- regression tests for bugs found by fuzzing (pkg/kubectl_mirror/pcap.py) -----------------------------------

@@ -6,6 +6,7 @@ import io
 import os
 import stat
 import struct
+import subprocess
 import threading
 from pathlib import Path
 
@@ -268,3 +269,86 @@ def test_reads_real_tcpdump_capture_through_a_pipe(tmp_path: Path) -> None:
     assert len(recs) >= 6  # handshake, data, fin exchange
     assert reader.header_bytes() + b"".join(r.raw for r in recs) == data
     assert all(r.linktype == 1 and len(r.data) == r.orig_len for r in recs)
+
+
+# ---- compressed captures (what tshark opens: gzip, zstd, lz4), compressed by the real tools --------------------
+
+COMPRESSORS = {"gzip": ["gzip", "-c"], "zstd": ["zstd", "-q", "-c"], "lz4": ["lz4", "-q", "-c"]}
+
+
+@pytest.fixture(scope="module")
+def real_captures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """One real loopback capture, as tcpdump wrote it (pcap) and as pcapng (editcap -F pcapng)."""
+    tmp = tmp_path_factory.mktemp("compressed")
+    path = tmp / "lo.pcap"
+    srv, port = listener("127.0.0.1")
+    with srv, tcpdump(path, "lo", f"tcp port {port}"):
+        loopback_traffic(srv, [b"c%04d" % i * (1 + i * 7) for i in range(60)], connections=2)
+    subprocess.run(["editcap", "-F", "pcapng", str(path), str(tmp / "lo.pcapng")], check=True, timeout=60)
+    return {"pcap": path.read_bytes(), "pcapng": (tmp / "lo.pcapng").read_bytes()}
+
+
+def compress(kind: str, data: bytes) -> bytes:
+    return subprocess.run(COMPRESSORS[kind], input=data, capture_output=True, check=True, timeout=60).stdout
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
+@pytest.mark.parametrize("kind", sorted(COMPRESSORS))
+def test_compressed_capture_reads_as_the_uncompressed_one(real_captures: dict[str, bytes], kind: str,
+                                                          fmt: str) -> None:
+    plain = real_captures[fmt]
+    packed = compress(kind, plain)
+    assert packed[:2] != plain[:2] and len(packed) < len(plain)
+    want = PcapReader(io.BytesIO(plain))
+    expected = [(r.ts, r.linktype, r.data, r.raw) for r in want]
+    # through a pipe-like stream that hands over 1000 bytes at a time, so frames straddle reads
+    reader = PcapReader(io.BufferedReader(Trickle(packed, 1000), buffer_size=1000))
+    got = list(reader)
+    assert len(got) >= 12
+    assert [(r.ts, r.linktype, r.data, r.raw) for r in got] == expected
+    assert reader.header_bytes() == want.header_bytes()
+    assert reader.compression == kind
+
+
+@pytest.mark.parametrize("kind", sorted(COMPRESSORS))
+def test_concatenated_compressed_streams_read_to_their_end(real_captures: dict[str, bytes], kind: str) -> None:
+    # `cat a.gz b.gz`: the second member continues the same capture (here: a second pcapng section)
+    plain = real_captures["pcapng"]
+    got = read_all(compress(kind, plain) + compress(kind, plain))
+    assert b"".join(r.raw for r in got) == 2 * b"".join(r.raw for r in read_all(plain))
+
+
+@pytest.mark.parametrize("kind", sorted(COMPRESSORS))
+def test_compressed_capture_cut_short_keeps_the_good_records(real_captures: dict[str, bytes], kind: str) -> None:
+    plain = real_captures["pcap"]
+    packed = compress(kind, plain)
+    good: list[Record] = []
+    with pytest.raises(InputError, match=rf"truncated.*{kind}|truncated: the capture ends"):
+        for rec in PcapReader(io.BytesIO(packed[: len(packed) * 3 // 4])):
+            good.append(rec)
+    whole = read_all(plain)
+    assert good == whole[: len(good)]
+
+
+@pytest.mark.parametrize("kind", sorted(COMPRESSORS))
+def test_corrupt_compressed_capture_is_one_input_error(real_captures: dict[str, bytes], kind: str) -> None:
+    packed = bytearray(compress(kind, real_captures["pcap"]))
+    middle = len(packed) // 2
+    packed[middle : middle + 64] = bytes(64)
+    with pytest.raises(InputError, match=rf"corrupt {kind} data|corrupt capture|truncated"):
+        read_all(bytes(packed))
+
+
+@pytest.mark.parametrize("kind", sorted(COMPRESSORS))
+def test_compressed_bomb_is_read_a_chunk_at_a_time(kind: str) -> None:
+    # 64 MiB of zeros after a pcap header compress to a few KiB; read as empty 16-byte records. Decompressed all at
+    # once, the first batch would be 4 million records: one read chunk's worth is all it may hold.
+    data = classic_header(101) + bytes(64 << 20)
+    reader = PcapReader(io.BytesIO(compress(kind, data)))
+    batch = reader.read_batch()
+    assert 0 < len(batch) <= 256 * 1024 // 16
+
+
+def test_empty_gzip_capture() -> None:
+    with pytest.raises(InputError, match="gzip-compressed capture is empty"):
+        read_all(compress("gzip", b""))

@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from .decompress import MAGIC_LEN, Decompressed, compression
 from .errors import InputError
 
 CHUNK = 256 * 1024
@@ -91,7 +92,7 @@ def _read_chunk(stream: BinaryIO) -> bytes:
 
 
 class PcapReader:
-    """Reads classic pcap or pcapng from a stream, record by record.
+    """Reads classic pcap or pcapng from a stream, record by record; gzip, zstd or lz4 compressed too.
 
     `read_batch()` returns every whole record already buffered (reading the stream at most until one record is
     whole), which lets a feeder forward everything available now without waiting for more. Damage raises
@@ -108,6 +109,7 @@ class PcapReader:
         self._classic: tuple[str, float, int, bytes] | None = None  # order, ts unit, linktype, header
         self._section: _Section | None = None
         self.count = 0  # records returned so far
+        self.compression: str | None = None  # "gzip", "zstd" or "lz4" when the input is compressed
 
     # ---- public ---------------------------------------------------------------------------------------------
 
@@ -192,6 +194,16 @@ class PcapReader:
         self._need(4)
         if self._avail() == 0:
             raise InputError("the capture is empty: capture with tcpdump -w FILE or kubectl mirror -w FILE")
+        kind = compression(self._buf[self._pos : self._pos + MAGIC_LEN])
+        if kind is not None:
+            # From here on the stream is the decompressed capture; what was read so far is its start.
+            self._stream = Decompressed(kind, self._stream, self._buf[self._pos :], CHUNK)  # type: ignore[assignment]
+            self._buf, self._pos, self._eof = b"", 0, False
+            self.compression = kind
+            self._need(4)
+            if self._avail() == 0:
+                raise InputError(f"the {kind}-compressed capture is empty: capture with tcpdump -w FILE or "
+                                 "kubectl mirror -w FILE")
         head = self._buf[self._pos : self._pos + 4]
         if len(head) < 4:
             raise InputError(f"not a pcap or pcapng capture: only {len(head)} bytes; capture with tcpdump -w FILE "

@@ -13,6 +13,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
+    from kubectl_mirror.decompress import MAGIC_LEN, compression
     from kubectl_mirror.errors import InputError
     from kubectl_mirror.pcap import MAX_CAPLEN, PcapReader
 
@@ -37,14 +38,19 @@ class _Pipe(io.RawIOBase):
         return out
 
 
+# A compressed input can expand a thousandfold: its records are bounded by this, not by the input's size.
+MAX_EXPANDED = 64 << 20
+
+
 def _read(data: bytes, stream: io.RawIOBase | io.BytesIO) -> tuple[list[bytes], str | None]:
     raws: list[bytes] = []
+    size = MAX_EXPANDED if compression(data[:MAGIC_LEN]) else len(data)
     try:
         for rec in PcapReader(stream):  # type: ignore[arg-type]
-            if not len(rec.data) <= len(rec.raw) <= len(data) or len(rec.data) > MAX_CAPLEN:
+            if not len(rec.data) <= len(rec.raw) <= size or len(rec.data) > MAX_CAPLEN:
                 raise AssertionError(f"record of {len(rec.data)} bytes in {len(rec.raw)} raw, input {len(data)}")
             raws.append(rec.raw)
-            if len(raws) > len(data) // 12:
+            if len(raws) > size // 12:
                 raise AssertionError("more records than the input can hold")
     except InputError as exc:
         msg = str(exc)

@@ -74,18 +74,24 @@ class ReplayResult(CliOutput):
     records: list[ConnRecord] = field(default_factory=list)
 
 
-def run_cli(args: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+def run_cli(args: list[str], timeout: float = 120.0, stdin: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a child process; `stdin`: a file to give it as its standard input."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True, timeout=timeout,
-                          check=False, env=env, stdin=subprocess.DEVNULL)
+    with open(stdin if stdin is not None else os.devnull, "rb") as source:
+        return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True, timeout=timeout,
+                              check=False, env=env, stdin=source)
 
 
 def replay(pcap: Path, extra: list[str] | None = None, expect_conns: int = 0, timeout: float = 120.0,
-           http: bool = True) -> ReplayResult:
-    """`kubectl-mirror replay PCAP --to 127.0.0.1:PORT --json` to a fresh recorder on loopback."""
+           http: bool = True, stdin: bool = False) -> ReplayResult:
+    """`kubectl-mirror replay PCAP --to 127.0.0.1:PORT --json` to a fresh recorder on loopback.
+
+    stdin: `replay -` with the pcap as standard input instead.
+    """
     rec = Recorder("127.0.0.1", 0, http=http).start()
     try:
-        out = run_cli(["replay", str(pcap), "--to", f"127.0.0.1:{rec.port}", "--json", *(extra or [])], timeout)
+        out = run_cli(["replay", "-" if stdin else str(pcap), "--to", f"127.0.0.1:{rec.port}", "--json",
+                       *(extra or [])], timeout, stdin=pcap if stdin else None)
         # A failed run may never have connected: do not wait long for connections that will not come.
         rec.wait_idle(expect_conns, timeout=15.0 if out.returncode in (0, 3) else 2.0)
     finally:
