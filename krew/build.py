@@ -36,6 +36,8 @@ DIST = REPO / "dist"
 BUILD = REPO / "build" / "pyinstaller"
 STAMP = BUILD / "inputs.json"
 BIN = "kubectl-mirror"
+# kubectl's plugin completion executable: a sh script that runs the binary's `__complete` (README: Shell completion)
+COMPLETION = KREW / "kubectl_complete-mirror"
 
 # The platforms the manifest offers, as krew names them (its os/arch selector labels are Go's GOOS/GOARCH).
 PLATFORMS: tuple[tuple[str, str], ...] = (("linux", "amd64"), ("linux", "arm64"), ("darwin", "amd64"),
@@ -96,7 +98,7 @@ def inputs_digest(root: Path = REPO) -> str:
     h = hashlib.sha256()
     files = sorted(p for p in (root / "pkg").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     files += [root / name for name in ("pyproject.toml", "LICENSE", "krew/kubectl-mirror.spec", "krew/entry.py",
-                                       "krew/build.py")]
+                                       "krew/build.py", "krew/kubectl_complete-mirror")]
     for p in files:
         h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
     dists = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
@@ -147,10 +149,12 @@ def pyinstaller(workdir: Path, distdir: Path) -> Path:
 
 
 def pack(binary: Path, archive: Path) -> None:
-    """A gzip'd tar of the binary and LICENSE at its top level, byte-identical for identical inputs."""
+    """A gzip'd tar of the binary, its completion script and LICENSE at its top level, byte-identical for identical
+    inputs."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for src, name, mode in ((binary, BIN, 0o755), (LICENSE, "LICENSE", 0o644)):
+        for src, name, mode in ((binary, BIN, 0o755), (COMPLETION, COMPLETION.name, 0o755),
+                                (LICENSE, "LICENSE", 0o644)):
             info = tarfile.TarInfo(name)
             info.size = src.stat().st_size
             info.mode, info.mtime = mode, ARCHIVE_MTIME

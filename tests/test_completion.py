@@ -7,10 +7,12 @@ server; the kubeconfig has a second context whose namespace is `shop`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,7 +83,7 @@ class Completed:
         return [line.split("\t")[0] for line in self.lines]
 
 
-def kubectl_complete(env: dict[str, str], *words: str) -> Completed:
+def kubectl_complete(env: dict[str, str], *words: str, expect: Path = REPO) -> Completed:
     done = subprocess.run([KUBECTL, "__complete", "mirror", *words], env=env, capture_output=True, text=True,
                           timeout=30, check=False, cwd=env["HOME"], stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
@@ -89,7 +91,7 @@ def kubectl_complete(env: dict[str, str], *words: str) -> Completed:
     assert lines and lines[-1].startswith(":"), done.stdout
     # Nothing from the plugin on stderr: the shell would print it over the command line.
     assert [x for x in done.stderr.splitlines() if not x.startswith(KUBECTL_STDERR)] == [], done.stderr
-    assert "About to call: " + str(REPO / "kubectl_complete-mirror") in done.stderr, done.stderr
+    assert "About to call: " + str(expect / "kubectl_complete-mirror") in done.stderr, done.stderr
     return Completed(lines[:-1], int(lines[-1][1:]), done.stderr)
 
 
@@ -159,7 +161,8 @@ def test_fixed_choices(env: Env) -> None:
 
 def test_files(env: Env) -> None:
     replay = complete(env, "replay", "")
-    assert (replay.values, replay.directive) == (["pcap", "pcapng", "cap"], FILTER_FILE_EXT)
+    assert replay.values[:4] == ["pcap", "pcap.gz", "pcap.zst", "pcap.lz4"] and len(replay.values) == 12
+    assert {"pcapng", "pcapng.gz", "cap"} <= set(replay.values) and replay.directive == FILTER_FILE_EXT
     for words in (["-w", ""], ["deploy/web", "--write="], ["--kubeconfig", ""],
                   ["replay", "a.pcap", "--compare-report", ""]):
         got = complete(env, *words)
@@ -234,3 +237,12 @@ def test_the_plugin_answers_cobras_hidden_command(env: Env) -> None:
         done = subprocess.run([str(REPO / "kubectl-mirror"), command, "--con"], env=env.vars(), capture_output=True,
                               text=True, timeout=30, check=False)
         assert (done.returncode, done.stdout.splitlines(), done.stderr) == (0, want, "")
+
+
+def test_a_pip_install_puts_it_next_to_the_plugin(env: Env) -> None:
+    """pip's console-script wrappers (this venv's editable install), found by kubectl on PATH like any install."""
+    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts["kubectl_complete-mirror"] == "kubectl_mirror.completion:main"
+    venv_bin = Path(sys.prefix) / "bin"
+    got = kubectl_complete(env.vars(PATH=f"{venv_bin}:/usr/bin:/bin"), "-o", "", expect=venv_bin)
+    assert (got.values, got.directive) == (["text", "json"], NO_FILE_COMP)

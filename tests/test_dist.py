@@ -196,8 +196,11 @@ def test_archive_is_named_for_this_platform_and_holds_the_binary_and_license(bui
     assert built.archive.name == f"kubectl-mirror_{package_version()}_{os_name}_{arch}.tar.gz"
     assert built.archive.parent == REPO / "dist"
     members = unpack(built.archive, tmp_path)
-    assert sorted(members) == ["LICENSE", "kubectl-mirror"]
-    assert members["kubectl-mirror"].isfile() and members["kubectl-mirror"].mode == 0o755
+    assert sorted(members) == ["LICENSE", "kubectl-mirror", "kubectl_complete-mirror"]
+    for name in ("kubectl-mirror", "kubectl_complete-mirror"):
+        assert members[name].isfile() and members[name].mode == 0o755, name
+    script = "kubectl_complete-mirror"
+    assert (tmp_path / script).read_bytes() == (REPO / "krew" / script).read_bytes()
     assert (tmp_path / "LICENSE").read_bytes() == (REPO / "LICENSE").read_bytes()
     assert "Apache License" in (REPO / "LICENSE").read_text().split("\n", 3)[1]
     # A native executable, not a script that would need an interpreter.

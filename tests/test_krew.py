@@ -183,7 +183,8 @@ def test_generated_manifest_follows_krew_rules_with_this_platforms_real_sha256(
         p = platform_for(manifest, os_name, arch)
         assert p["uri"].endswith(f"/v{version}/kubectl-mirror_{version}_{os_name}_{arch}.tar.gz"), p["uri"]
         assert p["bin"] == "kubectl-mirror"
-        assert {(f["from"], f["to"]) for f in p["files"]} == {("kubectl-mirror", "."), ("LICENSE", ".")}
+        assert {(f["from"], f["to"]) for f in p["files"]} == {
+            ("kubectl-mirror", "."), ("kubectl_complete-mirror", "."), ("LICENSE", ".")}
     here = platform_for(manifest, *host())
     assert here["sha256"] == hashlib.sha256(built.archive.read_bytes()).hexdigest()
     # No archive of the others here: their sha256 is the pending marker, which matches no file krew downloads.
@@ -345,7 +346,7 @@ def test_kubectl_runs_the_installed_plugin(krew_root: Path, manifest: dict[str, 
     home.mkdir()
     env = kubectl_env(krew_root, home)
     installed = krew_root / "store" / "mirror" / manifest["spec"]["version"]
-    assert sorted(os.listdir(installed)) == ["LICENSE", "kubectl-mirror"]
+    assert sorted(os.listdir(installed)) == ["LICENSE", "kubectl-mirror", "kubectl_complete-mirror"]
 
     listed = run([*env, KUBECTL, "plugin", "list"])
     assert listed.returncode == 0, listed.stderr
@@ -361,3 +362,34 @@ def test_kubectl_runs_the_installed_plugin(krew_root: Path, manifest: dict[str, 
     replayed = replay_sample([*env, KUBECTL, "mirror"])
     assert_sample_delivered(replayed)
     assert SAMPLE.name in replayed.summary["source"]
+
+
+def readme_krew_completion_line() -> str:
+    """The README's one line that puts the krew install's kubectl_complete-mirror on PATH."""
+    lines = [x.strip() for x in (REPO / "README.md").read_text().splitlines()
+             if x.strip().startswith("cp ") and "kubectl_complete-mirror" in x]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.skipif(not os.access(KUBECTL, os.X_OK), reason=f"needs {KUBECTL}")
+def test_kubectl_completes_the_installed_plugin(krew_root: Path, tmp_path: Path) -> None:
+    """The README's line, then `kubectl __complete mirror ...`: the archive's script runs the one-file binary."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = kubectl_env(krew_root, home)
+    words = ["__complete", "mirror", "--image-pull-policy", ""]
+    before = run([*env, KUBECTL, *words])
+    assert before.stdout.splitlines() == [":0"]  # no completion executable: kubectl falls back to files
+    # As a user's shell runs it, with KREW_ROOT set as krew's install docs have it.
+    enabled = run(["/usr/bin/env", f"KREW_ROOT={krew_root}", f"HOME={home}", "/bin/sh", "-c",
+                   readme_krew_completion_line()])
+    assert enabled.returncode == 0, enabled.stderr
+    assert (krew_root / "bin" / "kubectl_complete-mirror").is_file()
+    done = run([*env, KUBECTL, *words])
+    assert done.stdout.splitlines() == ["Always", "IfNotPresent", "Never", ":4"], done.stderr
+    assert f"About to call: {krew_root / 'bin' / 'kubectl_complete-mirror'}" in done.stderr
+    # Flag names come with their help as descriptions; nothing but kubectl's own lines on stderr.
+    names = run([*env, KUBECTL, "__complete", "mirror", "status", "--sel"])
+    assert names.stdout.splitlines() == ["--selector\tlimit to pods with these labels", ":4"], names.stderr
+    assert all(x.startswith(("[Debug] ", "Completion ended")) for x in names.stderr.splitlines()), names.stderr

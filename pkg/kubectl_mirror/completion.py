@@ -27,8 +27,8 @@ FILTER_FILE_EXT = 8  # the candidates are file extensions to complete file names
 FILTER_DIRS = 16
 KEEP_ORDER = 32
 
-# What `replay` reads, for the shell's file-name completion.
-CAPTURE_EXTENSIONS = ("pcap", "pcapng", "cap")
+# What `replay` reads (plain or compressed as tshark opens them), for the shell's file-name completion.
+CAPTURE_EXTENSIONS = tuple(f"{base}{z}" for base in ("pcap", "pcapng", "cap") for z in ("", ".gz", ".zst", ".lz4"))
 # Where a value names a file on this machine (metavars in cli.py and flags.py).
 FILE_METAVARS = frozenset({"FILE", "PATH"})
 # cobra's hidden commands: kubectl_complete-mirror also answers when called as `kubectl-mirror __complete ...`.
