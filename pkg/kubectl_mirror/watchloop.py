@@ -1,0 +1,164 @@
+"""The HTTP edge of podwatch: list and watch the selected pods on a thread, hand each batch of changes on.
+
+A watch ends for ordinary reasons (the server's timeout, a load balancer, an API server restart): it is resumed
+from the last resourceVersion seen, with backoff while the server cannot be reached. 410 Expired relists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from .errors import MirrorError
+from .kubeconfig import Connection, api_errors, api_failure, api_request
+from .podwatch import Change, ListPods, PodWatch, WatchFailed
+
+log = logging.getLogger(__name__)
+
+PODS_PATH = "/api/v1/namespaces/{namespace}/pods"
+# Asked of the server per watch request; it ends the watch then, and the loop resumes. A real server adds up to
+# the same again at random; the read timeout must outlast both, plus a bookmark's interval.
+WATCH_SECONDS = 290
+READ_TIMEOUT = 2 * WATCH_SECONDS + 60.0
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 8.0
+
+
+def selection_query(label_selector: str | None, pod_name: str | None) -> list[tuple[str, str]]:
+    if pod_name is not None:
+        return [("fieldSelector", f"metadata.name={pod_name}")]
+    return [("labelSelector", label_selector)] if label_selector else []
+
+
+class WatchLoop:
+    """Runs list + watch until stopped; `on_changes(changes, state)` is called on this loop's thread."""
+
+    def __init__(self, conn: Connection, namespace: str, query: Sequence[tuple[str, str]],
+                 on_changes: Callable[[list[Change], PodWatch], None],
+                 on_fatal: Callable[[MirrorError], None], state: PodWatch | None = None) -> None:
+        self.conn, self.namespace, self.query = conn, namespace, list(query)
+        self.on_changes, self.on_fatal = on_changes, on_fatal
+        self.state = state or PodWatch()
+        self._stop = threading.Event()
+        self._resp: Any = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="pod watch", daemon=True)
+        self.watches = 0  # watch requests made: resumes are the ones after the first
+        self.drops = 0  # watches that ended in an error (not the server's own timeout)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._lock:
+            resp = self._resp
+        if resp is not None:
+            try:
+                resp.shutdown()  # wakes the blocked read
+            except Exception:  # the response may be half-closed already; any failure here means it ended
+                pass
+        self._thread.join(timeout)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = BACKOFF_FIRST
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                if isinstance(self.state.next_request(), ListPods):
+                    self._list()
+                    continue
+                self._watch()
+                delay = BACKOFF_FIRST
+                if time.monotonic() - began < 1.0:
+                    # A watch that a proxy ends at once, again and again, must not turn into a busy loop.
+                    self._stop.wait(BACKOFF_FIRST)
+                continue
+            except ApiException as exc:
+                if exc.status == 410:
+                    log.info("pod watch: resourceVersion expired (410): listing again")
+                    self.state.expired()
+                    continue
+                err = api_failure(exc, self.conn, verb="watch", resource="pods", namespace=self.namespace)
+                if exc.status in (401, 403):
+                    self.on_fatal(err)
+                    return
+                log.warning("pod watch: %s; retrying", err.message)
+            except WatchFailed as exc:
+                log.warning("pod watch: the server ended the watch with error %d (%s); listing again",
+                            exc.code, exc.message)
+                self.state.expired()
+            except MirrorError as exc:
+                if self._stop.is_set():
+                    return
+                self.drops += 1
+                log.info("pod watch dropped (%s); resuming from resourceVersion %s", exc.message,
+                         self.state.resource_version or "(relist)")
+            except Exception as exc:  # urllib3's protocol errors on a cut stream, whatever the cause
+                if self._stop.is_set():
+                    return
+                self.drops += 1
+                log.info("pod watch dropped (%s: %s); resuming from resourceVersion %s", type(exc).__name__, exc,
+                         self.state.resource_version or "(relist)")
+            if self._stop.wait(delay * (0.5 + random.random())):
+                return
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    def _list(self) -> None:
+        with api_errors(self.conn):
+            resp = api_request(self.conn, "GET", PODS_PATH, {"namespace": self.namespace}, query=self.query,
+                               timeout=60.0)
+        body = json.loads(resp.data)
+        rv = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        changes = self.state.listed(list(body.get("items") or []), rv)
+        if not rv:
+            raise MirrorError("the pod list carried no resourceVersion")
+        self.on_changes(changes, self.state)
+
+    def _watch(self) -> None:
+        rv = self.state.resource_version
+        query = [*self.query, ("watch", "true"), ("resourceVersion", rv), ("allowWatchBookmarks", "true"),
+                 ("timeoutSeconds", str(WATCH_SECONDS))]
+        self.watches += 1
+        with api_errors(self.conn):
+            resp = api_request(self.conn, "GET", PODS_PATH, {"namespace": self.namespace}, query=query,
+                               timeout=(30.0, READ_TIMEOUT))
+        with self._lock:
+            self._resp = resp
+        try:
+            if self._stop.is_set():
+                return
+            with api_errors(self.conn):
+                for line in _lines(resp):
+                    if self._stop.is_set():
+                        return
+                    changes = self.state.event(json.loads(line))
+                    if changes:
+                        self.on_changes(changes, self.state)
+                    if not self.state.resource_version:
+                        return  # 410 as an ERROR event: relist
+        finally:
+            with self._lock:
+                self._resp = None
+            resp.release_conn()
+
+
+def _lines(resp: Any) -> Iterator[bytes]:
+    """Watch events are newline-delimited JSON; chunks may split or join them."""
+    pending = b""
+    for chunk in resp.stream(65536, decode_content=False):
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            if line.strip():
+                yield line
+    if pending.strip():
+        yield pending
