@@ -106,11 +106,14 @@ class Gap:
     after_frame: int
     reason: str
     lost: int = 0
+    # The pod left the run (deleted, replaced, not Ready): its capture ended for good, and a flow still open may
+    # never see its end in this capture. Not a drop: nothing is reopened.
+    retired: bool = False
 
     @property
     def dropped(self) -> bool:
-        """The stream dropped (and was reopened), as opposed to a loss reported at the end."""
-        return self.lost == 0
+        """The stream dropped (and was reopened), as opposed to a loss reported at the end or a pod that left."""
+        return self.lost == 0 and not self.retired
 
 
 @dataclass
@@ -118,14 +121,30 @@ class CaptureStats:
     records: int = 0
     reconnects: int = 0
     failed_pods: list[str] = field(default_factory=list)
+    records_by_pod: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Slot:
+    """One pod in the merged capture: its thread, and the event that ends it (retired, or the run stopping)."""
+
+    pod: PodCapture
+    halt: threading.Event = field(default_factory=threading.Event)
+    retired: str | None = None  # why it left the run
+    thread: threading.Thread | None = None
 
 
 class LiveCapture:
     """Merges the pods' captures into `self.stream` (the read end of a pipe), in arrival order."""
 
     def __init__(self, pods: Sequence[PodCapture], *, reconnect_attempts: int = 5, backoff: float = 0.5,
-                 max_backoff: float = 8.0, sleep: Callable[[float], None] = time.sleep) -> None:
-        self._pods = pods
+                 max_backoff: float = 8.0, sleep: Callable[[float], None] = time.sleep, follow: bool = False,
+                 on_lost: Callable[[PodCapture, str], None] | None = None) -> None:
+        self._slots: list[_Slot] = [_Slot(pod) for pod in pods]
+        # follow: pods come and go during the run (the workload is watched), so the stream ends only when the run
+        # stops, not when the last pod's capture does; on_lost hears of a pod whose capture could not restart.
+        self._follow = follow
+        self._on_lost = on_lost
         self._attempts = reconnect_attempts
         self._backoff = backoff
         self._max_backoff = max_backoff
@@ -145,28 +164,89 @@ class LiveCapture:
         self._stop_started = False
         self._stop_done = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._retiring: list[threading.Thread] = []  # stoppers of retired pods, joined before the run ends
         self._alive = 0
         self.stats = CaptureStats()
         self.errors: list[MirrorError] = []
 
     # ---- public ------------------------------------------------------------------------------------
 
+    @property
+    def _pods(self) -> list[PodCapture]:
+        with self._lock:
+            return [slot.pod for slot in self._slots]
+
+    def pods(self) -> list[PodCapture]:
+        """Every pod the run has captured (or is starting to), retired ones included."""
+        return self._pods
+
     def start(self) -> None:
         """Start every pod's capture; the first start of each must succeed, or the run does not begin."""
         streams: list[BinaryIO] = []
+        slots = list(self._slots)
         try:
-            for pod in self._pods:
-                streams.append(pod.start())
+            for slot in slots:
+                streams.append(slot.pod.start())
         except BaseException:
-            for pod in self._pods[: len(streams)]:
-                pod.stop()
+            for slot in slots[: len(streams)]:
+                slot.pod.stop()
             raise
         self._write(section_header())
-        self._alive = len(self._pods)
-        for pod, stream in zip(self._pods, streams, strict=True):
-            t = threading.Thread(target=self._run_pod, args=(pod, stream), name=f"capture {pod.name}", daemon=True)
+        with self._lock:
+            self._alive = len(slots)
+        for slot, stream in zip(slots, streams, strict=True):
+            self._spawn(slot, stream)
+
+    def _spawn(self, slot: _Slot, stream: BinaryIO) -> None:
+        t = threading.Thread(target=self._run_pod, args=(slot, stream), name=f"capture {slot.pod.name}", daemon=True)
+        slot.thread = t
+        with self._lock:
             self._threads.append(t)
-            t.start()
+        t.start()
+
+    def add(self, pod: PodCapture) -> None:
+        """Start capturing one more pod while the run goes on (a pod the watch saw become Ready).
+
+        Registered before its start, so a stop that comes meanwhile reaches it (its start then undoes itself).
+        Raises MirrorError when it cannot start, or when the run is stopping.
+        """
+        slot = _Slot(pod)
+        with self._lock:
+            if self._stop_started:
+                raise MirrorError(f"not starting a capture in {pod.name}: the run is stopping")
+            self._slots.append(slot)
+        try:
+            stream = pod.start()
+        except BaseException:
+            with self._lock:
+                self._slots.remove(slot)
+            raise
+        with self._lock:
+            late = self._stop_started
+            if not late:
+                self._alive += 1
+        if late:
+            pod.stop()
+            raise MirrorError(f"the capture in {pod.name} started as the run was stopping; it was stopped")
+        self._spawn(slot, stream)
+
+    def retire(self, name: str, why: str) -> PodCapture | None:
+        """End one pod's capture for good (it left the workload): its tcpdump is stopped if the pod still runs,
+        and its open flows end as incomplete once its last packets are in. Returns the pod, or None if unknown.
+
+        The stop runs on a thread of its own: the caller (the watch) must not wait for exec round trips.
+        """
+        with self._lock:
+            slot = next((s for s in self._slots if s.pod.name == name and s.retired is None), None)
+            if slot is None:
+                return None
+            slot.retired = why
+        slot.halt.set()
+        stopper = threading.Thread(target=slot.pod.stop, name=f"retire {name}", daemon=True)
+        with self._lock:
+            self._retiring.append(stopper)
+        stopper.start()
+        return slot.pod
 
     def _settle(self) -> None:
         deadline = time.monotonic() + SETTLE_MAX
@@ -211,21 +291,29 @@ class LiveCapture:
         if not self._stopping.is_set() and not self.stream.closed:
             self._settle()
         self._stopping.set()
-        stoppers = [threading.Thread(target=pod.stop, daemon=True) for pod in self._pods]
+        with self._lock:
+            slots = list(self._slots)
+            retiring = list(self._retiring)
+        for slot in slots:
+            slot.halt.set()
+        # Retired pods were stopped already (or are being): stopping them again is a no-op, and harmless.
+        stoppers = [threading.Thread(target=slot.pod.stop, daemon=True) for slot in slots]
         for t in stoppers:
             t.start()
         # The stoppers bound their own time (stop_remote gives up with an error); returning before they are done
         # would let the process exit half-way through one and leave its tcpdump running in the pod.
-        for t in stoppers:
+        for t in stoppers + retiring:
             t.join(STOPPER_BOUND)
         deadline = time.monotonic() + timeout
-        for t in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        if any(t.is_alive() for t in self._threads) and not self.stream.closed:
+        if any(t.is_alive() for t in threads) and not self.stream.closed:
             # A reader still blocked writing into a pipe nobody drains any more (the engine has finished):
             # closing the read end turns its write into EPIPE, so it lets go of the write lock.
             self.stream.close()
-            for t in self._threads:
+            for t in threads:
                 t.join(2.0)
         self._close_write()
 
@@ -235,10 +323,15 @@ class LiveCapture:
 
     # ---- the pod threads ---------------------------------------------------------------------------
 
-    def _run_pod(self, pod: PodCapture, stream: BinaryIO) -> None:
+    def _run_pod(self, slot: _Slot, stream: BinaryIO) -> None:
+        pod = slot.pod
         try:
             while True:
                 reason = self._pump(pod, stream)
+                if slot.retired is not None:
+                    # Whatever it sent is in: its flows still open end here (incomplete), not at the run's end.
+                    self._add_gap(Gap(pod.name, pod.server_hosts, 0, f"pod {slot.retired}", retired=True))
+                    return
                 if self._stopping.is_set():
                     lost = pod.lost_packets()
                     if lost:
@@ -247,14 +340,16 @@ class LiveCapture:
                 log.warning("%s: %s; starting a new capture", pod.name, reason)
                 self._add_gap(Gap(pod.name, pod.server_hosts, 0, reason))
                 pod.stop(gap=True)
-                restarted = self._restart(pod)
+                restarted = self._restart(slot)
                 if restarted is None:
+                    if slot.retired is not None:
+                        self._add_gap(Gap(pod.name, pod.server_hosts, 0, f"pod {slot.retired}", retired=True))
                     return
                 stream = restarted
         finally:
             with self._lock:
                 self._alive -= 1
-                last = self._alive == 0
+                last = self._alive == 0 and (not self._follow or self._stopping.is_set())
             if last:
                 self._close_write()
 
@@ -281,11 +376,12 @@ class LiveCapture:
         except Exception as exc:  # the WebSocket library's own errors: a dropped stream, whatever the cause
             return f"the exec stream failed: {exc.__class__.__name__}: {exc}"
 
-    def _restart(self, pod: PodCapture) -> BinaryIO | None:
+    def _restart(self, slot: _Slot) -> BinaryIO | None:
+        pod = slot.pod
         delay = self._backoff
         last: MirrorError | None = None
         for _ in range(self._attempts):
-            if self._stopping.wait(delay):
+            if slot.halt.wait(delay) or self._stopping.is_set():
                 return None
             try:
                 stream = pod.start()
@@ -293,6 +389,10 @@ class LiveCapture:
                 last = exc
                 delay = min(delay * 2, self._max_backoff)
                 continue
+            if slot.halt.is_set():
+                # Retired (or the run stopped) while this start waited for tcpdump: undo it, the stop missed it.
+                pod.stop()
+                return None
             with self._lock:
                 self.stats.reconnects += 1
             # Said at the default level like the drop itself: the user should see it recovered.
@@ -302,8 +402,10 @@ class LiveCapture:
                     pod.name, self._attempts)
         with self._lock:
             self.stats.failed_pods.append(pod.name)
-            if last is not None:
+            if last is not None and self._on_lost is None:
                 self.errors.append(last)
+        if self._on_lost is not None:
+            self._on_lost(pod, last.message if last is not None else "the capture could not be restarted")
         return None
 
     def _write_records(self, pod: PodCapture, batch: list[Record]) -> None:
@@ -323,6 +425,7 @@ class LiveCapture:
             self._last_write = time.monotonic()
         with self._lock:
             self.stats.records += len(batch)
+            self.stats.records_by_pod[pod.name] = self.stats.records_by_pod.get(pod.name, 0) + len(batch)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

@@ -10,6 +10,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # the run could not start or could not go on
 EXIT_USAGE = 2  # bad flags or arguments
 EXIT_DELIVERY = 3  # the run finished, but some flows failed or were dropped at the local target
+EXIT_TARGET_GONE = 4  # the pod named as pod/NAME went away during the run (what came before was delivered)
 EXIT_INTERRUPTED = 130  # second Ctrl-C: stopped at once
 
 
@@ -46,3 +47,9 @@ class ToolError(MirrorError):
 
 class ClusterError(MirrorError):
     """Kubernetes said no: unknown resource, no running pod, RBAC, Pod Security, no ephemeral containers..."""
+
+
+class TargetGoneError(ClusterError):
+    """The pod named on the command line (pod/NAME) was deleted or finished during the run."""
+
+    exit_code = EXIT_TARGET_GONE

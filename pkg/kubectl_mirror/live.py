@@ -14,10 +14,12 @@ import time
 from collections.abc import Sequence
 from typing import BinaryIO, cast
 
-from .capture import LiveCapture
+from .capture import LiveCapture, PodCapture
 from .dissect import TsharkInfo, find_tshark
-from .errors import ClusterError, MirrorError, ToolError, UsageError
+from .errors import ClusterError, MirrorError, TargetGoneError, ToolError, UsageError
 from .execstream import ExecProcess, start_capture, stop_remote
+from .follow import Follower
+from .following import Following
 from .kubeconfig import Connection, connect
 from .pcap import PcapReader, PcapWriter
 from .pipeline import (
@@ -31,10 +33,11 @@ from .pipeline import (
     shadow_options,
     status_line,
 )
+from .progress import StatusLine
 from .replay import Destination, destination
 from .summary import Summary, SummaryBuilder, exit_code
 from .tap import DEFAULT_IMAGE, Tap, ensure_tap
-from .target import PodTarget, resolve
+from .target import Pod, PodTarget, resolve_selection, target_for
 
 log = logging.getLogger(__name__)
 
@@ -191,36 +194,75 @@ def run_live(args: argparse.Namespace) -> int:
         tshark = find_tshark(args.tshark)
     conn = connect(args)
     try:
-        targets = resolve(conn, args.ref or "", selector=args.selector, container=args.container, port=args.port,
-                          all_pods=args.all_pods)
+        targets, selection, chosen = resolve_selection(conn, args.ref or "", selector=args.selector,
+                                                       container=args.container, port=args.port,
+                                                       all_pods=args.all_pods)
         pods = [KubePodCapture(conn, t, _tap(conn, t, args), args.filter) for t in targets]
-        capture = LiveCapture(pods)
+        follower = Follower(Following.mode_for(selection, args.all_pods), selection.source)
+        follower.seed(chosen)
+        following: Following | None = None
+
+        def on_lost(pod: PodCapture, why: str) -> None:
+            if following is not None:
+                following.lost(pod, why)
+            else:  # gave up before following ran: the run's own failure, as without following
+                capture.errors.append(ClusterError(why))
+
+        capture = LiveCapture(pods, follow=True, on_lost=on_lost)
         capture.start()
         # Installed before the "mirroring" line: a Ctrl-C from then on is the graceful stop it announces.
-        stop = StopFlag(on_force=lambda: _leftover_warnings(pods))
+        stop = StopFlag(on_force=lambda: _leftover_warnings(_kube_pods(capture)))
         stop.install()
         failure: MirrorError | None = None
+        status = status_line(args, shadow_options(args)) if dest is not None else None
+        ended: list[str] = []
+
+        def say(text: str) -> None:
+            if status is not None:
+                status.clear()
+            if not args.quiet or text.startswith("warning:"):
+                print(text, file=sys.stderr, flush=True)
+
+        def target_gone(message: str) -> None:
+            ended.append(message)
+            stop.request("target gone")
+            _begin_stop(capture, interrupted=False, quiet=True)
+
+        def make_capture(pod: Pod) -> KubePodCapture:
+            target = target_for(conn, pod, selection, args.container, args.port)
+            return KubePodCapture(conn, target, _tap(conn, target, args), args.filter)
+
+        following = Following(conn, selection, follower, capture, make_capture, say=say, on_end=target_gone)
         try:
             if not args.quiet:
                 where = str(dest) if dest else f"capture only, {_capture_path(args, targets)}"
                 print(f"mirroring {describe(targets)} -> {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            following.start()
             if dest is not None and tshark is not None:
-                summary, failure = _mirror(capture, stop, args, targets, dest, tshark)
+                summary, failure = _mirror(capture, stop, args, targets, dest, tshark, status)
             else:
                 summary = _capture_only(capture, stop, args, targets)
         finally:
             try:
-                capture.stop(reader_done=True)
+                try:
+                    capture.stop(reader_done=True)
+                finally:
+                    # After the capture's stop: a start still under way sees it and undoes itself; waited for here.
+                    following.stop()
+                    capture.stop(reader_done=True)  # a pod that slipped in while following stopped
             finally:
                 stop.uninstall()  # only now: a second Ctrl-C while tcpdump is being stopped still says what it left
-        summary.warnings.extend(warning for pod in pods for warning in pod.warnings)
-        summary.warnings.extend(err.message for pod in pods for err in pod.stop_errors)
+        all_pods = _kube_pods(capture)
+        summary.warnings.extend(warning for pod in all_pods for warning in pod.warnings)
+        summary.warnings.extend(err.message for pod in all_pods for err in pod.stop_errors)
         summary.warnings.extend(err.message for err in capture.errors)
     finally:
         conn.close()
     report(summary, args)
     if failure is not None:
         raise failure  # after the summary: what was delivered before it is still reported
+    if ended:
+        raise TargetGoneError(ended[0])
     return exit_code(summary)
 
 
@@ -257,6 +299,10 @@ def _begin_stop(capture: LiveCapture, *, interrupted: bool, quiet: bool) -> None
     threading.Thread(target=capture.stop, daemon=True).start()
 
 
+def _kube_pods(capture: LiveCapture) -> list[KubePodCapture]:
+    return [pod for pod in capture.pods() if isinstance(pod, KubePodCapture)]
+
+
 def _leftover_warnings(pods: Sequence[KubePodCapture]) -> None:
     """The second Ctrl-C leaves now: say which tcpdump may be left running, and how to stop it."""
     for pod in pods:
@@ -265,7 +311,7 @@ def _leftover_warnings(pods: Sequence[KubePodCapture]) -> None:
 
 
 def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, targets: list[PodTarget],
-            dest: Destination, tshark: TsharkInfo) -> tuple[Summary, MirrorError | None]:
+            dest: Destination, tshark: TsharkInfo, status: StatusLine | None) -> tuple[Summary, MirrorError | None]:
     """Run the engine on the live stream; the error that stopped it comes back beside the summary."""
     tee = _writer(args.write, args.quiet) if args.write else None
     options = EngineOptions(
@@ -284,7 +330,6 @@ def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, targ
         http=shadow_options(args),
         tls_passthrough=args.tls_passthrough,
     )
-    status = status_line(args, options.http)
     if status is not None:
         options.progress, options.progress_every = status, status.every
     options.notice = notice_printer(args, status)

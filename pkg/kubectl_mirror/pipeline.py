@@ -392,6 +392,9 @@ class Engine:
         if gap.dropped:
             log.info("stream gap in %s (%s): its open flows end as incomplete", gap.pod, gap.reason)
             self._gaps += 1
+        elif gap.retired:
+            log.info("%s left the run (%s): its capture ended, flows still open end as incomplete", gap.pod,
+                     gap.reason)
         else:
             log.info("%s: %s: flows still open may have lost their end, so they end as incomplete", gap.pod,
                      gap.reason)

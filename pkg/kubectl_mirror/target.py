@@ -36,6 +36,7 @@ class _Model(BaseModel):
 class ObjectMeta(_Model):
     name: str
     namespace: str = ""
+    uid: str = ""
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     deletion_timestamp: str | None = Field(default=None, alias="deletionTimestamp")
@@ -382,6 +383,12 @@ def resolve(conn: Connection, ref: str, *, selector: str | None, container: str 
 
     `ref` is TYPE/NAME or a pod name; with `selector` (-l) `ref` may be empty and pods are picked by label.
     """
+    return resolve_selection(conn, ref, selector=selector, container=container, port=port, all_pods=all_pods)[0]
+
+
+def resolve_selection(conn: Connection, ref: str, *, selector: str | None, container: str | None,
+                      port: str | None, all_pods: bool) -> tuple[list[PodTarget], PodSelection, list[Pod]]:
+    """As resolve, plus the selection (to watch it) and the chosen pods' objects."""
     namespace = conn.namespace
     sel = select_pods(conn, ref, selector)
     if sel.query is None:
@@ -389,12 +396,7 @@ def resolve(conn: Connection, ref: str, *, selector: str | None, container: str 
         if pod.status.phase != "Running" or pod.metadata.deletion_timestamp:
             raise ClusterError(f"pod {pod.metadata.name} is not running ({pod.describe_state()}); "
                                "wait for it or pick another pod")
-        return [_target(conn, pod, container, port, "--port")]
-    want: str | int | None = port
-    what = "--port"
-    if sel.service is not None:
-        want = _service_port(sel.service, port)
-        what = f"service {sel.service.metadata.name} targetPort"
+        return [_target(conn, pod, container, port, "--port")], sel, [pod]
     pods = sel.pods
     ready = [p for p in pods if p.ready]
     if not pods:
@@ -402,4 +404,12 @@ def resolve(conn: Connection, ref: str, *, selector: str | None, container: str 
     if not ready:
         raise ClusterError(f'no ready pod for {sel.source} in namespace "{namespace}": found {_states(pods)}')
     chosen = ready if all_pods else ready[:1]
-    return [_target(conn, p, container, want, what) for p in chosen]
+    return [target_for(conn, p, sel, container, port) for p in chosen], sel, chosen
+
+
+def target_for(conn: Connection, pod: Pod, sel: PodSelection, container: str | None, port: str | None) -> PodTarget:
+    """The capture target in one pod of the selection (also for pods that join it later)."""
+    if sel.service is not None:
+        return _target(conn, pod, container, _service_port(sel.service, port),
+                       f"service {sel.service.metadata.name} targetPort")
+    return _target(conn, pod, container, port, "--port")
