@@ -8,6 +8,7 @@ deleted). What the local service receives must be byte-identical to what the pod
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,4 +92,117 @@ def test_rollout_mid_mirror_moves_to_the_new_pod(lab: LiveLab, stack: contextlib
     assert result.stderr.count("now mirroring") == 1, result.stderr
     assert_mirrored_exactly(local, lab.truth("web-abc") + lab.truth("web-def"), result)
     assert [ec["name"] for ec in lab.ephemeral("web-def")] == ["mirror-tap"]
+    no_tcpdump(lab)
+
+
+def test_named_pod_deleted_ends_the_run_with_its_own_exit_code(lab: LiveLab, stack: contextlib.ExitStack,
+                                                               local: Recorder) -> None:
+    lab.add_serving_pod(stack, "web-1")
+    with live_run(["pod/web-1", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
+        run.wait_mirroring()
+        raw_conns(lab.pods["web-1"].ip, POD_PORT, 3, "named")
+        received(local, 3)
+        lab.fc.delete_pod("default", "web-1", grace=1.0)
+        result = run.finish(60.0)  # ends by itself
+    assert result.returncode == 4, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.error_lines()
+    assert line.startswith("error: pod web-1 is gone (terminating)"), result.stderr
+    assert "deploy/NAME" in line
+    assert_mirrored_exactly(local, lab.truth("web-1"), result)  # what came before was delivered and reported
+    no_tcpdump(lab)
+
+
+def test_all_pods_scale_up_is_tapped_and_a_deleted_pod_ends(lab: LiveLab, stack: contextlib.ExitStack,
+                                                            local: Recorder) -> None:
+    web(lab, stack, "web-a")
+    with live_run(["deploy/web", "--all-pods", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(),
+                   "--json"]) as run:
+        run.wait_mirroring()
+        lab.fc.scale("Deployment", "default", "web", 2)
+        lab.add_serving_pod(stack, "web-b")  # Ready at once
+        move_line(run, "now also mirroring pod web-b; mirroring 2 pods")
+        raw_conns(lab.pods["web-a"].ip, POD_PORT, 3, "a")
+        raw_conns(lab.pods["web-b"].ip, POD_PORT, 3, "b")
+        received(local, 6)
+        lab.fc.delete_pod("default", "web-a", grace=1.0)
+        move_line(run, "pod web-a is gone (terminating); mirroring 1 pod")
+        assert wait_for(lambda: len(lab.tcpdumps()) == 1, 10.0), lab.fc.exec_processes()  # web-a's is stopped
+        raw_conns(lab.pods["web-b"].ip, POD_PORT, 3, "b2", first=3)
+        received(local, 9)
+        run.interrupt()
+        result = run.finish()
+    assert result.returncode == 0, result.stderr
+    assert_mirrored_exactly(local, lab.truth("web-a") + lab.truth("web-b"), result)
+    no_tcpdump(lab)
+
+
+def test_scaled_to_zero_waits_then_resumes(lab: LiveLab, stack: contextlib.ExitStack, local: Recorder) -> None:
+    web(lab, stack, "web-a")
+    with live_run(["deploy/web", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
+        run.wait_mirroring()
+        lab.fc.scale("Deployment", "default", "web", 0)
+        lab.fc.delete_pod("default", "web-a")
+        move_line(run, "pod web-a is gone (deleted); no ready pod of deployment web: waiting for one")
+        lab.fc.scale("Deployment", "default", "web", 1)
+        lab.add_serving_pod(stack, "web-b", ready=False)
+        lab.fc.set_pod_phase("default", "web-b", "Running", ready=True)
+        move_line(run, "pod web-a is gone; now mirroring web-b (deleted)")
+        raw_conns(lab.pods["web-b"].ip, POD_PORT, 4, "back")
+        received(local, 4)
+        run.interrupt()
+        result = run.finish()
+    assert result.returncode == 0, result.stderr
+    assert_mirrored_exactly(local, lab.truth("web-b"), result)
+    no_tcpdump(lab)
+
+
+def test_watch_dropped_resumes_and_expired_relists(lab: LiveLab, stack: contextlib.ExitStack,
+                                                  local: Recorder) -> None:
+    web(lab, stack, "web-abc")
+    with live_run(["deploy/web", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json", "-v", "4"]) as run:
+        run.wait_mirroring()
+
+        def watching(n: int) -> bool:
+            return run.stderr.count("pod watch: watching from") >= n
+
+        assert wait_for(lambda: watching(1), 10.0), run.stderr
+        time.sleep(0.3)  # the request is recorded as it arrives; its watcher registers a moment later
+        lab.fc.restart(downtime=1.0)  # every connection cut: the watch resumes from its resourceVersion
+        assert wait_for(lambda: watching(2), 15.0), run.stderr
+        time.sleep(0.3)
+        lab.fc.compact()
+        lab.fc.expire_watches()  # 410 as an ERROR event: the run lists again, then watches from the new list
+        assert run.wait_line("listing again", 10.0), run.stderr
+        assert wait_for(lambda: watching(3), 10.0), run.stderr
+        rollout(lab, stack, "web-abc", "web-def")
+        move_line(run, "pod web-abc is gone; now mirroring web-def (rollout)")
+        raw_conns(lab.pods["web-def"].ip, POD_PORT, 4, "after")
+        received(local, 4)
+        run.interrupt()
+        result = run.finish()
+    assert result.returncode == 0, result.stderr
+    urls = [url for _, url in lab.fc.request_urls if "labelSelector=app%3Dweb" in url]
+    watches = [url for url in urls if "watch=true" in url]
+    lists = [url for url in urls if "watch=true" not in url]
+    assert all("allowWatchBookmarks=true" in url for url in watches), watches
+    assert len(lists) == 3, urls  # resolve's, the watch's first, the one after the 410: the restart relisted nothing
+    assert len(watches) >= 3, urls
+    got = without_probe(local.stop(grace=5.0))
+    assert contents(lab.truth("web-def")) <= contents(got)
+    no_tcpdump(lab)
+
+
+def test_ctrl_c_during_a_move_leaves_no_tcpdump(lab: LiveLab, stack: contextlib.ExitStack, local: Recorder) -> None:
+    web(lab, stack, "web-abc")
+    with live_run(["deploy/web", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
+        run.wait_mirroring()
+        lab.fc.tap_start_delay = 1.5  # the new pod's tap takes a while: Ctrl-C lands in the middle of the move
+        rollout(lab, stack, "web-abc", "web-def", grace=5.0)
+        assert wait_for(lambda: lab.ephemeral("web-def"), 15.0)
+        run.interrupt()
+        result = run.finish()
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lab.fc.get_pod("default", "web-abc")["metadata"]["deletionTimestamp"]  # still there, Terminating
     no_tcpdump(lab)

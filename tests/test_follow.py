@@ -8,6 +8,7 @@ import pytest
 
 from kubectl_mirror.follow import End, Follower, Mode, Say, Start, Stop
 from kubectl_mirror.podwatch import ChangeKind, ListPods, PodWatch, WatchFailed, WatchPods
+from kubectl_mirror.target import Pod
 
 Obj = dict[str, Any]
 OLD, NEW = "6b7f9c", "84d2aa"
@@ -180,3 +181,10 @@ def test_stop_while_starting_drops_the_start() -> None:
     assert step(f, w, ev("DELETED", pod("web-b", 22)))[0] == Stop("web-b", "deleted")
     assert f.started("web-b") == []
     assert ChangeKind.GONE.value == "gone"
+
+
+def test_a_seeded_pod_missing_from_the_first_list_is_gone() -> None:
+    w = PodWatch()
+    w.seed([Pod.model_validate(pod("web-a", 10))])
+    assert kinds(w.listed([pod("web-b", 12)], "20")) == [("gone", "web-a", "deleted"), ("ready", "web-b", "ready")]
+    assert w.relists == 0

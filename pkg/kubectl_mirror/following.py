@@ -41,8 +41,10 @@ class Following:
         self._state: PodWatch | None = None
         self._stopping = threading.Event()
         pod_name = selection.pods[0].metadata.name if selection.query is None else None
+        state = PodWatch()
+        state.seed([p for p in selection.pods if p.metadata.name in follower.active])
         self.watch = WatchLoop(conn, conn.namespace, selection_query(selection.query, pod_name), self._changes,
-                               self._watch_failed)
+                               self._watch_failed, state)
         self._worker = threading.Thread(target=self._work, name="follow", daemon=True)
 
     @staticmethod

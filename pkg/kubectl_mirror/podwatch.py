@@ -92,6 +92,15 @@ class PodWatch:
         self.resource_version = ""
         self._ready: set[str] = set()
         self.relists = 0  # lists after the first: each follows a 410
+        self._listed = False
+
+    def seed(self, pods: list[Pod]) -> None:
+        """Pods known before the first list (the ones the run started on): a pod gone by the time of that list
+        comes out of it as gone, not as never seen."""
+        for pod in pods:
+            self.pods[pod.metadata.name] = pod
+            if pod.ready:
+                self._ready.add(pod.metadata.name)
 
     def next_request(self) -> Request:
         return WatchPods(self.resource_version) if self.resource_version else ListPods()
@@ -103,8 +112,9 @@ class PodWatch:
 
     def listed(self, items: list[dict[str, Any]], resource_version: str) -> list[Change]:
         """A list's answer: the whole selection as of `resource_version`."""
-        if self.pods or self.resource_version:
+        if self.resource_version or self.relists or self._listed:
             self.relists += 1
+        self._listed = True
         seen: dict[str, Pod] = {}
         for item in items:
             pod = _pod(item)

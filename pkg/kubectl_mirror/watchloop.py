@@ -133,6 +133,7 @@ class WatchLoop:
                                timeout=(30.0, READ_TIMEOUT))
         with self._lock:
             self._resp = resp
+        log.debug("pod watch: watching from resourceVersion %s", rv)
         try:
             if self._stop.is_set():
                 return
@@ -140,11 +141,15 @@ class WatchLoop:
                 for line in _lines(resp):
                     if self._stop.is_set():
                         return
-                    changes = self.state.event(json.loads(line))
+                    event = json.loads(line)
+                    log.debug("pod watch: %s %s", event.get("type"),
+                              ((event.get("object") or {}).get("metadata") or {}).get("name"))
+                    changes = self.state.event(event)
                     if changes:
                         self.on_changes(changes, self.state)
                     if not self.state.resource_version:
-                        return  # 410 as an ERROR event: relist
+                        log.info("pod watch: resourceVersion expired (410): listing again")
+                        return
         finally:
             with self._lock:
                 self._resp = None

@@ -83,6 +83,11 @@ async def serve_watch(request: web.Request, store: Store, settings: WatchSetting
     await resp.prepare(request)
     deadline = loop.time() + max(0.0, min(timeout, WATCH_DEFAULT_TIMEOUT))
     shown: set[str] = set()  # uids this watcher has been shown as matching its selectors
+    since = request.query.get("resourceVersion")
+    if watcher is not None and since and since != "0":
+        # The client listed up to `since` and knows what matched then: a later DELETED, or a change that takes an
+        # object out of the selection, must reach it (a real server checks the object's previous state).
+        shown = {o["metadata"]["uid"] for o in store.list(res, ns)[0] if match_l(o) and match_f(o)}
     try:
         if expired is not None:
             await resp.write((dumps(expired) + "\n").encode())
