@@ -246,3 +246,23 @@ def test_a_pip_install_puts_it_next_to_the_plugin(env: Env) -> None:
     venv_bin = Path(sys.prefix) / "bin"
     got = kubectl_complete(env.vars(PATH=f"{venv_bin}:/usr/bin:/bin"), "-o", "", expect=venv_bin)
     assert (got.values, got.directive) == (["text", "json"], NO_FILE_COMP)
+
+
+@pytest.mark.parametrize(("words", "values", "positionals", "want"), [
+    # -v takes an optional number: the next word is its value only when it is one
+    (["-v", "deploy/web", "--port", ""], {"verbosity": [""]}, ["deploy/web"], ("value", "", "port")),
+    (["-v", "6", ""], {"verbosity": ["6"]}, [], ("positional", "", None)),
+    (["-v=6", "-nshop", "--namespac", "x", "-c"], {"verbosity": ["6"], "namespace": ["shop", "x"]}, [],
+     ("flags", "-c", None)),  # argparse's unique prefix of a long flag
+    (["--cont", "x", "po"], {}, ["x"], ("nothing", "po", None)),  # ambiguous: container or context
+    (["--", "-x"], {}, [], ("positional", "-x", None)),
+    (["--as-group", "a", "--as-group=b", "--kubeconfig="], {"as_group": ["a", "b"]}, [],
+     ("value", "", "kubeconfig")),
+])
+def test_reading_the_words(words: list[str], values: dict[str, list[str]], positionals: list[str],
+                           want: tuple[str, str, str | None]) -> None:
+    from kubectl_mirror.completion import commands, read_words
+
+    state, got = read_words(words, commands())
+    assert (state.values, state.positionals) == (values, positionals)
+    assert (got.what, got.prefix, got.flag.dest if got.flag else None) == want

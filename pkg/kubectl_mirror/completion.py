@@ -7,7 +7,8 @@ with cobra's ShellCompDirective bits, and hands both to the shell's completion s
 
 The words are read against the real argument parsers (cli.py), so completion knows exactly the flags the
 command accepts. What needs the cluster (names, namespaces, ports, containers) is asked of completion_cluster,
-imported only then: flag names and fixed choices answer without loading the Kubernetes client.
+imported only then: flag names, fixed choices and the kubeconfig's context names (kubeconfig_files) answer
+without loading the Kubernetes client.
 """
 
 from __future__ import annotations
@@ -137,11 +138,11 @@ def read_words(words: Sequence[str], cmds: dict[str, Command]) -> tuple[Words, W
     only_positionals = False
     for word in done:
         if pending is not None:
-            if not pending.optional_value or word.lstrip("=").isdigit():
-                state.values.setdefault(pending.dest, []).append(word)
-                pending = None
-                continue
+            took = not pending.optional_value or word.lstrip("=").isdigit()
+            state.values.setdefault(pending.dest, []).append(word if took else "")
             pending = None
+            if took:
+                continue
         if only_positionals or not word.startswith("-") or word == "-":
             state.positionals.append(word)
             continue
@@ -162,8 +163,10 @@ def read_words(words: Sequence[str], cmds: dict[str, Command]) -> tuple[Words, W
             state.values.setdefault(f.dest, []).append(value)
         else:
             pending = f
-    if pending is not None and not (pending.optional_value and not cur.lstrip("=").isdigit()):
-        return state, Want("value", cur, flag=pending)
+    if pending is not None:
+        if not pending.optional_value or cur.lstrip("=").isdigit():
+            return state, Want("value", cur, flag=pending)
+        state.values.setdefault(pending.dest, []).append("")
     if cur.startswith("--") and "=" in cur and not only_positionals:
         name, _, value = cur.partition("=")
         f = command.flag(name)
@@ -260,6 +263,26 @@ def complete(words: Sequence[str], lookups: Lookups | None = None) -> Answer:
     return answer(state, want, lookups or CLUSTER)
 
 
+def kubeconfig_names(state: Words, want: Want) -> Answer:
+    """--context, --cluster, --user: the names in the kubeconfig files kubectl would read; no cluster asked, and
+    no Kubernetes client loaded."""
+    from .errors import MirrorError
+    from .kubeconfig_files import kubeconfig_paths, merge_kubeconfigs
+
+    assert want.flag is not None
+    kind = {"context": "contexts", "cluster": "clusters", "user": "users"}[want.flag.dest]
+    try:
+        merged = merge_kubeconfigs(kubeconfig_paths(state.last("kubeconfig"), os.environ))
+    except MirrorError:
+        return Answer((), NO_FILE_COMP)
+    pairs = []
+    for entry in merged[kind]:
+        body = entry.get(kind[:-1]) or {}
+        desc = f"cluster {body.get('cluster', '')}" if kind == "contexts" and isinstance(body, dict) else ""
+        pairs.append((str(entry["name"]), desc))
+    return Answer(matching(pairs, want.prefix, want.emit), NO_FILE_COMP)
+
+
 def _cluster(name: str) -> Lookup:
     """completion_cluster's `name`, imported on first use: it loads the Kubernetes client (~0.2 s)."""
 
@@ -273,7 +296,7 @@ def _cluster(name: str) -> Lookup:
 
 
 CLUSTER = Lookups(refs=_cluster("refs"), namespaces=_cluster("namespaces"),
-                  kubeconfig=_cluster("kubeconfig_names"), ports=_cluster("ports"),
+                  kubeconfig=kubeconfig_names, ports=_cluster("ports"),
                   containers=_cluster("containers"))
 
 

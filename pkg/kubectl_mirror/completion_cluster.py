@@ -1,4 +1,4 @@
-"""The completions that ask the cluster or the kubeconfig, with the connection flags typed so far.
+"""The completions that ask the cluster, with the connection flags typed so far.
 
 Each cluster lookup runs on a daemon thread that gets TIMEOUT seconds in all (kubeconfig, exec credential plugin,
 TLS, every request): a shell waits on completion, and an unreachable cluster must cost a short pause, not a hang.
@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import threading
 from collections.abc import Callable
 
 from .completion import NO_FILE_COMP, NO_SPACE, Answer, Want, Words, matching, subcommands
 from .errors import UsageError
 from .flags import parse_request_timeout
-from .kubeconfig import Connection, ConnectionFlags, api_request, connect, kubeconfig_paths, merge_kubeconfigs
+from .kubeconfig import Connection, ConnectionFlags, api_request, connect
 from .target import KINDS, Kind, Pod, Service, kind_for, select_pods
 
 TIMEOUT = 3.0  # seconds for a whole lookup; --request-timeout shortens it
@@ -106,23 +105,6 @@ def namespaces(state: Words, want: Want) -> Answer:
         return [(str(i["metadata"]["name"]), "") for i in json.loads(resp.data).get("items") or []]
 
     return Answer(matching(bounded(lookup, state), want.prefix, want.emit), NO_FILE_COMP)
-
-
-def kubeconfig_names(state: Words, want: Want) -> Answer:
-    """--context, --cluster, --user: the names in the kubeconfig files kubectl would read; no cluster asked."""
-    assert want.flag is not None
-    kind = {"context": "contexts", "cluster": "clusters", "user": "users"}[want.flag.dest]
-    try:
-        flags = ConnectionFlags.model_validate({"kubeconfig": state.last("kubeconfig")})
-        merged = merge_kubeconfigs(kubeconfig_paths(flags, os.environ))
-    except Exception:
-        return NOTHING
-    pairs = []
-    for entry in merged[kind]:
-        body = entry.get(kind[:-1]) or {}
-        desc = f"cluster {body.get('cluster', '')}" if kind == "contexts" and isinstance(body, dict) else ""
-        pairs.append((str(entry["name"]), desc))
-    return Answer(matching(pairs, want.prefix, want.emit), NO_FILE_COMP)
 
 
 def _first_pod(conn: Connection, state: Words) -> tuple[Pod | None, Service | None]:
