@@ -11,9 +11,9 @@ or whose server speaks first (a Reply: TLS clients always speak first), before s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .model import Abort, Action, Close, Endpoint, Open, Reply, Send
+from .model import Abort, Action, Close, Endpoint, Open, Send
 
 _RECORD_HANDSHAKE = 0x16
 _CLIENT_HELLO = 0x01
@@ -52,13 +52,6 @@ class TlsFlow:
     server: Endpoint
 
 
-@dataclass(slots=True)
-class _Held:
-    open: Open
-    actions: list[Action] = field(default_factory=list)  # the flow's actions after its Open, in order
-    prefix: bytes = b""
-
-
 class TlsGate:
     """Holds each new flow until its first bytes say whether it is TLS; TLS flows are dropped, others released.
 
@@ -67,7 +60,8 @@ class TlsGate:
     """
 
     def __init__(self) -> None:
-        self._held: dict[int, _Held] = {}
+        # Per held flow: its Open, then its later actions in order (a list, not a dataclass: this runs per flow).
+        self._held: dict[int, list[Action]] = {}
         self._dropping: set[int] = set()  # decided TLS: their later actions in the same batches are dropped
         self._found: list[TlsFlow] = []
         self._flows_seen = 0
@@ -80,44 +74,62 @@ class TlsGate:
     def process(self, actions: list[Action], flows_created: int = -1) -> list[Action]:
         """The actions to execute. `flows_created` (the flow table's running count) lets a batch without a new
         flow and with nothing held pass untouched, at no per-action cost."""
-        if flows_created == self._flows_seen and not self._held and not self._dropping:
+        held, dropping = self._held, self._dropping
+        if flows_created == self._flows_seen and not held and not dropping:
             return actions
         self._flows_seen = flows_created
         out: list[Action] = []
-        held, dropping = self._held, self._dropping
+        emit = out.append
         for a in actions:
-            flow = a.flow
-            if type(a) is Open:
-                held[flow] = _Held(a)
+            kind = type(a)
+            if kind is Open:
+                held[a.flow] = [a]
                 continue
+            flow = a.flow
             h = held.get(flow)
             if h is None:
-                if flow not in dropping:
-                    out.append(a)
-                elif type(a) is Close or type(a) is Abort:
+                if not dropping or flow not in dropping:
+                    emit(a)
+                elif kind is Close or kind is Abort:
                     dropping.discard(flow)
                 continue
-            h.actions.append(a)
-            verdict: bool | None
-            if type(a) is Send:
-                if len(h.prefix) < DECIDING_BYTES:
-                    h.prefix += a.data[: DECIDING_BYTES - len(h.prefix)]
-                verdict = client_hello(h.prefix)
-            elif type(a) is Reply:
-                verdict = False  # the server spoke first: TLS clients never wait for the server
-            else:
-                verdict = False  # ended before six bytes: too short for a ClientHello
+            if kind is Send and len(h) == 1 and a.data[:1] != b"\x16":  # type: ignore[union-attr]
+                # The commonest case by far: the first bytes are not a handshake record (HTTP, gRPC, ...).
+                del held[flow]
+                emit(h[0])
+                emit(a)
+                continue
+            h.append(a)
+            verdict = self._verdict(h)
             if verdict is None:
                 continue
             del held[flow]
             if verdict:
-                self._found.append(TlsFlow(flow, h.open.client, h.open.server))
-                if type(a) is not Close and type(a) is not Abort:
+                first = h[0]
+                assert type(first) is Open
+                self._found.append(TlsFlow(flow, first.client, first.server))
+                if kind is not Close and kind is not Abort:
                     dropping.add(flow)
             else:
-                out.append(h.open)
-                out += h.actions
+                out += h
         return out
+
+    @staticmethod
+    def _verdict(held: list[Action]) -> bool | None:
+        """TLS, not TLS, or undecided, for a held flow's actions so far (its Open first)."""
+        prefix = b""
+        for a in held[1:]:
+            kind = type(a)
+            if kind is Send:
+                prefix += a.data[: DECIDING_BYTES - len(prefix)]  # type: ignore[union-attr]
+                verdict = client_hello(prefix)
+                if verdict is not None:
+                    return verdict
+            else:
+                # The server spoke first (a Reply: TLS clients never wait for the server), or the flow ended
+                # before six bytes: not a ClientHello.
+                return False
+        return None
 
     def pop_tls(self) -> list[TlsFlow]:
         found, self._found = self._found, []
