@@ -48,12 +48,14 @@ def test_status_shows_taps_and_running_captures(fc: tuple[FakeCluster, PodNetns]
     proc = start_capture(conn, target, tap)
     try:
         rows = tap_rows(conn, None, None)
-        assert rows == [TapRow("default", "web-1", "mirror-tap", "registry.example/tap:1", "running", "", 1, False)]
+        assert rows == [TapRow("default", "web-1", "mirror-tap", "registry.example/tap:1", "running", "", 1, False,
+                               "", "any")]
         out = status(cluster)
         assert out.returncode == 0, out.stderr
         header, line = out.stdout.splitlines()
-        assert header.split() == ["NAMESPACE", "POD", "TAP", "IMAGE", "STATE", "CAPTURING"]
-        assert line.split() == ["default", "web-1", "mirror-tap", "registry.example/tap:1", "running", "yes"]
+        assert header.split() == ["NAMESPACE", "POD", "TAP", "IMAGE", "STATE", "MESH", "CAPTURING"]
+        assert line.split() == ["default", "web-1", "mirror-tap", "registry.example/tap:1", "running", "-", "yes",
+                                "on", "any"]
         # Limited to other pods: nothing.
         assert tap_rows(conn, "pod/db-1", None) == []
     finally:

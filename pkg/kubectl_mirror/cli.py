@@ -79,6 +79,14 @@ def parse_port(text: str) -> int:
     return port
 
 
+def parse_interface(text: str) -> str:
+    """A Linux interface name (at most 15 characters, no slash or space), or `any`."""
+    name = text.strip()
+    if not 0 < len(name) <= 15 or any(ch in name for ch in "/ \t\n:") or name.startswith("-"):
+        raise argparse.ArgumentTypeError(f"invalid interface {text!r}: expected a name such as lo, eth0 or any")
+    return name
+
+
 def add_replay_flags(p: argparse.ArgumentParser, *, live: bool = False) -> None:
     """Flags shared by `replay` and live mirroring: how flows are rebuilt and delivered."""
     g = p.add_argument_group("Delivery")
@@ -229,6 +237,9 @@ def build_live_parser(prog: str) -> argparse.ArgumentParser:
                      help="how long to wait for the tap to run")
     cap = parser.add_argument_group("Capture")
     cap.add_argument("--filter", metavar="BPF", help="extra pcap-filter expression, and'ed with the port")
+    cap.add_argument("--interface", type=parse_interface, metavar="NAME",
+                     help="the pod's interface to capture on (default: any; lo in a service mesh, the sidecar's "
+                          "plaintext hop)")
     cap.add_argument("-w", "--write", metavar="FILE", help="also write the capture to FILE (pcapng; - for stdout)")
     cap.add_argument("--duration", type=parse_duration, metavar="DURATION", help="stop after this long (e.g. 30s)")
     cap.add_argument("--count", type=int, metavar="N", help="stop after N packets")

@@ -40,8 +40,9 @@ _IS_TCPDUMP = 'tr "\\0" " " </proc/"$1"/cmdline 2>/dev/null | grep -q "^tcpdump 
 _SIGNAL_SCRIPT = f'{_IS_TCPDUMP} && kill -s "$2" "$1"'
 
 
-def capture_argv(port: int, user_filter: str | None) -> list[str]:
-    """tcpdump writing a packet-buffered pcap to stdout: inbound and outbound TCP on `port`, on every interface."""
+def capture_argv(port: int, user_filter: str | None, interface: str = "any") -> list[str]:
+    """tcpdump writing a packet-buffered pcap to stdout: inbound and outbound TCP on `port`, on `interface`
+    (every interface by default; loopback in a service mesh, where only the proxy's hop to the app is plaintext)."""
     if not 1 <= port <= 65535:
         raise UsageError(f"port {port} is out of range: expected 1 to 65535")
     expression = f"tcp port {port}"
@@ -50,7 +51,7 @@ def capture_argv(port: int, user_filter: str | None) -> list[str]:
     # --immediate-mode: otherwise libpcap hands packets over in blocks up to a second late (latency), and the
     # ring's last block is lost when tcpdump is stopped. -B 32768 (KiB): with immediate mode the default ring
     # holds a handful of packets, and a burst of 20 new connections lost most of them.
-    return ["tcpdump", "--immediate-mode", "-B", "32768", "-p", "-i", "any", "-U", "-s", "0", "-w", "-",
+    return ["tcpdump", "--immediate-mode", "-B", "32768", "-p", "-i", interface, "-U", "-s", "0", "-w", "-",
             expression]
 
 
@@ -387,9 +388,9 @@ def _capture_failure(proc: ExecProcess, target: PodTarget) -> MirrorError:
 
 
 def start_capture(conn: Connection, target: PodTarget, tap: Tap, *, user_filter: str | None = None,
-                  ready_timeout: float = 30.0) -> ExecProcess:
+                  ready_timeout: float = 30.0, interface: str = "any") -> ExecProcess:
     """Run tcpdump in the tap and return once it captures; filter errors come back as one-line errors."""
-    argv = [*_WRAPPER, *capture_argv(target.port, user_filter)]
+    argv = [*_WRAPPER, *capture_argv(target.port, user_filter, interface)]
     proc = open_exec(conn, tap.namespace, tap.pod, tap.name, argv)
     try:
         # tcpdump says "listening on" once the capture is live: packets after this moment are not missed.

@@ -11,7 +11,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import BinaryIO, cast
 
 from .capture import LiveCapture, PodCapture
@@ -21,6 +21,7 @@ from .execstream import ExecProcess, start_capture, stop_remote
 from .follow import Follower
 from .following import Following
 from .kubeconfig import Connection, connect
+from .mesh import ANY, LOOPBACK, announcement
 from .pcap import PcapReader, PcapWriter
 from .pipeline import (
     Engine,
@@ -45,10 +46,15 @@ log = logging.getLogger(__name__)
 class KubePodCapture:
     """tcpdump in one pod's tap, over the exec WebSocket."""
 
-    def __init__(self, conn: Connection, target: PodTarget, tap: Tap, user_filter: str | None) -> None:
+    def __init__(self, conn: Connection, target: PodTarget, tap: Tap, user_filter: str | None,
+                 interface: str = ANY) -> None:
         self.conn, self.target, self.tap, self.user_filter = conn, target, tap, user_filter
+        self.interface = interface
         self.name = f"{target.namespace}/{target.pod}"
-        self.server_hosts = frozenset({target.pod_ip}) if target.pod_ip else frozenset()
+        hosts = {target.pod_ip} if target.pod_ip else set()
+        if interface == LOOPBACK:
+            hosts |= {"127.0.0.1", "::1"}  # a mesh proxy may hand the app its plaintext on a loopback address
+        self.server_hosts = frozenset(hosts)
         self._proc: ExecProcess | None = None
         self._lock = threading.Lock()
         self.stop_errors: list[MirrorError] = []
@@ -61,7 +67,8 @@ class KubePodCapture:
         self._unconfirmed: set[int] = set()  # remote tcpdump PIDs not yet seen stopped
 
     def start(self) -> BinaryIO:
-        proc = start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter)
+        proc = start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter,
+                             interface=self.interface)
         with self._lock:
             if proc.remote_pid is not None:
                 self._unconfirmed.add(proc.remote_pid)
@@ -74,8 +81,8 @@ class KubePodCapture:
             self._stop_capture(proc, gap=False)
             raise ClusterError(f"the capture in {self.name} started after the run had ended; it was stopped")
         self._stop_orphans(final=False)  # the API server answers again: finish what a drop left behind
-        log.info("capturing in %s (tap %s, tcpdump pid %s, %s)", self.name, self.tap.name, proc.remote_pid,
-                 proc.protocol)
+        log.info("capturing in %s on %s (tap %s, tcpdump pid %s, %s)", self.name, self.interface, self.tap.name,
+                 proc.remote_pid, proc.protocol)
         return cast(BinaryIO, proc.stdout)
 
     def leftover_hints(self) -> list[str]:
@@ -197,7 +204,8 @@ def run_live(args: argparse.Namespace) -> int:
         targets, selection, chosen = resolve_selection(conn, args.ref or "", selector=args.selector,
                                                        container=args.container, port=args.port,
                                                        all_pods=args.all_pods)
-        pods = [KubePodCapture(conn, t, _tap(conn, t, args), args.filter) for t in targets]
+        pods = [KubePodCapture(conn, t, _tap(conn, t, args), args.filter, capture_interface(t, args))
+                for t in targets]
         follower = Follower(Following.mode_for(selection, args.all_pods), selection.source)
         follower.seed(chosen)
         following: Following | None = None
@@ -230,7 +238,9 @@ def run_live(args: argparse.Namespace) -> int:
 
         def make_capture(pod: Pod) -> KubePodCapture:
             target = target_for(conn, pod, selection, args.container, args.port)
-            return KubePodCapture(conn, target, _tap(conn, target, args), args.filter)
+            # Said through `say`: the status line may be on screen by now.
+            return KubePodCapture(conn, target, _tap(conn, target, args), args.filter,
+                                  capture_interface(target, args, say))
 
         following = Following(conn, selection, follower, capture, make_capture, say=say, on_end=target_gone)
         try:
@@ -253,6 +263,10 @@ def run_live(args: argparse.Namespace) -> int:
             finally:
                 stop.uninstall()  # only now: a second Ctrl-C while tcpdump is being stopped still says what it left
         all_pods = _kube_pods(capture)
+        meshes = sorted({f"{pod.target.mesh.label()}, captured on {pod.interface}" for pod in all_pods
+                         if pod.target.mesh is not None})
+        if meshes:
+            summary = summary.model_copy(update={"mesh": "; ".join(meshes)})
         summary.warnings.extend(warning for pod in all_pods for warning in pod.warnings)
         summary.warnings.extend(err.message for pod in all_pods for err in pod.stop_errors)
         summary.warnings.extend(err.message for err in capture.errors)
@@ -264,6 +278,23 @@ def run_live(args: argparse.Namespace) -> int:
     if ended:
         raise TargetGoneError(ended[0])
     return exit_code(summary)
+
+
+def capture_interface(target: PodTarget, args: argparse.Namespace, say: Callable[[str], None] | None = None) -> str:
+    """Where tcpdump listens in the pod: --interface, else loopback in a mesh (its plaintext hop), else any.
+
+    Said once per meshed pod, before the tap is added: in a mesh, capturing every interface would mirror each
+    request twice, once as the mesh's ciphertext and once as the proxy's plaintext copy.
+    """
+    chosen = args.interface or (target.mesh.interface if target.mesh is not None else ANY)
+    if target.mesh is not None:
+        log.info("pod %s: %s mesh (%s)", target.pod, target.mesh.label(), target.mesh.evidence)
+        line = announcement(target.pod, target.mesh, chosen, overridden=bool(args.interface))
+        if say is not None:
+            say(line)
+        elif not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+    return chosen
 
 
 def _tap(conn: Connection, target: PodTarget, args: argparse.Namespace) -> Tap:

@@ -11,18 +11,21 @@ from .errors import MirrorError
 from .execstream import open_exec
 from .kubeconfig import Connection, connect
 from .tap import DEFAULT_NAME, TapInfo, find_taps
-from .target import list_pods, select_pods
+from .target import list_pods, mesh_of, select_pods
 
-# Counts tcpdump processes in the tap's network namespace (the pod's). The tap shares the target container's
-# process namespace when the runtime allows it; a process whose namespace cannot be read still counts. A
-# constant script: nothing the user typed reaches the shell.
-_COUNT_TCPDUMP = (
-    'me=$(readlink /proc/self/ns/net); n=0; '
+# Names the interface of each tcpdump process in the tap's network namespace (the pod's), one line each. The tap
+# shares the target container's process namespace when the runtime allows it; a process whose namespace cannot be
+# read still counts. A constant script: nothing the user typed reaches the shell.
+_LIST_TCPDUMP = (
+    'me=$(readlink /proc/self/ns/net); '
     'for p in /proc/[0-9]*; do '
-    'tr "\\0" " " <"$p/cmdline" 2>/dev/null | grep -q "^tcpdump " || continue; '
+    'c=$(tr "\\0" " " <"$p/cmdline" 2>/dev/null); '
+    'case "$c" in "tcpdump "*) ;; *) continue ;; esac; '
     'ns=$(readlink "$p/ns/net" 2>/dev/null); '
-    '[ -z "$ns" ] || [ "$ns" = "$me" ] && n=$((n+1)); '
-    'done; echo "$n"'
+    '[ -z "$ns" ] || [ "$ns" = "$me" ] || continue; '
+    'i=${c#* -i }; [ "$i" = "$c" ] && i=any; '
+    'echo "tcpdump ${i%% *}"; '
+    'done; echo end'
 )
 
 
@@ -36,17 +39,27 @@ class TapRow:
     detail: str
     capturing: int | None  # tcpdump processes running in the tap now; None when it could not be asked
     fallback: bool
+    mesh: str = ""  # the service mesh the pod is in ("Istio sidecar"), "" for none
+    interface: str = ""  # where the running captures listen (",": several), "" when none runs or it is unknown
 
 
-def count_captures(conn: Connection, namespace: str, pod: str, tap: str) -> int | None:
+def capture_interfaces(conn: Connection, namespace: str, pod: str, tap: str) -> list[str] | None:
+    """The interface of each tcpdump running in the tap's pod; None when the tap could not be asked."""
     try:
-        with open_exec(conn, namespace, pod, tap, ["sh", "-c", _COUNT_TCPDUMP], connect_timeout=10.0) as proc:
+        with open_exec(conn, namespace, pod, tap, ["sh", "-c", _LIST_TCPDUMP], connect_timeout=10.0) as proc:
             out = proc.stdout.read()
             proc.wait(10.0)
     except (MirrorError, OSError, TimeoutError):
         return None
-    text = out.decode(errors="replace").strip()
-    return int(text) if text.isdigit() else None
+    lines = out.decode(errors="replace").split("\n")
+    if "end" not in lines:  # cut short: an answer without its end says nothing reliable
+        return None
+    return [line.split(" ", 1)[1] for line in lines if line.startswith("tcpdump ")]
+
+
+def count_captures(conn: Connection, namespace: str, pod: str, tap: str) -> int | None:
+    found = capture_interfaces(conn, namespace, pod, tap)
+    return None if found is None else len(found)
 
 
 def tap_rows(conn: Connection, ref: str | None, selector: str | None) -> list[TapRow]:
@@ -57,20 +70,24 @@ def tap_rows(conn: Connection, ref: str | None, selector: str | None) -> list[Ta
         if not any(str(c.get("name", "")).startswith(DEFAULT_NAME) for c in pod.spec.ephemeral_containers):
             continue
         infos: list[TapInfo] = find_taps(conn, namespace, pod.metadata.name)
+        mesh = mesh_of(pod)
         for info in infos:
-            capturing = count_captures(conn, namespace, pod.metadata.name, info.name) if info.state == "running" else 0
+            found = capture_interfaces(conn, namespace, pod.metadata.name, info.name) if info.state == "running" else []
+            capturing = None if found is None else len(found)
             rows.append(TapRow(namespace, pod.metadata.name, info.name, info.image, info.state, info.detail,
-                               capturing, info.fallback))
+                               capturing, info.fallback, mesh.label() if mesh is not None else "",
+                               ",".join(dict.fromkeys(found or []))))
     return rows
 
 
 def render_rows(rows: list[TapRow]) -> str:
     """A kubectl-style table: upper-case headers, columns padded to the widest cell."""
-    header = ("NAMESPACE", "POD", "TAP", "IMAGE", "STATE", "CAPTURING")
+    header = ("NAMESPACE", "POD", "TAP", "IMAGE", "STATE", "MESH", "CAPTURING")
     cells = [header] + [
-        (r.namespace, r.pod, r.tap, r.image, r.state + (f" ({r.detail})" if r.detail else ""),
+        (r.namespace, r.pod, r.tap, r.image, r.state + (f" ({r.detail})" if r.detail else ""), r.mesh or "-",
          "unknown" if r.capturing is None else ("yes" if r.capturing else "no") + (
-             f" ({r.capturing} tcpdump)" if r.capturing and r.capturing > 1 else ""))
+             f" ({r.capturing} tcpdump)" if r.capturing and r.capturing > 1 else "") + (
+             f" on {r.interface}" if r.capturing and r.interface else ""))
         for r in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]

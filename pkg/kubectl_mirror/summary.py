@@ -71,6 +71,8 @@ class Summary(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     http: HttpSummary | None = None  # HTTP mode only; left out of the JSON otherwise
     compare: CompareSummary | None = None  # --compare only; left out of the JSON otherwise
+    # Live, in a service mesh: which mesh and where its plaintext was captured; left out of the JSON otherwise.
+    mesh: str | None = None
     # Progress snapshots only (flows still open mid-run); never part of the --json output.
     open_flows: int | None = Field(default=None, exclude=True)
 
@@ -290,7 +292,7 @@ def render_json(summary: Summary, *, one_line: bool = False) -> str:
 
     one_line: HTTP mode's -o json is JSON lines (one per request, then this summary as the last line).
     """
-    exclude = {name for name in ("http", "compare") if getattr(summary, name) is None}
+    exclude = {name for name in ("http", "compare", "mesh") if getattr(summary, name) is None}
     return summary.model_dump_json(indent=None if one_line else 2, exclude=exclude)
 
 
@@ -333,6 +335,8 @@ def render_text(summary: Summary) -> str:
     if notes:
         row("", "", ", ".join(notes))
     row("delivered", _size(summary.bytes_delivered), f"in {_duration(summary.duration_seconds)}")
+    if summary.mesh:
+        row("mesh", "", summary.mesh)
     if summary.stream_gaps:
         row("stream gaps", _count(summary.stream_gaps), "the live capture reconnected; flows across a gap are cut")
     h = summary.http

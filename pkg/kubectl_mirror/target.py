@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ClusterError, UsageError
 from .kubeconfig import Connection, api_errors, api_failure, api_request
+from .mesh import Mesh, detect
 
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 
@@ -24,6 +25,7 @@ class PodTarget:
     port_name: str | None  # the declared container port's name, when the port is a declared one
     pod_ip: str
     node: str
+    mesh: Mesh | None = None  # the service mesh the pod is in (from its spec), if any
 
 
 # ---- the API objects, as far as this tool reads them (pydantic: the boundary with the server's JSON) ----
@@ -77,6 +79,7 @@ class PodCondition(_Model):
 class PodSpec(_Model):
     containers: list[Container] = Field(default_factory=list)
     ephemeral_containers: list[dict[str, Any]] = Field(default_factory=list, alias="ephemeralContainers")
+    init_containers: list[dict[str, Any]] = Field(default_factory=list, alias="initContainers")
     node_name: str = Field(default="", alias="nodeName")
     os: dict[str, str] | None = None
 
@@ -335,7 +338,17 @@ def _target(conn: Connection, pod: Pod, container: str | None, port: str | int |
     c = _pick_container(pod, container)
     number, port_name = _resolve_port(pod, c, port, what)
     return PodTarget(namespace=pod.metadata.namespace, pod=pod.metadata.name, container=c.name, port=number,
-                     port_name=port_name, pod_ip=pod.status.pod_ip, node=pod.spec.node_name)
+                     port_name=port_name, pod_ip=pod.status.pod_ip, node=pod.spec.node_name,
+                     mesh=mesh_of(pod, c.name))
+
+
+def mesh_of(pod: Pod, container: str | None = None) -> Mesh | None:
+    """The service mesh `pod` is in, from the containers and annotations its injector left."""
+    return detect({
+        "metadata": {"annotations": pod.metadata.annotations, "labels": pod.metadata.labels},
+        "spec": {"containers": [{"name": c.name} for c in pod.spec.containers],
+                 "initContainers": pod.spec.init_containers},
+    }, container)
 
 
 def _states(pods: list[Pod]) -> str:

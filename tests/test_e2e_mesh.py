@@ -1,0 +1,205 @@
+"""Live mirroring of a meshed pod and of a pod that serves TLS itself, against the test cluster.
+
+The meshed pod is built the way Istio builds one: its spec carries istio-proxy and istio-init (and the
+annotations and labels the injector writes); in its network namespace an nftables rule redirects the app port
+to the "sidecar" (a real TLS-terminating Python ssl proxy on 15006, Istio's inbound port), which forwards the
+plaintext to the app over loopback from 127.0.0.6, as Istio's proxy does. Real TLS clients (curl) talk to the
+pod's IP. Every request must reach the local service once, byte-exact as the app received it, and no ciphertext.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.apiserver import FakeCluster, PodNetns
+from tests.apiserver.resources import BY_KIND
+from tests.cli_run import wait_for
+from tests.live_helpers import HTTP_CONTAINER, POD_PORT, LiveLab, live_run, run_once
+from tests.mesh_pods import istio_sidecar_spec
+from tests.netlab.lab import REPO, NsRecorder, contents, without_probe
+from tests.netlab.netns import Netns
+from tests.netlab.recorder import Recorder
+from tests.netlab.tlsterm import TlsRecord, TlsServer
+
+pytestmark = pytest.mark.netns
+
+POD = "web-abc"
+SIDECAR_PORT = 15006  # Istio's inbound capture port
+TLS_POD_PORT = 443
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[LiveLab]:
+    fc = FakeCluster(tmp_path)
+    fc.start()
+    fc.tap_start_delay = 0.05
+    try:
+        yield LiveLab(fc, tmp_path)
+    finally:
+        fc.stop()
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> trustme.CA:
+    return trustme.CA()
+
+
+class Sidecar:
+    """The TLS-terminating proxy in the pod's namespace (tests.netlab.tlsterm as a process there)."""
+
+    def __init__(self, ns: Netns, chain: Path, out: Path, port: int, extra: list[str]) -> None:
+        self.out = out
+        args = [sys.executable, "-m", "tests.netlab.tlsterm", "--port", str(port), "--cert", str(chain),
+                "--out", str(out), *extra]
+        self.proc = subprocess.Popen(ns.argv(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening"):
+            self.proc.kill()
+            raise RuntimeError(f"the TLS proxy did not start: {line!r} {self.proc.communicate(timeout=10)[1][-2000:]}")
+
+    def stop(self) -> list[TlsRecord]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.communicate(timeout=20)
+        return [TlsRecord.from_json(d) for d in json.loads(self.out.read_text())] if self.out.exists() else []
+
+
+def chain_for(ca: trustme.CA, ip: str, path: Path) -> Path:
+    ca.issue_cert(ip, "web.default.svc.cluster.local").private_key_and_cert_chain_pem.write_to_path(str(path))
+    return path
+
+
+def https(ip: str, port: int, paths: list[str], ca: trustme.CA, workdir: Path) -> str:
+    """One curl process (one keep-alive connection for several paths) speaking TLS to the pod."""
+    ca_file = workdir / "ca.pem"
+    if not ca_file.exists():
+        ca.cert_pem.write_to_path(str(ca_file))
+    urls = [f"https://{ip}:{port}{p}" for p in paths]
+    out = subprocess.run(["curl", "--http1.1", "-sS", "--max-time", "20", "--cacert", str(ca_file), *urls],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def add_istio_pod(lab: LiveLab, stack: contextlib.ExitStack, ca: trustme.CA) -> tuple[PodNetns, NsRecorder, Sidecar]:
+    """A pod as Istio's injector and istio-init leave it, with a real TLS-terminating sidecar."""
+    netns = stack.enter_context(PodNetns())
+    ns = Netns(netns.name)
+    app = NsRecorder(ns, lab.workdir / "app.json", POD_PORT).start()
+    stack.callback(lambda: app.proc is not None and app.proc.poll() is None and app.stop())
+    sidecar = Sidecar(ns, chain_for(ca, netns.ip, lab.workdir / "pod.pem"), lab.workdir / "sidecar.json",
+                      SIDECAR_PORT, ["--forward", f"{netns.ip}:{POD_PORT}", "--source", "127.0.0.6"])
+    stack.callback(sidecar.stop)
+    # istio-iptables' inbound redirect, in nftables: what arrives for the app port goes to the sidecar instead.
+    ns.run(["nft", "add table ip istio_mesh"])
+    ns.run(["nft", "add chain ip istio_mesh prerouting { type nat hook prerouting priority dstnat ; }"])
+    ns.run(["nft", f'add rule ip istio_mesh prerouting iifname != "lo" tcp dport {POD_PORT} '
+                   f"redirect to :{SIDECAR_PORT}"])
+    containers, inits, annotations, labels = istio_sidecar_spec(dict(HTTP_CONTAINER))
+    lab.fc.add_pod("default", POD, labels={"app": "web", **labels}, containers=containers, netns=netns.name)
+    obj = lab.fc.get_pod("default", POD)
+    obj["spec"]["initContainers"] = inits
+    obj["metadata"]["annotations"] = annotations
+    lab.fc.store.update(BY_KIND["Pod"], obj)
+    return netns, app, sidecar
+
+
+def test_istio_pod_mirrors_the_plaintext_hop_once(lab: LiveLab, stack: contextlib.ExitStack, local: Recorder,
+                                                  certs: trustme.CA) -> None:
+    netns, app, sidecar = add_istio_pod(lab, stack, certs)
+    with live_run([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
+        run.wait_mirroring()
+        status = run_once(["status", *lab.kube_args()])
+        assert status.returncode == 0, status.stderr
+        header, row = status.stdout.splitlines()
+        assert "MESH" in header.split() and "Istio sidecar" in row and row.endswith("yes on lo"), status.stdout
+        for i in range(5):
+            assert https(netns.ip, POD_PORT, [f"/mesh/{i}"], certs, lab.workdir).startswith(f"ok GET /mesh/{i} ")
+        assert https(netns.ip, POD_PORT, ["/keep/a", "/keep/b", "/keep/c"], certs, lab.workdir).count("ok GET") == 3
+        run.interrupt()
+        result = run.finish()
+    assert result.returncode == 0, result.stderr
+    assert "pod web-abc is in an Istio mesh: mirroring the sidecar's plaintext hop on lo" in result.stderr
+    truth = app.stop()
+    tls = sidecar.stop()
+    # The clients really spoke TLS to the pod's app port, and the app got plaintext from 127.0.0.6.
+    assert len(tls) == 6 and all(r.handshake for r in tls), tls
+    assert len(truth) == 6 and all(r.client.startswith("127.0.0.6:") and r.http for r in truth), truth
+    local.wait_idle(len(truth) + 1, timeout=15.0)
+    got = without_probe(local.stop(grace=5.0))
+    assert contents(got) == contents(truth)  # every request once, byte-exact
+    conns = result.connections
+    assert conns["seen"] == conns["complete"] == 6 and conns["tls"] == 0, conns
+    assert result.summary["mesh"] == "Istio sidecar, captured on lo"
+
+
+def test_interface_flag_overrides_the_mesh_choice(lab: LiveLab, stack: contextlib.ExitStack, local: Recorder,
+                                                  certs: trustme.CA) -> None:
+    netns, _app, _sidecar = add_istio_pod(lab, stack, certs)
+    with live_run([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", "--interface", "eth0", *lab.kube_args(),
+                   "--json"]) as run:
+        run.wait_mirroring()
+        https(netns.ip, POD_PORT, ["/x"], certs, lab.workdir)
+        run.interrupt()
+        result = run.finish()
+    assert result.returncode == 0, result.stderr
+    assert "capturing on eth0 as --interface says" in result.stderr
+    # On eth0 only the mesh's ciphertext goes by: held back as TLS, never sent to the plaintext service.
+    conns = result.connections
+    assert conns["tls"] == 1 and conns["complete"] == 0, conns
+    local.wait_idle(1, timeout=5.0)
+    assert without_probe(local.stop(grace=1.0)) == []
+
+
+def add_tls_pod(lab: LiveLab, stack: contextlib.ExitStack, ca: trustme.CA) -> tuple[PodNetns, Sidecar]:
+    """A plain pod whose app serves TLS itself on 443."""
+    netns = stack.enter_context(PodNetns())
+    server = Sidecar(Netns(netns.name), chain_for(ca, netns.ip, lab.workdir / "pod.pem"),
+                     lab.workdir / "server.json", TLS_POD_PORT, [])
+    stack.callback(server.stop)
+    container = {"name": "web", "image": "nginx:1.27", "ports": [{"name": "https", "containerPort": TLS_POD_PORT}]}
+    lab.fc.add_pod("default", POD, labels={"app": "web"}, containers=[container], netns=netns.name)
+    return netns, server
+
+
+def test_a_pod_serving_tls_is_counted_not_replayed_or_passed_through(
+        lab: LiveLab, stack: contextlib.ExitStack, local: Recorder, certs: trustme.CA) -> None:
+    netns, server = add_tls_pod(lab, stack, certs)
+    with live_run([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
+        run.wait_mirroring()
+        for i in range(3):
+            https(netns.ip, TLS_POD_PORT, [f"/s/{i}"], certs, lab.workdir)
+        run.interrupt()
+        held = run.finish()
+    assert held.returncode == 0, held.stderr
+    assert held.connections["tls"] == 3 and held.connections["complete"] == 0, held.connections
+    assert sum("opened with a TLS ClientHello" in line for line in held.stderr.splitlines()) == 1, held.stderr
+    local.wait_idle(1, timeout=5.0)
+    assert without_probe(local.stop(grace=1.0)) == []
+
+    tls_local = TlsServer(str(lab.workdir / "pod.pem"), host="127.0.0.1").start()
+    stack.callback(tls_local.stop)
+    with live_run([f"pod/{POD}", "--to", f"127.0.0.1:{tls_local.port}", "--tls-passthrough", *lab.kube_args(),
+                   "--json"]) as run:
+        run.wait_mirroring()
+        for i in range(3):
+            https(netns.ip, TLS_POD_PORT, [f"/p/{i}"], certs, lab.workdir)
+        run.interrupt()
+        passed = run.finish()
+    assert passed.returncode == 0, passed.stderr
+    assert passed.connections["complete"] == 3 and passed.connections["tls"] == 0, passed.connections
+    truth = server.stop()[3:]  # the pod's server saw the first run's connections too
+    assert wait_for(lambda: len([r for r in tls_local.records if r.raw]) >= 3, 10.0)
+    got = [bytes(r.raw) for r in tls_local.stop() if r.raw]
+    assert sorted(got) == sorted(bytes(r.raw) for r in truth)

@@ -1,0 +1,81 @@
+"""Mesh detection from pod specs as the meshes' injectors write them, and what the plugin says about it."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubectl_mirror.mesh import Mesh, Mode, announcement, detect
+from tests.mesh_pods import (
+    ISTIO_ANNOTATIONS,
+    ISTIO_INIT,
+    ISTIO_LABELS,
+    ISTIO_PROXY,
+    KUMA_INIT,
+    KUMA_SIDECAR,
+    LINKERD_INIT,
+    LINKERD_PROXY,
+    pod,
+)
+
+APP = {"name": "web", "image": "nginx:1.27", "ports": [{"name": "http", "containerPort": 80}]}
+
+
+def test_a_plain_pod_is_in_no_mesh() -> None:
+    assert detect(pod(APP, containers=[{"name": "log-shipper"}], inits=[{"name": "migrate"}])) is None
+    # Opted out of injection: no proxy, no redirect.
+    opted_out = {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled", "kuma.io/sidecar-injection":
+                 "disabled", "kuma.io/sidecar-injected": "false"}
+    assert detect(pod(APP, annotations=opted_out)) is None
+
+
+@pytest.mark.parametrize(("spec", "name", "evidence"), [
+    (pod(APP, containers=[ISTIO_PROXY], inits=[ISTIO_INIT], annotations=ISTIO_ANNOTATIONS, labels=ISTIO_LABELS),
+     "Istio", "container istio-proxy"),
+    # Istio CNI: the redirect is installed by the CNI plugin, istio-validation only checks it.
+    (pod(APP, containers=[ISTIO_PROXY], inits=[{"name": "istio-validation"}]), "Istio", "container istio-proxy"),
+    # Native sidecars (Kubernetes 1.28+, ENABLE_NATIVE_SIDECARS): the proxy is an init container that stays up.
+    (pod(APP, inits=[ISTIO_INIT, {**ISTIO_PROXY, "restartPolicy": "Always"}]), "Istio",
+     "native sidecar istio-proxy (init container, restartPolicy Always)"),
+    (pod(APP, containers=[LINKERD_PROXY], inits=[LINKERD_INIT]), "Linkerd", "container linkerd-proxy"),
+    (pod(APP, inits=[{"name": "linkerd-network-validator"}, {**LINKERD_PROXY, "restartPolicy": "Always"}]),
+     "Linkerd", "native sidecar linkerd-proxy (init container, restartPolicy Always)"),
+    (pod(APP, containers=[KUMA_SIDECAR], inits=[KUMA_INIT]), "Kuma", "container kuma-sidecar"),
+    # Only the traces an injector leaves on the pod: still a mesh.
+    (pod(APP, inits=[KUMA_INIT]), "Kuma", "init container kuma-init"),
+    (pod(APP, annotations={"linkerd.io/proxy-version": "stable-2.14.10"}), "Linkerd",
+     "annotation linkerd.io/proxy-version"),
+])
+def test_sidecar_meshes_capture_the_plaintext_hop_on_lo(spec: dict[str, object], name: str, evidence: str) -> None:
+    mesh = detect(spec)
+    assert mesh is not None
+    assert (mesh.name, mesh.mode, mesh.evidence, mesh.interface) == (name, Mode.SIDECAR, evidence, "lo")
+
+
+def test_istio_ambient_by_its_annotation() -> None:
+    mesh = detect(pod(APP, annotations={"ambient.istio.io/redirection": "enabled"}))
+    assert mesh == Mesh("Istio", Mode.AMBIENT, "annotation ambient.istio.io/redirection: enabled")
+    assert mesh.interface == "lo"
+    assert detect(pod(APP, annotations={"ambient.istio.io/redirection": "disabled"})) is None
+    said = announcement("web-abc", mesh, "lo", overridden=False)
+    assert "ztunnel" in said and "--interface eth0" in said
+
+
+def test_a_gateway_is_the_proxy_itself() -> None:
+    gateway = pod(ISTIO_PROXY, labels={"istio": "ingressgateway"}, name="istio-ingressgateway-5f9")
+    mesh = detect(gateway)
+    assert mesh is not None and mesh.mode is Mode.GATEWAY and mesh.interface == "any"
+    # Mirroring the sidecar container's own port in a meshed pod is the same thing.
+    meshed = pod(APP, containers=[ISTIO_PROXY])
+    chosen = detect(meshed, "istio-proxy")
+    assert chosen is not None and chosen.mode is Mode.GATEWAY
+    said = announcement("istio-ingressgateway-5f9", mesh, "any", overridden=False)
+    assert "mirror the backend workload instead" in said and "tls" in said
+
+
+def test_the_announcement() -> None:
+    mesh = detect(pod(APP, containers=[ISTIO_PROXY], inits=[ISTIO_INIT]))
+    assert mesh is not None
+    assert announcement("web-abc", mesh, "lo", overridden=False) == (
+        "pod web-abc is in an Istio mesh: mirroring the sidecar's plaintext hop on lo")
+    assert announcement("web-abc", mesh, "eth0", overridden=True) == (
+        "pod web-abc is in an Istio mesh (sidecar): capturing on eth0 as --interface says")
