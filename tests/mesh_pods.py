@@ -8,6 +8,7 @@ when a CNI plugin installs it), and the annotations and labels they set.
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 Obj = dict[str, Any]
@@ -48,7 +49,18 @@ def pod(app: Obj, *, containers: list[Obj] = (), inits: list[Obj] = (),  # type:
                      "initContainers": list(map(copy.deepcopy, inits))}}
 
 
-def istio_sidecar_spec(app: Obj) -> tuple[list[Obj], list[Obj], dict[str, str], dict[str, str]]:
-    """(containers, initContainers, annotations, labels) of a pod after Istio's sidecar injection."""
-    return [copy.deepcopy(app), copy.deepcopy(ISTIO_PROXY)], [copy.deepcopy(ISTIO_INIT)], dict(ISTIO_ANNOTATIONS), \
-        dict(ISTIO_LABELS)
+PROBE_PATH = "/app-health/web/readyz"  # what Istio rewrites the app's readiness probe to, on pilot-agent's 15020
+
+
+def istio_sidecar_spec(app: Obj, probe_path: str = "/healthz") -> tuple[list[Obj], list[Obj], dict[str, str],
+                                                                         dict[str, str]]:
+    """(containers, initContainers, annotations, labels) of a pod after Istio's sidecar injection.
+
+    The app's HTTP readiness probe is rewritten to pilot-agent's status port, which keeps the original in
+    ISTIO_KUBE_APP_PROBERS and probes the app itself.
+    """
+    port = app["ports"][0]["containerPort"]
+    app = {**copy.deepcopy(app), "readinessProbe": {"httpGet": {"path": PROBE_PATH, "port": 15020, "scheme": "HTTP"}}}
+    original = {PROBE_PATH: {"httpGet": {"path": probe_path, "port": port, "scheme": "HTTP"}, "timeoutSeconds": 1}}
+    proxy = {**copy.deepcopy(ISTIO_PROXY), "env": [{"name": "ISTIO_KUBE_APP_PROBERS", "value": json.dumps(original)}]}
+    return [app, proxy], [copy.deepcopy(ISTIO_INIT)], dict(ISTIO_ANNOTATIONS), dict(ISTIO_LABELS)

@@ -24,7 +24,7 @@ from tests.apiserver import FakeCluster, PodNetns
 from tests.apiserver.resources import BY_KIND
 from tests.cli_run import wait_for
 from tests.live_helpers import HTTP_CONTAINER, POD_PORT, LiveLab, live_run, run_once
-from tests.mesh_pods import istio_sidecar_spec
+from tests.mesh_pods import PROBE_PATH, istio_sidecar_spec
 from tests.netlab.lab import REPO, NsRecorder, contents, without_probe
 from tests.netlab.netns import Netns
 from tests.netlab.recorder import Recorder
@@ -34,6 +34,7 @@ pytestmark = pytest.mark.netns
 
 POD = "web-abc"
 SIDECAR_PORT = 15006  # Istio's inbound capture port
+AGENT_PORT = 15020  # pilot-agent's status port, where Istio sends the kubelet's rewritten probes
 TLS_POD_PORT = 443
 
 
@@ -93,11 +94,16 @@ def https(ip: str, port: int, paths: list[str], ca: trustme.CA, workdir: Path) -
 
 
 def add_istio_pod(lab: LiveLab, stack: contextlib.ExitStack, ca: trustme.CA) -> tuple[PodNetns, NsRecorder, Sidecar]:
-    """A pod as Istio's injector and istio-init leave it, with a real TLS-terminating sidecar."""
+    """A pod as Istio's injector and istio-init leave it, with a real TLS-terminating sidecar and probe agent."""
     netns = stack.enter_context(PodNetns())
     ns = Netns(netns.name)
     app = NsRecorder(ns, lab.workdir / "app.json", POD_PORT).start()
     stack.callback(lambda: app.proc is not None and app.proc.poll() is None and app.stop())
+    agent = subprocess.Popen(ns.argv([sys.executable, "-m", "tests.netlab.probe_agent", "--port", str(AGENT_PORT),
+                                      "--app", f"{netns.ip}:{POD_PORT}", "--path", f"{PROBE_PATH}=/healthz"]),
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stack.callback(lambda: (agent.send_signal(signal.SIGTERM), agent.communicate(timeout=10)))
+    assert agent.stdout is not None and agent.stdout.readline().startswith("listening")
     sidecar = Sidecar(ns, chain_for(ca, netns.ip, lab.workdir / "pod.pem"), lab.workdir / "sidecar.json",
                       SIDECAR_PORT, ["--forward", f"{netns.ip}:{POD_PORT}", "--source", "127.0.0.6"])
     stack.callback(sidecar.stop)
@@ -127,6 +133,7 @@ def test_istio_pod_mirrors_the_plaintext_hop_once(lab: LiveLab, stack: contextli
         for i in range(5):
             assert https(netns.ip, POD_PORT, [f"/mesh/{i}"], certs, lab.workdir).startswith(f"ok GET /mesh/{i} ")
         assert https(netns.ip, POD_PORT, ["/keep/a", "/keep/b", "/keep/c"], certs, lab.workdir).count("ok GET") == 3
+        kubelet_probe(netns.ip)
         run.interrupt()
         result = run.finish()
     assert result.returncode == 0, result.stderr
@@ -135,13 +142,23 @@ def test_istio_pod_mirrors_the_plaintext_hop_once(lab: LiveLab, stack: contextli
     tls = sidecar.stop()
     # The clients really spoke TLS to the pod's app port, and the app got plaintext from 127.0.0.6.
     assert len(tls) == 6 and all(r.handshake for r in tls), tls
-    assert len(truth) == 6 and all(r.client.startswith("127.0.0.6:") and r.http for r in truth), truth
+    # ... and the probe pilot-agent made for the kubelet came the same way.
+    assert len(truth) == 7 and all(r.client.startswith("127.0.0.6:") and r.http for r in truth), truth
+    assert sum(r.requests == ["GET /healthz"] for r in truth) == 1
     local.wait_idle(len(truth) + 1, timeout=15.0)
     got = without_probe(local.stop(grace=5.0))
     assert contents(got) == contents(truth)  # every request once, byte-exact
     conns = result.connections
-    assert conns["seen"] == conns["complete"] == 6 and conns["tls"] == 0, conns
+    assert conns["seen"] == conns["complete"] == 7 and conns["tls"] == 0 and conns["probes"] == 1, conns
     assert result.summary["mesh"] == "Istio sidecar, captured on lo"
+
+
+def kubelet_probe(ip: str) -> None:
+    """The kubelet's readiness probe, rewritten by Istio to pilot-agent's port (headers as kubelet sends them)."""
+    out = subprocess.run(["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "-A",
+                          "kube-probe/1.30", "-H", "Connection: close", f"http://{ip}:{AGENT_PORT}{PROBE_PATH}"],
+                         capture_output=True, text=True, timeout=20, check=False)
+    assert out.stdout == "200", (out.stdout, out.stderr)
 
 
 def test_interface_flag_overrides_the_mesh_choice(lab: LiveLab, stack: contextlib.ExitStack, local: Recorder,

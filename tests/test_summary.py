@@ -178,7 +178,7 @@ def test_json_round_trips_through_the_model() -> None:
         "stream_gaps", "duration_seconds", "direction_guessed", "interrupted", "warnings",
     ]
     assert list(data["connections"]) == ["seen", "complete", "partial", "incomplete", "dropped", "failed", "skipped",
-                                         "tls"]
+                                         "tls", "probes"]
     assert data["connections"]["dropped"] == 15 and data["bytes_delivered"] == 80_000_000
 
 

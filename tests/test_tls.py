@@ -243,3 +243,28 @@ def test_tls_passthrough_reaches_a_local_tls_server_byte_exact(https_capture: Tl
     replayed = sorted(bytes(r.raw) for r in records if r.raw)  # the reachability check of --to sends nothing
     assert replayed == sorted(bytes(r.raw) for r in https_capture.tls)
     assert all(client_hello(bytes(r.raw)) for r in records if r.raw)
+
+
+# ---- kubelet probes, and --tls-passthrough's gate --------------------------------------------------------
+
+KUBELET = b"GET /healthz HTTP/1.1\r\nHost: 10.0.0.2:80\r\nUser-Agent: kube-probe/1.30\r\nAccept: */*\r\n" \
+          b"Connection: close\r\n\r\n"
+
+
+def test_kubelet_probes_are_named_and_still_released() -> None:
+    gate = TlsGate()
+    browser = b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8.5.0\r\n\r\n"
+    actions = [opened(1), Send(1, KUBELET, 1.0), opened(2), Send(2, browser, 1.0), opened(3), Send(3, b"G", 1.0)]
+    assert gate.process(actions, 3) == actions
+    assert gate.pop_probes() == [1] and gate.pop_probes() == []
+    # A flow decided the slow way (held, then not TLS) is looked at too.
+    assert gate.process([opened(4), Send(4, b"\x16", 1.0), Close(4, 1.1)], 4)[0] == opened(4)
+    assert gate.pop_probes() == []
+
+
+def test_passthrough_gate_releases_tls_in_order() -> None:
+    gate = TlsGate(drop_tls=False)
+    hello = real_client_hello()
+    actions = [opened(1), Send(1, hello[:3], 1.0), Send(1, hello[3:], 1.1), Close(1, 1.2)]
+    assert gate.process(actions, 1) == actions
+    assert gate.pop_tls() == [] and gate.holding == 0

@@ -158,7 +158,7 @@ class Engine:
             self.shadow = Shadow(options.http)
             replay = dataclasses.replace(replay, on_response=self.shadow.local)
         self._comparing = self.shadow is not None and self.shadow.comparing
-        self.tls: TlsGate | None = None if options.tls_passthrough else TlsGate()
+        self.tls = TlsGate(drop_tls=not options.tls_passthrough)
         self._tls_named = False
         self.replayer = Replayer(options.dest, replay)
         self.builder = SummaryBuilder(source=source_name, target=str(options.dest))
@@ -329,8 +329,7 @@ class Engine:
             seg = held.popleft()
             if gaps and seg.frame > gaps[0].after_frame:
                 # Everything the pod sent before its stream dropped has been fed: end its flows now.
-                if self.tls is not None:
-                    batch = self._through_tls(batch)
+                batch = self._through_tls(batch)
                 if self.http is not None:
                     batch = self._through_http(batch)
                 self.replayer.execute(coalesce(batch))
@@ -341,8 +340,7 @@ class Engine:
             if actions:
                 batch += actions
         if batch:
-            if self.tls is not None:
-                batch = self._through_tls(batch)
+            batch = self._through_tls(batch)
             if self.http is not None:
                 # Before coalescing: the layer cuts requests at their own boundaries, whatever the segments.
                 batch = self._through_http(batch)
@@ -366,8 +364,7 @@ class Engine:
             self._last_ts = seg.ts
             actions = feed(seg)
             if actions:
-                if self.tls is not None:
-                    actions = self._through_tls(actions)
+                actions = self._through_tls(actions)
                 if self.http is not None:
                     actions = self._through_http(actions)
                 if self._trace:
@@ -453,8 +450,7 @@ class Engine:
 
     def _execute(self, actions: Sequence[Action]) -> None:
         if actions:
-            if self.tls is not None:
-                actions = self._through_tls(list(actions))
+            actions = self._through_tls(list(actions))
             if self.http is not None:
                 # Ends (Close, Abort) too: the layer may owe the target held bytes, or must forget the flow.
                 actions = self._through_http(list(actions))
@@ -463,8 +459,10 @@ class Engine:
     def _through_tls(self, actions: list[Action]) -> list[Action]:
         """Hold each new flow until its first bytes show whether it is TLS; TLS flows are not replayed."""
         gate = self.tls
-        assert gate is not None
         out = gate.process(actions, self.table.stats.flows)
+        probes = gate.pop_probes()
+        if probes:
+            self.builder.add_probes(len(probes))
         found = gate.pop_tls()
         if found:
             flows = [t.flow for t in found]

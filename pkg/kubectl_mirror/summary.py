@@ -26,6 +26,9 @@ class Connections(BaseModel):
     failed: int = Field(default=0, ge=0)
     skipped: int = Field(default=0, ge=0)
     tls: int = Field(default=0, ge=0)  # opened with a TLS ClientHello: not replayed to a plaintext --to
+    # Opened with a kubelet HTTP probe (User-Agent kube-probe/; in Istio also its agent's rewritten probes);
+    # replayed like any connection and also counted under its outcome.
+    probes: int = Field(default=0, ge=0)
 
 
 class HttpSummary(BaseModel):
@@ -122,6 +125,7 @@ class SummaryBuilder:
     _forced: dict[int, Outcome] = field(init=False, default_factory=dict)
     # Flows held back as TLS (tlsgate): the flow table's record of each is counted as tls, whatever it says.
     _tls: set[int] = field(init=False, default_factory=set)
+    _probes: int = field(init=False, default=0)
 
     def add_capture(self, *, packets: int = 0, bytes_captured: int = 0, tcp_segments: int = 0) -> None:
         self.packets += packets
@@ -146,6 +150,10 @@ class SummaryBuilder:
             record = self._records.pop(flow, None)
             if record is not None:
                 self.add_flow(record, None)
+
+    def add_probes(self, count: int) -> None:
+        """Connections that opened with a kubelet probe (counted as found: each also ends with an outcome)."""
+        self._probes += count
 
     def add_tls(self, flows: Iterable[int]) -> None:
         """Flows never replayed because they opened with a TLS ClientHello: tls, 0 bytes delivered.
@@ -266,6 +274,7 @@ class SummaryBuilder:
                 failed=counts[Outcome.FAILED],
                 skipped=counts[Outcome.SKIPPED],
                 tls=counts[Outcome.TLS],
+                probes=self._probes,
             ),
             bytes_delivered=delivered,
             stream_gaps=self.stream_gaps if stream_gaps is None else stream_gaps,
@@ -330,6 +339,8 @@ def render_text(summary: Summary) -> str:
     notes = []
     if c.partial:
         notes.append(f"{_count(c.partial)} joined mid-stream")
+    if c.probes:
+        notes.append(f"{_count(c.probes)} from kubelet probes")
     if summary.direction_guessed:
         notes.append(f"{_count(summary.direction_guessed)} with a guessed server side (use --port)")
     if notes:

@@ -52,18 +52,35 @@ class TlsFlow:
     server: Endpoint
 
 
+_PROBE_AGENT = b"\r\nuser-agent: kube-probe/"
+_PROBE_HEAD = 2048  # a probe's request head is a few hundred bytes, in the connection's first segment
+
+
+def kubelet_probe(first: bytes) -> bool:
+    """Whether a connection's first bytes are an HTTP probe of the kubelet's (User-Agent kube-probe/...).
+
+    Istio's agent answers the kubelet's rewritten probes (port 15020) by asking the app itself, forwarding the
+    kubelet's headers: in a mesh those show up on the app port as connections from 127.0.0.6 like this one.
+    """
+    return first.startswith(b"GET ") and _PROBE_AGENT in first[:_PROBE_HEAD].lower()
+
+
 class TlsGate:
     """Holds each new flow until its first bytes say whether it is TLS; TLS flows are dropped, others released.
 
     After `process`, `pop_tls()` names the flows it dropped: the caller tells the flow table to stop emitting
-    for them (give_up) and counts them. Everything else passes through unchanged and in order.
+    for them (give_up) and counts them. Everything else passes through unchanged and in order. With
+    `drop_tls` False (--tls-passthrough) TLS flows are released like the others. On the way, flows whose first
+    bytes are a kubelet probe are named by `pop_probes()`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, drop_tls: bool = True) -> None:
+        self._drop_tls = drop_tls
         # Per held flow: its Open, then its later actions in order (a list, not a dataclass: this runs per flow).
         self._held: dict[int, list[Action]] = {}
         self._dropping: set[int] = set()  # decided TLS: their later actions in the same batches are dropped
         self._found: list[TlsFlow] = []
+        self._probes: list[int] = []
         self._flows_seen = 0
 
     @property
@@ -98,13 +115,15 @@ class TlsGate:
                 del held[flow]
                 emit(h[0])
                 emit(a)
+                if a.data[:1] == b"G" and kubelet_probe(a.data):  # type: ignore[union-attr]
+                    self._probes.append(flow)
                 continue
             h.append(a)
             verdict = self._verdict(h)
             if verdict is None:
                 continue
             del held[flow]
-            if verdict:
+            if verdict and self._drop_tls:
                 first = h[0]
                 assert type(first) is Open
                 self._found.append(TlsFlow(flow, first.client, first.server))
@@ -112,7 +131,13 @@ class TlsGate:
                     dropping.add(flow)
             else:
                 out += h
+                if not verdict and kubelet_probe(self._first_bytes(h)):
+                    self._probes.append(flow)
         return out
+
+    @staticmethod
+    def _first_bytes(held: list[Action]) -> bytes:
+        return b"".join(a.data for a in held if type(a) is Send)[:_PROBE_HEAD]  # type: ignore[union-attr]
 
     @staticmethod
     def _verdict(held: list[Action]) -> bool | None:
@@ -131,6 +156,11 @@ class TlsGate:
                 return False
         return None
 
+    def pop_probes(self) -> list[int]:
+        """Flows that opened with a kubelet probe, since the last call."""
+        found, self._probes = self._probes, []
+        return found
+
     def pop_tls(self) -> list[TlsFlow]:
         found, self._found = self._found, []
         return found
@@ -142,4 +172,4 @@ class TlsGate:
             self._held.pop(flow, None)
 
 
-__all__ = ["DECIDING_BYTES", "TlsFlow", "TlsGate", "client_hello"]
+__all__ = ["DECIDING_BYTES", "TlsFlow", "TlsGate", "client_hello", "kubelet_probe"]
