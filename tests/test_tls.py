@@ -227,7 +227,7 @@ def test_text_summary_names_tls_and_what_to_do(https_capture: TlsCapture, tmp_pa
         counts = node.stop()
     assert out.returncode == 0, out.stderr
     assert counts["requests"] == 0 and counts["client_errors"] == 0, counts
-    assert "5 tls" in out.stderr and "--tls-passthrough for a local TLS server" in out.stderr, out.stderr
+    assert "5 tls" in out.stderr and "--tls-passthrough for a TLS --to" in out.stderr, out.stderr
 
 
 def test_tls_passthrough_reaches_a_local_tls_server_byte_exact(https_capture: TlsCapture) -> None:

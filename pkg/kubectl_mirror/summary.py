@@ -313,9 +313,8 @@ _HINTS = {
                 "raise --flow-buffer or slow down with --speed"),
     "failed": ("your service refused or reset the connection",
                "check its logs, and that it is still up at --to"),
-    "tls": ("opened with a TLS ClientHello: not replayed, a plaintext --to would only see garbage",
-            "mirror the plaintext port (in a mesh, the sidecar's hop to the app), or --tls-passthrough for a "
-            "local TLS server"),
+    "tls": ("opened with a TLS ClientHello: not replayed (a plaintext --to sees only garbage)",
+            "mirror the plaintext port (in a mesh, the sidecar's hop), or --tls-passthrough for a TLS --to"),
 }
 _LABEL = 13
 _FIGURE = 10
