@@ -59,7 +59,8 @@ def test_version_names_tshark_and_the_client() -> None:
     assert lines[2].startswith("kubernetes python client ")
 
 
-@pytest.mark.parametrize("argv", [["replay", "x.pcap", "--port", "0"], ["--bogus"], ["replay"], ["-v=12", "pod/x"]])
+@pytest.mark.parametrize("argv", [["replay", "x.pcap", "--port", "0"], ["--bogus"], ["replay"], ["-v=12", "pod/x"],
+                                  ["pod/x", "--interface", "eth0 or 1"], ["pod/x", "--interface=-w"]])
 def test_bad_flags_are_one_line(argv: list[str]) -> None:
     out = run(*argv)
     assert out.returncode == 2
