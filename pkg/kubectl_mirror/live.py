@@ -47,9 +47,10 @@ class KubePodCapture:
     """tcpdump in one pod's tap, over the exec WebSocket."""
 
     def __init__(self, conn: Connection, target: PodTarget, tap: Tap, user_filter: str | None,
-                 interface: str = ANY) -> None:
+                 interface: str | None = None) -> None:
         self.conn, self.target, self.tap, self.user_filter = conn, target, tap, user_filter
-        self.interface = interface
+        # --interface, else the pod's mesh decides (its plaintext hop), else every interface.
+        self.interface = interface or (target.mesh.interface if target.mesh is not None else ANY)
         self.name = f"{target.namespace}/{target.pod}"
         hosts = {target.pod_ip} if target.pod_ip else set()
         if interface == LOOPBACK:
