@@ -53,7 +53,7 @@ class KubePodCapture:
         self.interface = interface or (target.mesh.interface if target.mesh is not None else ANY)
         self.name = f"{target.namespace}/{target.pod}"
         hosts = {target.pod_ip} if target.pod_ip else set()
-        if interface == LOOPBACK:
+        if self.interface == LOOPBACK:
             hosts |= {"127.0.0.1", "::1"}  # a mesh proxy may hand the app its plaintext on a loopback address
         self.server_hosts = frozenset(hosts)
         self._proc: ExecProcess | None = None
