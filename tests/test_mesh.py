@@ -79,3 +79,20 @@ def test_the_announcement() -> None:
         "pod web-abc is in an Istio mesh: mirroring the sidecar's plaintext hop on lo")
     assert announcement("web-abc", mesh, "eth0", overridden=True) == (
         "pod web-abc is in an Istio mesh (sidecar): capturing on eth0 as --interface says")
+
+
+def test_a_pod_capture_listens_where_its_mesh_says_unless_told() -> None:
+    from kubectl_mirror.live import KubePodCapture
+    from kubectl_mirror.tap import Tap
+    from kubectl_mirror.target import PodTarget
+
+    mesh = detect(pod(APP, containers=[ISTIO_PROXY], inits=[ISTIO_INIT]))
+    meshed = PodTarget("default", "web-abc", "web", 80, "http", "10.1.0.7", "node-1", mesh)
+    plain = PodTarget("default", "web-def", "web", 80, "http", "10.1.0.8", "node-1")
+    tap = Tap("default", "web-abc", "mirror-tap", "img", "web", False, False)
+    capture = KubePodCapture(None, meshed, tap, None)  # type: ignore[arg-type]  # nothing here talks to the cluster
+    # The proxy reaches the app on the pod's IP (Istio) or on 127.0.0.1 (older proxies): both are the server.
+    assert (capture.interface, capture.server_hosts) == ("lo", {"10.1.0.7", "127.0.0.1", "::1"})
+    assert KubePodCapture(None, meshed, tap, None, "eth0").interface == "eth0"  # type: ignore[arg-type]
+    plain_capture = KubePodCapture(None, plain, tap, None)  # type: ignore[arg-type]
+    assert (plain_capture.interface, plain_capture.server_hosts) == ("any", {"10.1.0.8"})
