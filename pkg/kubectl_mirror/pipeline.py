@@ -380,9 +380,7 @@ class Engine:
                 log.debug("flow %d: client finished (FIN)", a.flow)
             elif isinstance(a, Abort):
                 log.debug("flow %d: abort (%s)", a.flow, a.reason.value)
-            elif isinstance(a, Reply):
-                continue
-            elif self._payload:
+            elif isinstance(a, Send) and self._payload:
                 log.log(PAYLOAD, "flow %d: %d bytes %r", a.flow, len(a.data), a.data[:64])
 
     def _apply_gap(self, gap: Gap) -> None:
