@@ -16,7 +16,7 @@ import pytest
 
 from kubectl_mirror.errors import TargetError, UsageError
 from kubectl_mirror.model import Abort, AbortReason, Action, Close, Endpoint, Open, Outcome, Send
-from kubectl_mirror.replay import Destination, ReplayConfig, Replayer, check_target, parse_to
+from kubectl_mirror.replay import Delivery, Destination, ReplayConfig, Replayer, check_target, parse_to
 
 CLIENT = Endpoint("10.0.0.1", 40000)
 SERVER = Endpoint("10.0.0.2", 80)
@@ -361,6 +361,18 @@ def test_abort_resets_the_target_connection(targets: list[Target]) -> None:
     pump_peers(target, 1)
     assert target.peers[0].reset and not target.peers[0].eof
     assert target.peers[0].data == b"first half"
+
+
+def test_a_reset_never_overtakes_queued_bytes(targets: list[Target]) -> None:
+    target = start(targets)
+    with Replayer(target.dest, fast()) as r:
+        # Sent while the connect is still under way: queued, then the capture's RST. All of it arrives first.
+        r.execute([opened(1), Send(1, b"the whole request", 0.0), Abort(1, AbortReason.RESET, 0.0)])
+        pump(r, lambda: r.live_flows == 0, "flow finished")
+        assert r.pop_gave_up() == []
+        assert r.results()[1] == Delivery(1, None, len(b"the whole request"), None)
+    pump_peers(target, 1)
+    assert target.peers[0].data == b"the whole request" and target.peers[0].reset
 
 
 def test_a_target_that_never_reads_drops_only_its_flow(targets: list[Target]) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from .errors import TargetError, UsageError
-from .model import Abort, Action, Close, Open, Outcome, Send
+from .model import Abort, Action, Close, GiveUp, Open, Outcome, Send
 
 _USAGE = "invalid --to {text!r}: expected [HOST]:PORT, for example :8080 or 127.0.0.1:8080"
 
@@ -191,6 +191,7 @@ class _Flow:
     queued: int = 0
     events: int = 0  # what the selector watches for this socket now
     close_requested: bool = False
+    abort_requested: bool = False  # the reset follows the last queued byte, as the FIN would
     peer_eof: bool = False
     attempts: int = 0
     timer: int = 0  # token of the flow's one live timer; 0 when none
@@ -226,7 +227,7 @@ class Replayer:
 
     # -- the pipeline's interface ------------------------------------------------------------------
 
-    def execute(self, actions: Iterable[Action]) -> None:
+    def execute(self, actions: Iterable[Action | GiveUp]) -> None:
         """Apply actions at once; never blocks. Bytes the target cannot take now are queued."""
         flows = self._flows
         for action in actions:
@@ -262,7 +263,9 @@ class Replayer:
                 f = flows.get(action.flow)
                 if f is not None:
                     # The flow table decided (hole, reset in the capture): not a delivery failure.
-                    self._finish(f, rst=True)
+                    self._request_abort(f)
+            elif type(action) is GiveUp:
+                self.drop(action.flow, action.reason)
 
     def poll(self, timeout: float, extra_fd: int | None = None) -> bool:
         """One selector round; True when extra_fd is readable."""
@@ -288,6 +291,12 @@ class Replayer:
         if self._timers:
             self._fire_timers(time.monotonic())
         return ready
+
+    def drop(self, flow: int, why: str) -> None:
+        """Give the flow up as DROPPED (a layer above held too much for it)."""
+        f = self._flows.get(flow)
+        if f is not None:
+            self._give_up(f, Outcome.DROPPED, why)
 
     def pop_gave_up(self) -> list[int]:
         """Flows that became FAILED or DROPPED since the last call: stop sending for them."""
@@ -444,7 +453,9 @@ class Replayer:
             self._set_events(f, _WRITE if f.peer_eof else _READ | _WRITE)
             return
         self._backlog.discard(f)
-        if f.close_requested:
+        if f.abort_requested:
+            self._finish(f, rst=True)
+        elif f.close_requested:
             self._shutdown(f)
         elif f.peer_eof:
             self._set_events(f, 0)
@@ -460,6 +471,14 @@ class Replayer:
         if f.state == _OPEN and not f.queue:
             self._shutdown(f)
         # Otherwise the FIN follows the last queued byte (after connecting if need be).
+
+    def _request_abort(self, f: _Flow) -> None:
+        """A reset never overtakes data: every byte queued before it is written first (the kernel has the rest)."""
+        if (f.state == _OPEN and not f.queue) or f.state == _SHUT:
+            self._finish(f, rst=True)
+            return
+        f.abort_requested = f.close_requested = True
+        f.direct = False
 
     def _shutdown(self, f: _Flow) -> None:
         sock = f.sock
@@ -548,6 +567,8 @@ class Replayer:
         if f.queue:
             self._set_events(f, _READ | _WRITE)
             self._flush(f)
+        elif f.abort_requested:
+            self._finish(f, rst=True)
         elif f.close_requested:
             self._shutdown(f)
         else:
