@@ -99,6 +99,12 @@ def add_replay_flags(p: argparse.ArgumentParser, *, live: bool = False) -> None:
     g.add_argument("--tls-passthrough", action="store_true",
                    help="replay connections that open with a TLS ClientHello too, for a TLS server at --to "
                         "(default: they are not replayed and are counted as tls)")
+    g.add_argument("--no-wait", action="store_true",
+                   help="send each connection's bytes without waiting for your service's answers (load tests); by "
+                        "default the next request waits until the previous one was answered, as the client did")
+    g.add_argument("--answer-timeout", type=parse_duration, default=1.0, metavar="DURATION",
+                   help="the least time a request waits for your service's answer (it also waits up to 10x "
+                        "production's own answer time); then delivery goes on and the request counts as unanswered")
     g.add_argument("--skip-partial", action="store_true",
                    help="drop connections already open when the capture started (default: replay them)")
     g.add_argument("--hole-timeout", type=parse_duration, default=2.0, metavar="DURATION",

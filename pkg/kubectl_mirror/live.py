@@ -33,6 +33,7 @@ from .pipeline import (
     report,
     shadow_options,
     status_line,
+    turn_options,
 )
 from .progress import StatusLine
 from .replay import Destination, destination
@@ -361,6 +362,7 @@ def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, targ
         stop=stop,
         http=shadow_options(args),
         tls_passthrough=args.tls_passthrough,
+        turns=turn_options(args),
     )
     if status is not None:
         options.progress, options.progress_every = status, status.every

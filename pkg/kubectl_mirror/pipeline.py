@@ -27,14 +27,24 @@ from .capture import Gap
 from .dissect import HANDOVER_EVERY, Dissector, TsharkInfo, TsharkProcess
 from .errors import EXIT_INTERRUPTED, InputError, MirrorError
 from .httpflow import HttpLayer, HttpOptions
-from .model import PAYLOAD, Abort, Action, Close, Open, Reply, Segment, Send
+from .model import PAYLOAD, Abort, Action, Close, Open, Reply, Segment, Send, Turn
 from .pcap import PcapWriter
 from .progress import StatusLine
 from .reassemble import FlowConfig, FlowTable
 from .replay import Destination, ReplayConfig, Replayer
 from .shadow import RequestResult, Shadow, ShadowOptions
-from .summary import CompareSummary, HttpSummary, Summary, SummaryBuilder, exit_code, render_json, render_text
+from .summary import (
+    CompareSummary,
+    HttpSummary,
+    Summary,
+    SummaryBuilder,
+    TurnSummary,
+    exit_code,
+    render_json,
+    render_text,
+)
 from .tlsgate import TlsGate
+from .turns import Command, Delivered, DeliveryFailed, LocalClosed, LocalData, Tick, TurnOptions, TurnTaker, percentile
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +83,8 @@ class EngineOptions:
     tls_passthrough: bool = False
     # Said once, as it happens, to the user (stderr): the first connection held back as TLS, and what to do.
     notice: Callable[[str], None] | None = None
+    # Turn-taking (with FlowConfig.turns): how long a turn waits for the local answer; None: the defaults.
+    turns: TurnOptions | None = None
 
 
 @dataclass
@@ -157,11 +169,18 @@ class Engine:
             self.http = HttpLayer(options.http.http, time.monotonic)
             self.shadow = Shadow(options.http)
             replay = dataclasses.replace(replay, on_response=self.shadow.local)
+        self.turns: TurnTaker | None = None
+        # The local service's bytes and closes, as the replayer reads them: events for the turn layer.
+        self._local_events: list[tuple[int, bytes, float]] = []
+        if options.flow.turns:
+            turn_options = options.turns or TurnOptions(max_held=replay.flow_buffer)
+            self.turns = TurnTaker(turn_options)
+            replay = dataclasses.replace(replay, on_response=self._local_reader(replay.on_response))
         self._comparing = self.shadow is not None and self.shadow.comparing
         self.tls = TlsGate(drop_tls=not options.tls_passthrough)
         self._tls_named = False
         self.replayer = Replayer(options.dest, replay)
-        self.builder = SummaryBuilder(source=source_name, target=str(options.dest))
+        self.builder = SummaryBuilder(source=source_name, target=str(options.dest), exact=options.http is None)
         self.stop = options.stop if options.stop is not None else StopFlag()
         self._pacer = _Pacer(options.speed)
         self._last_ts: float | None = None
@@ -180,6 +199,17 @@ class Engine:
         self._trace = log.isEnabledFor(logging.DEBUG)
         self._payload = log.isEnabledFor(PAYLOAD)
         self._gap_seen_at = 0.0
+
+    def _local_reader(self, then: Callable[[int, bytes, float], None] | None) -> Callable[[int, bytes, float], None]:
+        events = self._local_events
+
+        def on_response(flow: int, data: bytes, at: float) -> None:
+            # Called inside the replayer's poll: only noted here, handled once the poll is over.
+            events.append((flow, data, at))
+            if then is not None:
+                then(flow, data, at)
+
+        return on_response
 
     # ---- public --------------------------------------------------------------------------------
 
@@ -203,6 +233,7 @@ class Engine:
             self._apply_late_gaps()
             self._execute(self.table.finish())
             self._collect()
+            self._settle()
             self.replayer.drain(self.options.replay.drain_timeout)
             self._collect()
             if self.shadow is not None:
@@ -248,6 +279,24 @@ class Engine:
             open_flows=self.table.open_flows if stats is not None else None,
             http=self._http_summary(),
             compare=self._compare_summary(),
+            turns=self._turn_summary(),
+        )
+
+    def _turn_summary(self) -> TurnSummary | None:
+        if self.turns is None:
+            return None
+        s = self.turns.stats
+
+        def ms(values: list[float], q: float) -> float | None:
+            p = percentile(values, q)
+            return None if p is None else round(p * 1000, 3)
+
+        return TurnSummary(
+            turns=s.turns, answered=s.answered, unanswered=s.unanswered, not_waited=s.not_waited,
+            requests=s.requests, requests_answered=s.requests_answered, requests_unanswered=s.requests_unanswered,
+            closed_early=s.closed_early,
+            local_p50_ms=ms(s.local_times, 50), local_p99_ms=ms(s.local_times, 99),
+            production_p50_ms=ms(s.production_times, 50), production_p99_ms=ms(s.production_times, 99),
         )
 
     def _http_summary(self) -> HttpSummary | None:
@@ -293,7 +342,7 @@ class Engine:
                     continue
                 if dissector.done:
                     break
-                self.replayer.poll(IDLE_WAIT, dissector.fileno())
+                self._poll(IDLE_WAIT, dissector.fileno())
                 segments = dissector.read_segments()
                 if segments:
                     held.extend(segments)
@@ -332,7 +381,7 @@ class Engine:
                 batch = self._through_tls(batch)
                 if self.http is not None:
                     batch = self._through_http(batch)
-                self.replayer.execute(coalesce(batch))
+                self._deliver(coalesce(batch))
                 batch = []
                 self._apply_gap(gaps.pop(0))
             self._last_ts = seg.ts
@@ -346,10 +395,10 @@ class Engine:
                 batch = self._through_http(batch)
             if self._trace:
                 self._log_actions(batch)
-            self.replayer.execute(coalesce(batch))
+            self._deliver(coalesce(batch))
 
     def _release_paced(self, held: deque[Segment]) -> None:
-        feed, execute = self.table.feed, self.replayer.execute
+        feed, execute = self.table.feed, self._deliver
         gaps = self._pending_gaps
         while held:
             seg = held[0]
@@ -358,7 +407,7 @@ class Engine:
             wait = self._pacer.due(seg.ts) - time.monotonic()
             if wait > 0:
                 # Keep serving sockets while the capture's clock catches up.
-                self.replayer.poll(min(wait, IDLE_WAIT))
+                self._poll(min(wait, IDLE_WAIT))
                 return
             held.popleft()
             self._last_ts = seg.ts
@@ -380,6 +429,9 @@ class Engine:
                 log.debug("flow %d: client finished (FIN)", a.flow)
             elif isinstance(a, Abort):
                 log.debug("flow %d: abort (%s)", a.flow, a.reason.value)
+            elif isinstance(a, Turn):
+                log.debug("flow %d: production answered %d bytes in %.1f ms: a turn", a.flow, a.answer_bytes,
+                          a.answer_time * 1000)
             elif isinstance(a, Send) and self._payload:
                 log.log(PAYLOAD, "flow %d: %d bytes %r", a.flow, len(a.data), a.data[:64])
 
@@ -440,6 +492,8 @@ class Engine:
             self.table.give_up(flow)
             if self.http is not None:
                 self.http.forget(flow)
+            if self.turns is not None:
+                self.turns.handle(DeliveryFailed(flow))
         now = self._capture_now()
         if now - self._last_tick_ts >= TICK_EVERY:
             self._last_tick_ts = now
@@ -452,7 +506,57 @@ class Engine:
             if self.http is not None:
                 # Ends (Close, Abort) too: the layer may owe the target held bytes, or must forget the flow.
                 actions = self._through_http(list(actions))
+            self._deliver(actions)
+
+    # ---- turn-taking between the flow table and the replayer --------------------------------------
+
+    def _deliver(self, actions: Sequence[Action]) -> None:
+        turns = self.turns
+        if turns is None:
             self.replayer.execute(actions)
+            return
+        out = turns.handle(Tick(time.monotonic()))
+        out += turns.handle_all(list(actions))
+        self.replayer.execute(out)
+
+    def _poll(self, timeout: float, fd: int | None = None) -> None:
+        """One round of the replayer's sockets, no longer than the next turn's deadline; then their answers."""
+        turns = self.turns
+        if turns is None:
+            self.replayer.poll(timeout, fd)
+            return
+        deadline = turns.next_deadline()
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+        self.replayer.poll(timeout, fd)
+        self._answers()
+
+    def _answers(self) -> None:
+        """Hand what the local service sent (and closed) to the turn layer; execute what it releases."""
+        turns = self.turns
+        assert turns is not None
+        out: list[Command] = []
+        events = self._local_events
+        if events:
+            batch = events[:]
+            events.clear()
+            for flow, data, at in batch:
+                out += turns.handle(LocalData(flow, data, at) if data else LocalClosed(flow, at))
+        out += turns.handle(Tick(time.monotonic()))
+        if out:
+            self.replayer.execute(out)
+
+    def _settle(self) -> None:
+        """The input is over: let every connection still waiting for an answer finish its turns (each bounded)."""
+        turns = self.turns
+        if turns is None:
+            return
+        # Offline, Ctrl-C has reset every open flow by now (nothing is held); live, the capture has ended and these
+        # last turns still deserve their answers. Each wait is bounded; a second Ctrl-C leaves at once.
+        while turns.holding:
+            self._poll(IDLE_WAIT)
+            self._collect()
+        self.replayer.execute(turns.flush())
 
     def _through_tls(self, actions: list[Action]) -> list[Action]:
         """Hold each new flow until its first bytes show whether it is TLS; TLS flows are not replayed."""
@@ -527,6 +631,9 @@ class Engine:
         deliveries = self.replayer.pop_finished()
         if deliveries:
             self.builder.add_deliveries(deliveries)
+            if self.turns is not None:
+                for delivery in deliveries:
+                    self.turns.handle(Delivered(delivery.flow))
             if shadow is not None:
                 now = time.monotonic()
                 for delivery in deliveries:
@@ -572,7 +679,12 @@ def flow_config(args: argparse.Namespace, server_port: int | None) -> FlowConfig
         idle_timeout=args.idle_timeout,
         # Production's answers are in the capture: --compare reads them, nothing else pays for them.
         server_stream=comparing(args),
+        turns=not getattr(args, "no_wait", False),
     )
+
+
+def turn_options(args: argparse.Namespace) -> TurnOptions:
+    return TurnOptions(floor=getattr(args, "answer_timeout", 1.0), max_held=args.flow_buffer)
 
 
 def comparing(args: argparse.Namespace) -> bool:
@@ -698,6 +810,7 @@ def run_replay(args: argparse.Namespace, start: ReplayStart, stack: ExitStack) -
             live=args.file == "-",
             http=shadow_options(args),
             tls_passthrough=getattr(args, "tls_passthrough", False),
+            turns=turn_options(args),
         )
         status = status_line(args, options.http)
         if status is not None and status.tty:

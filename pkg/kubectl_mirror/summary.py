@@ -57,6 +57,31 @@ class CompareSummary(BaseModel):
     unpaired: int = Field(default=0, ge=0)
 
 
+class TurnSummary(BaseModel):
+    """Turn-taking (the default; not with --no-wait): whether the local service answered as production did.
+
+    A turn is a point where the captured client waited for production's answer before it went on (sent more,
+    or closed). Delivery waited there for the local service too, up to a limit (--answer-timeout).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    turns: int = Field(default=0, ge=0)  # answered + unanswered + not_waited
+    answered: int = Field(default=0, ge=0)  # the local service answered within the limit
+    unanswered: int = Field(default=0, ge=0)  # it did not (limit passed, or it closed first); delivery went on
+    not_waited: int = Field(default=0, ge=0)  # on a connection that stopped waiting after an unanswered turn
+    requests: int = Field(default=0, ge=0)  # HTTP/1.x requests delivered whole, on connections it followed
+    requests_answered: int = Field(default=0, ge=0)  # ... with a complete response from the local service
+    requests_unanswered: int = Field(default=0, ge=0)
+    closed_early: int = Field(default=0, ge=0)  # connections the local service closed with a request still open
+    # Answer times of the answered turns: the local service's (from our last byte to its answer) and
+    # production's (the same, from the capture). None when no turn was answered.
+    local_p50_ms: float | None = None
+    local_p99_ms: float | None = None
+    production_p50_ms: float | None = None
+    production_p99_ms: float | None = None
+
+
 class Summary(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -76,6 +101,7 @@ class Summary(BaseModel):
     compare: CompareSummary | None = None  # --compare only; left out of the JSON otherwise
     # Live, in a service mesh: which mesh and where its plaintext was captured; left out of the JSON otherwise.
     mesh: str | None = None
+    turns: TurnSummary | None = None  # turn-taking only (not --no-wait); left out of the JSON otherwise
     # Progress snapshots only (flows still open mid-run); never part of the --json output.
     open_flows: int | None = Field(default=None, exclude=True)
 
@@ -85,7 +111,7 @@ class Summary(BaseModel):
 _SEVERITY: dict[Outcome, int] = {Outcome.COMPLETE: 0, Outcome.INCOMPLETE: 1, Outcome.DROPPED: 2, Outcome.FAILED: 3}
 
 
-def merge_outcome(record: FlowRecord, delivery: Delivery | None) -> Outcome:
+def merge_outcome(record: FlowRecord, delivery: Delivery | None, exact: bool = False) -> Outcome:
     """Worst wins: FAILED > DROPPED > INCOMPLETE > COMPLETE. A skipped or TLS flow was never replayed."""
     if record.outcome is Outcome.SKIPPED or record.outcome is Outcome.TLS:
         return record.outcome
@@ -95,6 +121,9 @@ def merge_outcome(record: FlowRecord, delivery: Delivery | None) -> Outcome:
     if outcome is Outcome.COMPLETE and record.end is EndReason.GAVE_UP:
         # The replayer stopped it but its verdict got lost: it was not delivered whole, whatever else is true.
         outcome = Outcome.INCOMPLETE
+    if exact and outcome is Outcome.COMPLETE and delivery is not None and delivery.bytes_sent < record.bytes_delivered:
+        # Byte mode sends every captured byte: a connection that delivered less was not delivered whole.
+        outcome = Outcome.DROPPED
     return outcome
 
 
@@ -114,6 +143,8 @@ class SummaryBuilder:
     tcp_segments: int = 0
     stream_gaps: int = 0
     warnings: list[str] = field(default_factory=list)
+    # Byte mode: every byte the flow table handed over must reach the target (HTTP mode may send fewer on purpose).
+    exact: bool = False
     _counts: dict[Outcome, int] = field(init=False, default_factory=lambda: dict.fromkeys(Outcome, 0))
     _partial: int = field(init=False, default=0)
     _guessed: int = field(init=False, default=0)
@@ -173,7 +204,7 @@ class SummaryBuilder:
 
     def add_flow(self, record: FlowRecord, delivery: Delivery | None) -> Outcome:
         """Count one finished flow; returns its final outcome."""
-        outcome = merge_outcome(record, delivery)
+        outcome = merge_outcome(record, delivery, self.exact)
         never_sent = False
         if self._forced or self._no_delivery:
             outcome, never_sent = self._override(record.flow, outcome)
@@ -241,6 +272,7 @@ class SummaryBuilder:
         open_flows: int | None = None,
         http: HttpSummary | None = None,
         compare: CompareSummary | None = None,
+        turns: TurnSummary | None = None,
     ) -> Summary:
         """The summary so far; it does not consume anything, so it also serves progress snapshots.
 
@@ -284,6 +316,7 @@ class SummaryBuilder:
             warnings=list(self.warnings),
             http=http,
             compare=compare,
+            turns=turns,
             open_flows=open_flows,
         )
 
@@ -301,7 +334,7 @@ def render_json(summary: Summary, *, one_line: bool = False) -> str:
 
     one_line: HTTP mode's -o json is JSON lines (one per request, then this summary as the last line).
     """
-    exclude = {name for name in ("http", "compare", "mesh") if getattr(summary, name) is None}
+    exclude = {name for name in ("http", "compare", "mesh", "turns") if getattr(summary, name) is None}
     return summary.model_dump_json(indent=None if one_line else 2, exclude=exclude)
 
 
@@ -315,6 +348,10 @@ _HINTS = {
                "check its logs, and that it is still up at --to"),
     "tls": ("opened with a TLS ClientHello: not replayed (a plaintext --to sees only garbage)",
             "mirror the plaintext port (in a mesh, the sidecar's hop), or --tls-passthrough for a TLS --to"),
+    "unanswered": ("turns your service did not answer in time: what followed was sent without waiting",
+                   "raise --answer-timeout if it is just slow; --no-wait sends without waiting at all"),
+    "closed early": ("connections your service closed while a request was still open",
+                     "check its logs: it cut those requests off"),
 }
 _LABEL = 13
 _FIGURE = 10
@@ -364,7 +401,25 @@ def render_text(summary: Summary) -> str:
         row("compared", _count(cmp.same + cmp.different), detail + (f", {_count(cmp.unpaired)} unpaired"
                                                                     if cmp.unpaired else ""))
 
+    t = summary.turns
+    if t is not None:
+        detail = f"{_count(t.answered)} answered, {_count(t.unanswered)} unanswered"
+        if t.not_waited:
+            detail += f", {_count(t.not_waited)} not waited for"
+        row("turns", _count(t.turns), detail)
+        if t.requests:
+            row("requests", _count(t.requests),
+                f"{_count(t.requests_answered)} answered, {_count(t.requests_unanswered)} unanswered")
+        if t.local_p50_ms is not None and t.local_p99_ms is not None:
+            times = f"local p50 {_ms(t.local_p50_ms)}, p99 {_ms(t.local_p99_ms)}"
+            if t.production_p50_ms is not None and t.production_p99_ms is not None:
+                times += f"; production p50 {_ms(t.production_p50_ms)}, p99 {_ms(t.production_p99_ms)}"
+                times += _versus(t.local_p99_ms, t.production_p99_ms)
+            row("answer time", "", times)
+
     problems = [(name, n) for name, n in outcomes if n and name in _HINTS]
+    if t is not None:
+        problems += [(name, n) for name, n in (("unanswered", t.unanswered), ("closed early", t.closed_early)) if n]
     if problems or summary.warnings:
         lines.append("")
     for name, n in problems:
@@ -374,6 +429,22 @@ def render_text(summary: Summary) -> str:
     for warning in summary.warnings:
         row("warning", "", warning)
     return "\n".join(lines) + "\n"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
+
+
+def _versus(local: float, production: float) -> str:
+    """"(18x slower at p99)" when the gap is worth saying; production's time is the yardstick."""
+    if production <= 0.05 or local <= 0:
+        return ""
+    ratio = local / production
+    if ratio >= 1.5:
+        return f" ({ratio:.0f}x slower at p99)" if ratio >= 10 else f" ({ratio:.1f}x slower at p99)"
+    if ratio <= 1 / 1.5:
+        return f" ({1 / ratio:.1f}x faster at p99)"
+    return ""
 
 
 def _count(n: int) -> str:

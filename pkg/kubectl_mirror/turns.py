@@ -44,7 +44,8 @@ class TurnOptions:
     max_held: int = 8 << 20  # bytes held for one connection; beyond it the connection is given up
 
     def limit(self, production: float) -> float:
-        return max(self.floor, self.factor * production)
+        # A long poll that took production minutes gets its own time and one more minute, not ten times it.
+        return max(self.floor, min(self.factor * production, production + 60.0))
 
 
 # ---- events that are not flow-table actions ---------------------------------------------------------------
