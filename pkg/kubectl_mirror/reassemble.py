@@ -193,11 +193,12 @@ class _Flow:
     hole_since: float | None = None  # capture time of the last progress while a gap was pending
     pending: _Pending | None = None
     reply: _Reply | None = None  # server_stream, mirrored flows only
-    # Turn-taking: server payload bytes since the client's last bytes, the last one's time, the client's last time.
+    # Turn-taking: server payload bytes since the client's last bytes, the last one's time, and the time of the
+    # segment before the first of them (the request's end, near enough; kept off the client's fast path).
     # Counted whether or not FlowConfig.turns is set: cheaper than asking on every segment.
     ans: int = 0
     ans_ts: float = 0.0
-    cts: float = 0.0
+    asked_ts: float = 0.0
 
 
 @dataclass(slots=True)
@@ -337,22 +338,25 @@ class FlowTable:
                     f.delivered += n
                     if f.ans:
                         return self._turn_then(f, Send(f.id, data, seg.ts))
-                    f.cts = seg.ts
                     return [Send(f.id, data, seg.ts)]
             elif not seg.flags & ACK or not 0 < (seg.ack - f.nxt) & _MASK < _HALF:
-                f.last_ts = seg.ts
                 if seg.payload:
+                    if not f.ans:
+                        f.asked_ts = f.last_ts
                     f.ans += len(seg.payload)
                     f.ans_ts = seg.ts
+                f.last_ts = seg.ts
                 return []
+        if not from_client and seg.payload and not seg.flags & RST:
+            if not f.ans:
+                f.asked_ts = f.last_ts
+            f.ans += len(seg.payload)
+            f.ans_ts = seg.ts
         f.last_ts = seg.ts
         if f.mode is not _Mode.ACTIVE:
             return self._passive(f, from_client, seg)
         if from_client:
             return self._client(f, seg)
-        if seg.payload and not seg.flags & RST:
-            f.ans += len(seg.payload)
-            f.ans_ts = seg.ts
         return self._server(f, seg)
 
     def tick(self, now: float) -> list[Action]:
@@ -547,10 +551,8 @@ class FlowTable:
             f.need = f.delivered  # `need` is not maintained on the fast path
         before = f.delivered
         out: list[Action] = [Send(f.id, d, ts) for d in _sequence(f, seq, seg.payload, flags, seg.whole, self._stats)]
-        if out:
-            if f.ans:
-                out = self._turn_then(f, *out)
-            f.cts = ts
+        if out and f.ans:
+            out = self._turn_then(f, *out)
         if f.pending is not None and f.pending.size > self._cfg.max_ooo_bytes:
             out += self._end(f, ts, Abort(f.id, AbortReason.HOLE, ts), EndReason.HOLE, Outcome.INCOMPLETE, True)
             return out
@@ -611,7 +613,7 @@ class FlowTable:
         if hit is None:
             return self._unknown_replies(key, seg)
         f, from_client = hit
-        f.last_ts = seg.ts
+        asked_ts, f.last_ts = f.last_ts, seg.ts
         if from_client:
             r = f.reply
             if (
@@ -629,7 +631,6 @@ class FlowTable:
                 f.delivered += n
                 if f.ans:
                     return self._turn_then(f, Send(f.id, data, seg.ts))
-                f.cts = seg.ts
                 return [Send(f.id, data, seg.ts)]
             if f.mode is not _Mode.ACTIVE:
                 return self._passive(f, True, seg)
@@ -641,6 +642,8 @@ class FlowTable:
             return self._passive(f, False, seg)
         flags = seg.flags
         if seg.payload and not flags & RST:
+            if not f.ans:
+                f.asked_ts = asked_ts
             f.ans += len(seg.payload)
             f.ans_ts = seg.ts
         if not f.clean or flags & _CTRL or (flags & ACK and 0 < (seg.ack - f.nxt) & _MASK < _HALF):
@@ -847,10 +850,9 @@ class FlowTable:
         """`actions`, after a Turn when turn-taking is on; either way production's answer so far is used up."""
         n, f.ans = f.ans, 0
         first = actions[0]
-        turn = Turn(f.id, n, max(0.0, f.ans_ts - f.cts), first.ts) if self._cfg.turns else None
-        if type(first) is Send:
-            f.cts = first.ts
-        return list(actions) if turn is None else [turn, *actions]
+        if not self._cfg.turns:
+            return list(actions)
+        return [Turn(f.id, n, max(0.0, f.ans_ts - f.asked_ts), first.ts), *actions]
 
     def _bury(self, key: Key, isn: int | None, ts: float) -> None:
         cfg = self._cfg

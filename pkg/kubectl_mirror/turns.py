@@ -33,7 +33,7 @@ from .httpflow import ResponseParser, _Kind, _Splitter
 from .model import Abort, AbortReason, Action, Close, GiveUp, Open, Send, Turn
 
 # Samples kept for the answer-time percentiles: enough for stable p99s, bounded for endless live runs.
-_MAX_SAMPLES = 200_000
+_MAX_SAMPLES = 50_000
 
 
 @dataclass(frozen=True, slots=True)
