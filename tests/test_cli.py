@@ -110,6 +110,13 @@ def test_status_line_redraws_in_place_on_a_terminal() -> None:
     assert "00:00:02  20 packets  3.0 MB  connections: 1 open, 2 replayed, 1 incomplete" in text
 
 
+def test_status_line_shows_the_pods_followed_and_the_latest_move() -> None:
+    buf = io.StringIO()
+    line = StatusLine(buf, tty=False)
+    line(_snapshot(10, 1000, 1.0).model_copy(update={"pods_now": 2, "latest_move": "web-abc -> web-def (rollout)"}))
+    assert buf.getvalue().rstrip().endswith("pods: 2 (latest: web-abc -> web-def (rollout))")
+
+
 def test_status_line_is_plain_lines_in_a_log() -> None:
     buf = io.StringIO()
     line = StatusLine(buf, tty=False)

@@ -16,9 +16,10 @@ import pytest
 
 from tests.apiserver import FakeCluster
 from tests.cli_run import CliRun, Finished, wait_for
-from tests.live_helpers import HTTP_CONTAINER, POD_PORT, LiveLab, live_run, raw_conns
+from tests.live_helpers import HTTP_CONTAINER, POD_PORT, HalfOpen, LiveLab, live_run, raw_conns
 from tests.netlab.lab import contents, without_probe
 from tests.netlab.recorder import ConnRecord, Recorder
+from tests.netlab.traffic import payload
 
 pytestmark = pytest.mark.netns
 
@@ -92,6 +93,12 @@ def test_rollout_mid_mirror_moves_to_the_new_pod(lab: LiveLab, stack: contextlib
     assert result.stderr.count("now mirroring") == 1, result.stderr
     assert_mirrored_exactly(local, lab.truth("web-abc") + lab.truth("web-def"), result)
     assert [ec["name"] for ec in lab.ephemeral("web-def")] == ["mirror-tap"]
+    pods = result.summary["pods"]
+    assert [(p["pod"], p["connections"], p["incomplete"]) for p in pods] == [("default/web-abc", 5, 0),
+                                                                           ("default/web-def", 5, 0)]
+    assert sum(p["bytes_delivered"] for p in pods) == result.summary["bytes_delivered"] > 0
+    assert all(p["packets"] > 0 for p in pods)
+    assert result.summary["stream_gaps"] == 0
     no_tcpdump(lab)
 
 
@@ -125,15 +132,27 @@ def test_all_pods_scale_up_is_tapped_and_a_deleted_pod_ends(lab: LiveLab, stack:
         raw_conns(lab.pods["web-a"].ip, POD_PORT, 3, "a")
         raw_conns(lab.pods["web-b"].ip, POD_PORT, 3, "b")
         received(local, 6)
+        # A connection to web-a still open when web-a goes: its end is never captured.
+        spanning = HalfOpen(lab.pods["web-a"].ip, POD_PORT, payload("spanning", 0, 800))
+        assert wait_for(lambda: len(local.records) >= 8, 10.0), len(local.records)  # mirrored as far as it went
         lab.fc.delete_pod("default", "web-a", grace=1.0)
         move_line(run, "pod web-a is gone (terminating); mirroring 1 pod")
         assert wait_for(lambda: len(lab.tcpdumps()) == 1, 10.0), lab.fc.exec_processes()  # web-a's is stopped
+        spanning.finish(payload("spanning", 1, 800))
         raw_conns(lab.pods["web-b"].ip, POD_PORT, 3, "b2", first=3)
-        received(local, 9)
+        received(local, 10)
         run.interrupt()
         result = run.finish()
     assert result.returncode == 0, result.stderr
-    assert_mirrored_exactly(local, lab.truth("web-a") + lab.truth("web-b"), result)
+    got = without_probe(local.stop(grace=5.0))
+    cut = [r for r in got if bytes(r.data).startswith(b"conn-spanning")]
+    # Cut where the capture ended, and reset: never closed as if it had ended, never with a hole.
+    assert [(bytes(r.data), r.end) for r in cut] == [(payload("spanning", 0, 800), "reset")], cut
+    whole = [r for r in lab.truth("web-a") + lab.truth("web-b") if not bytes(r.data).startswith(b"conn-spanning")]
+    assert contents([r for r in got if r not in cut]) == contents(whole)
+    assert (result.connections["complete"], result.connections["incomplete"]) == (9, 1), result.connections
+    assert [(p["pod"], p["connections"], p["incomplete"]) for p in result.summary["pods"]] == [
+        ("default/web-a", 4, 1), ("default/web-b", 6, 0)]
     no_tcpdump(lab)
 
 

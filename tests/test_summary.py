@@ -12,6 +12,7 @@ from kubectl_mirror.model import Endpoint, EndReason, FlowRecord, Outcome
 from kubectl_mirror.replay import Delivery
 from kubectl_mirror.summary import (
     Connections,
+    PodFigures,
     Summary,
     SummaryBuilder,
     exit_code,
@@ -242,3 +243,24 @@ def test_tls_flows_count_as_tls_with_no_bytes_in_either_order() -> None:
     assert s.bytes_delivered == 10
     assert exit_code(s) == EXIT_OK
     assert "2 tls" in render_text(s) and "--tls-passthrough" in render_text(s)
+
+
+def test_connections_are_tallied_per_server_and_pods_render_when_the_workload_changed() -> None:
+    b = SummaryBuilder("default/web-a:80 (+1 more)", "127.0.0.1:8080")
+    other = Endpoint("10.0.0.3", 80)
+    b.add_flow(record(1, sent=100), delivery(1, sent=100))
+    b.add_flow(FlowRecord(2, CLIENT, other, False, Outcome.INCOMPLETE, EndReason.GAP, 40, 0.0, 1.0), None)
+    assert b.add_record(FlowRecord(3, CLIENT, other, False, Outcome.COMPLETE, EndReason.FIN, 7, 0.0, 1.0)) is None
+    s = b.build(duration_seconds=1.0)
+    tallies = {host: (t.connections, t.bytes_delivered, t.incomplete) for host, t in s.by_server.items()}
+    assert tallies == {"10.0.0.2": (1, 100, 0), "10.0.0.3": (2, 47, 1)}  # a flow still unpaired counts too
+    assert "by_server" not in render_json(s) and "pods" not in json.loads(render_json(s))
+    pods = [PodFigures(pod="default/web-a", packets=9, connections=1, bytes_delivered=100),
+            PodFigures(pod="default/web-b", packets=5, connections=2, bytes_delivered=47, incomplete=1)]
+    live = s.model_copy(update={"pods": pods})
+    assert json.loads(render_json(live))["pods"][1] == {"pod": "default/web-b", "packets": 5, "connections": 2,
+                                                        "bytes_delivered": 47, "incomplete": 1}
+    text = render_text(live)
+    assert "pods" in text and "default/web-b: 2 connections, 47 B, 1 incomplete" in text
+    one = s.model_copy(update={"pods": pods[:1]})
+    assert "default/web-a: 1 connection" not in render_text(one)  # one pod all along: the header names it

@@ -37,7 +37,7 @@ from .pipeline import (
 )
 from .progress import StatusLine
 from .replay import Destination, destination
-from .summary import Summary, SummaryBuilder, exit_code
+from .summary import PodFigures, Summary, SummaryBuilder, exit_code
 from .tap import DEFAULT_IMAGE, Tap, ensure_tap
 from .target import Pod, PodTarget, resolve_selection, target_for
 
@@ -251,7 +251,8 @@ def run_live(args: argparse.Namespace) -> int:
                 print(f"mirroring {describe(targets)} -> {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
             following.start()
             if dest is not None and tshark is not None:
-                summary, failure = _mirror(capture, stop, args, targets, dest, tshark, status)
+                summary, failure = _mirror(capture, stop, args, targets, dest, tshark, status,
+                                           lambda s: _following_now(s, follower))
             else:
                 summary = _capture_only(capture, stop, args, targets)
         finally:
@@ -269,6 +270,7 @@ def run_live(args: argparse.Namespace) -> int:
                          if pod.target.mesh is not None})
         if meshes:
             summary = summary.model_copy(update={"mesh": "; ".join(meshes)})
+        summary = summary.model_copy(update={"pods": _pod_figures(all_pods, capture, summary)})
         summary.warnings.extend(warning for pod in all_pods for warning in pod.warnings)
         summary.warnings.extend(err.message for pod in all_pods for err in pod.stop_errors)
         summary.warnings.extend(err.message for err in capture.errors)
@@ -332,6 +334,24 @@ def _begin_stop(capture: LiveCapture, *, interrupted: bool, quiet: bool) -> None
     threading.Thread(target=capture.stop, daemon=True).start()
 
 
+def _following_now(summary: Summary, follower: Follower) -> Summary:
+    """The status line's view: how many pods feed the mirror now, and the latest move."""
+    return summary.model_copy(update={"pods_now": follower.capturing, "latest_move": follower.latest_move})
+
+
+def _pod_figures(pods: list[KubePodCapture], capture: LiveCapture, summary: Summary) -> list[PodFigures]:
+    """Each pod mirrored over the run, in the order it was started: its packets, and the connections to it."""
+    out: list[PodFigures] = []
+    records = dict(capture.stats.records_by_pod)
+    for pod in pods:
+        tally = summary.by_server.get(pod.target.pod_ip)
+        out.append(PodFigures(pod=pod.name, packets=records.get(pod.name, 0),
+                              connections=tally.connections if tally else 0,
+                              bytes_delivered=tally.bytes_delivered if tally else 0,
+                              incomplete=tally.incomplete if tally else 0))
+    return out
+
+
 def _kube_pods(capture: LiveCapture) -> list[KubePodCapture]:
     return [pod for pod in capture.pods() if isinstance(pod, KubePodCapture)]
 
@@ -344,7 +364,8 @@ def _leftover_warnings(pods: Sequence[KubePodCapture]) -> None:
 
 
 def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, targets: list[PodTarget],
-            dest: Destination, tshark: TsharkInfo, status: StatusLine | None) -> tuple[Summary, MirrorError | None]:
+            dest: Destination, tshark: TsharkInfo, status: StatusLine | None,
+            now: Callable[[Summary], Summary]) -> tuple[Summary, MirrorError | None]:
     """Run the engine on the live stream; the error that stopped it comes back beside the summary."""
     tee = _writer(args.write, args.quiet) if args.write else None
     options = EngineOptions(
@@ -365,7 +386,8 @@ def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, targ
         turns=turn_options(args),
     )
     if status is not None:
-        options.progress, options.progress_every = status, status.every
+        shown = status
+        options.progress, options.progress_every = (lambda s: shown(now(s))), status.every
     options.notice = notice_printer(args, status)
     engine = Engine(options, source_name=describe(targets))
     failure: MirrorError | None = None

@@ -32,9 +32,13 @@ class StatusLine:
         elapsed = int(s.duration_seconds)
         clock = f"{elapsed // 3600:02d}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
         open_now = s.open_flows if s.open_flows is not None else 0
-        return (f"{clock}  {s.packets:,} packets  {_mb(s.bytes_captured)}  "
+        line = (f"{clock}  {s.packets:,} packets  {_mb(s.bytes_captured)}  "
                 f"connections: {open_now:,} open, {c.complete:,} replayed, {c.incomplete:,} incomplete, "
                 f"{c.dropped:,} dropped, {c.failed:,} failed  {_mb(rate)}/s")
+        if s.pods_now is not None:
+            # Live runs that follow a workload: how many pods feed the mirror now, and the latest change.
+            line += f"  pods: {s.pods_now}" + (f" (latest: {s.latest_move})" if s.latest_move else "")
+        return line
 
     def __call__(self, s: Summary) -> None:
         now = time.monotonic()

@@ -82,6 +82,27 @@ class TurnSummary(BaseModel):
     production_p99_ms: float | None = None
 
 
+class PodFigures(BaseModel):
+    """Live runs: one pod mirrored during the run, in the order the run started on them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pod: str  # namespace/name
+    packets: int = Field(default=0, ge=0)  # captured in this pod
+    connections: int = Field(default=0, ge=0)  # to this pod's address, every outcome
+    bytes_delivered: int = Field(default=0, ge=0)
+    incomplete: int = Field(default=0, ge=0)
+
+
+@dataclass
+class ServerTally:
+    """Per server address, inside the builder: live runs turn addresses into pods (one address per pod)."""
+
+    connections: int = 0
+    bytes_delivered: int = 0
+    incomplete: int = 0
+
+
 class Summary(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -102,8 +123,13 @@ class Summary(BaseModel):
     # Live, in a service mesh: which mesh and where its plaintext was captured; left out of the JSON otherwise.
     mesh: str | None = None
     turns: TurnSummary | None = None  # turn-taking only (not --no-wait); left out of the JSON otherwise
+    pods: list[PodFigures] | None = None  # live runs: every pod mirrored over the run; left out of the JSON otherwise
     # Progress snapshots only (flows still open mid-run); never part of the --json output.
     open_flows: int | None = Field(default=None, exclude=True)
+    # Per server address (live runs map them to pods), and the live run's pods now and latest move: never in JSON.
+    by_server: dict[str, ServerTally] = Field(default_factory=dict, exclude=True)
+    pods_now: int | None = Field(default=None, exclude=True)
+    latest_move: str | None = Field(default=None, exclude=True)
 
 
 # ---- merging what the flow table and the replayer each know -------------------------------------
@@ -154,6 +180,7 @@ class SummaryBuilder:
     # HTTP mode: flows the replayer never heard of (no Delivery will come), and flows cut short on purpose.
     _no_delivery: set[int] = field(init=False, default_factory=set)
     _forced: dict[int, Outcome] = field(init=False, default_factory=dict)
+    _servers: dict[str, ServerTally] = field(init=False, default_factory=dict)
     # Flows held back as TLS (tlsgate): the flow table's record of each is counted as tls, whatever it says.
     _tls: set[int] = field(init=False, default_factory=set)
     _probes: int = field(init=False, default=0)
@@ -211,9 +238,12 @@ class SummaryBuilder:
         self._counts[outcome] += 1
         self._partial += record.partial
         self._guessed += record.direction_guessed
+        sent = 0
         if outcome is not Outcome.SKIPPED and outcome is not Outcome.TLS and not never_sent:
             # What the target's kernel accepted, when the replayer says; else what was handed to it.
-            self._delivered += delivery.bytes_sent if delivery is not None else record.bytes_delivered
+            sent = delivery.bytes_sent if delivery is not None else record.bytes_delivered
+            self._delivered += sent
+        _tally(self._servers, record.server.host, outcome, sent)
         return outcome
 
     def _override(self, flow: int, outcome: Outcome) -> tuple[Outcome, bool]:
@@ -282,12 +312,15 @@ class SummaryBuilder:
         """
         counts = dict(self._counts)
         partial, guessed, delivered = self._partial, self._guessed, self._delivered
+        servers = {host: dataclasses.replace(t) for host, t in self._servers.items()}
         for record in self._records.values():
             outcome = merge_outcome(record, None)
             counts[outcome] += 1
             partial += record.partial
             guessed += record.direction_guessed
-            delivered += record.bytes_delivered if outcome not in (Outcome.SKIPPED, Outcome.TLS) else 0
+            sent = record.bytes_delivered if outcome not in (Outcome.SKIPPED, Outcome.TLS) else 0
+            delivered += sent
+            _tally(servers, record.server.host, outcome, sent)
         for delivery in self._deliveries.values():
             counts[delivery.outcome or Outcome.COMPLETE] += 1
             delivered += delivery.bytes_sent
@@ -318,7 +351,17 @@ class SummaryBuilder:
             compare=compare,
             turns=turns,
             open_flows=open_flows,
+            by_server=servers,
         )
+
+
+def _tally(servers: dict[str, ServerTally], host: str, outcome: Outcome, sent: int) -> None:
+    t = servers.get(host)
+    if t is None:
+        t = servers[host] = ServerTally()
+    t.connections += 1
+    t.bytes_delivered += sent
+    t.incomplete += outcome is Outcome.INCOMPLETE
 
 
 def exit_code(summary: Summary) -> int:
@@ -334,7 +377,7 @@ def render_json(summary: Summary, *, one_line: bool = False) -> str:
 
     one_line: HTTP mode's -o json is JSON lines (one per request, then this summary as the last line).
     """
-    exclude = {name for name in ("http", "compare", "mesh", "turns") if getattr(summary, name) is None}
+    exclude = {name for name in ("http", "compare", "mesh", "turns", "pods") if getattr(summary, name) is None}
     return summary.model_dump_json(indent=None if one_line else 2, exclude=exclude)
 
 
@@ -386,6 +429,12 @@ def render_text(summary: Summary) -> str:
         row("mesh", "", summary.mesh)
     if summary.stream_gaps:
         row("stream gaps", _count(summary.stream_gaps), "the live capture reconnected; flows across a gap are cut")
+    if summary.pods is not None and len(summary.pods) > 1:
+        row("pods", _count(len(summary.pods)), "mirrored over the run (the workload changed)")
+        for p in summary.pods:
+            incomplete = f", {_count(p.incomplete)} incomplete" if p.incomplete else ""
+            row("", "", f"{p.pod}: {_count(p.connections)} connection{_s(p.connections)}, "
+                        f"{_size(p.bytes_delivered)}{incomplete}")
     h = summary.http
     if h is not None:
         held = [("filtered", h.filtered), ("rate-limited", h.rate_limited)]
