@@ -29,6 +29,9 @@ SETTLE_MAX = 3.0
 # How long a pod's stop may take at most: stop_remote's SIGINT wait, its SIGKILL fallback and the exec round trips
 # around them, with room to spare. Past it the stop is abandoned (the run must end).
 STOPPER_BOUND = 60.0
+# Following a workload, a capture whose stream ends waits this long for the watch to say its pod went (a deleted
+# pod's processes die a moment before the DELETED event arrives) before it reopens the stream as a drop.
+RETIRE_GRACE = 1.0
 
 # ---- pcapng blocks (section header, interface description, enhanced packet) -----------------------------
 
@@ -337,6 +340,13 @@ class LiveCapture:
                     if lost:
                         self._add_gap(Gap(pod.name, pod.server_hosts, 0, f"tcpdump lost {lost} packets", lost))
                     return
+                if self._follow and slot.halt.wait(RETIRE_GRACE) and slot.retired is not None:
+                    # The pod was deleted: its processes went with it, a moment before the watch said so. That is
+                    # the pod leaving, not a stream to reopen.
+                    self._add_gap(Gap(pod.name, pod.server_hosts, 0, f"pod {slot.retired}", retired=True))
+                    return
+                if self._stopping.is_set():
+                    continue  # the run stopped meanwhile: the stream has ended, so the next pump returns at once
                 log.warning("%s: %s; starting a new capture", pod.name, reason)
                 self._add_gap(Gap(pod.name, pod.server_hosts, 0, reason))
                 pod.stop(gap=True)
