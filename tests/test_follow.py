@@ -188,3 +188,17 @@ def test_a_seeded_pod_missing_from_the_first_list_is_gone() -> None:
     w.seed([Pod.model_validate(pod("web-a", 10))])
     assert kinds(w.listed([pod("web-b", 12)], "20")) == [("gone", "web-a", "deleted"), ("ready", "web-b", "ready")]
     assert w.relists == 0
+
+
+def test_one_keeps_the_only_pod_while_it_is_not_ready_and_moves_once_another_is() -> None:
+    f, w = follow(Mode.ONE, pod("web-a", 10))
+    assert step(f, w, ev("MODIFIED", pod("web-a", 21, ready=False))) == []  # no other pod: keep capturing it
+    assert step(f, w, ev("MODIFIED", pod("web-a", 22))) == []  # Ready again: nothing happened
+    assert step(f, w, ev("MODIFIED", pod("web-a", 23, ready=False))) == []
+    decisions = step(f, w, ev("ADDED", pod("web-b", 24)))
+    assert decisions == [Stop("web-a", "not ready"), Start(w.pods["web-b"])]
+    assert f.started("web-b") == [Say("pod web-a is not ready; now mirroring web-b (not ready)")]
+    # Gone while kept: the usual move.
+    f, w = follow(Mode.ONE, pod("web-a", 10))
+    assert step(f, w, ev("MODIFIED", pod("web-a", 21, ready=False))) == []
+    assert step(f, w, ev("DELETED", pod("web-a", 22)))[0] == Stop("web-a", "deleted")

@@ -72,6 +72,7 @@ class Follower:
     _failed: set[str] = field(default_factory=set)  # a start failed: not tried again until it is Ready anew
     _templates: dict[str, str | None] = field(default_factory=dict)
     _left: _Left | None = None
+    _unready: str | None = None  # ONE: the mirrored pod is not Ready, and no other pod is: kept until one is
     _waiting: bool = False  # the "waiting for a ready pod" line was said and nothing was mirrored since
     ended: bool = False
 
@@ -105,7 +106,14 @@ class Follower:
                     return [End(f"pod {c.name} is gone ({c.why}), so there is nothing left to mirror; to follow a "
                                 "pod's replacements, name its workload (for example deploy/NAME) or use -l")]
                 continue
+            if c.name == self._unready and c.kind is not ChangeKind.UNREADY:
+                self._unready = None  # Ready again (nothing to do), or gone (handled below)
             leaves = c.kind is ChangeKind.GONE or (c.kind is ChangeKind.UNREADY and self.mode is Mode.ONE)
+            if leaves and c.kind is ChangeKind.UNREADY and not self._others(ready, c.name):
+                # Not Ready, and no other pod is: its traffic may still come (direct, draining), so it stays
+                # mirrored until another pod is Ready to take over.
+                self._unready = c.name
+                continue
             if leaves and c.name in self.active:
                 self.active.discard(c.name)
                 self._starting.discard(c.name)
@@ -175,6 +183,12 @@ class Follower:
         out: list[Decision] = []
         candidates = [p for p in ready if p.metadata.name not in self.active and p.metadata.name not in self._failed]
         if self.mode is Mode.ONE:
+            if self._unready is not None and self._unready in self.active and candidates:
+                name, self._unready = self._unready, None
+                self.active.discard(name)
+                self._starting.discard(name)
+                self._left = _Left(name, "not ready", self._templates.get(name))
+                out.append(Stop(name, "not ready"))
             if not self.active and candidates:
                 out.append(self._start(candidates[0]))
         else:
@@ -185,6 +199,9 @@ class Follower:
             lead = f"pod {left.name} is gone ({left.why}); " if left is not None else ""
             out.append(Say(f"{lead}no ready pod of {self.source}: waiting for one (Ctrl-C to stop)"))
         return out
+
+    def _others(self, ready: list[Pod], name: str) -> bool:
+        return any(p.metadata.name != name and p.metadata.name not in self._failed for p in ready)
 
     def _mirroring_now(self) -> str:
         n = len(self.active)

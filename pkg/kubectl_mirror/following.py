@@ -38,7 +38,7 @@ class Following:
         self.say, self.on_end = say, on_end
         self._lock = threading.Lock()  # the follower is driven from the watch, the worker and capture threads
         self._queue: queue.Queue[Decision | None] = queue.Queue()
-        self._state: PodWatch | None = None
+        self._ready_now: list[Pod] = []  # the Ready pods as of the latest change: a snapshot for other threads
         self._stopping = threading.Event()
         pod_name = selection.pods[0].metadata.name if selection.query is None else None
         state = PodWatch()
@@ -67,11 +67,12 @@ class Following:
     # ---- the watch's side ---------------------------------------------------------------------------
 
     def _changes(self, changes: list[Change], state: PodWatch) -> None:
-        self._state = state
         for c in changes:
             log.info("pod %s: %s (%s)", c.name, c.kind.value, c.why)
+        ready = state.ready  # on the watch's thread, the only one that changes `state`
         with self._lock:
-            decisions = self.follower.changes(changes, state.ready)
+            self._ready_now = ready
+            decisions = self.follower.changes(changes, ready)
         self._post(decisions)
 
     def _watch_failed(self, err: MirrorError) -> None:
@@ -85,7 +86,7 @@ class Following:
         self._post(decisions)
 
     def _ready(self) -> list[Pod]:
-        return self._state.ready if self._state is not None else []
+        return self._ready_now  # callers hold self._lock
 
     def _post(self, decisions: list[Decision]) -> None:
         for d in decisions:
