@@ -266,3 +266,27 @@ def test_reading_the_words(words: list[str], values: dict[str, list[str]], posit
     state, got = read_words(words, commands())
     assert (state.values, state.positionals) == (values, positionals)
     assert (got.what, got.prefix, got.flag.dest if got.flag else None) == want
+
+
+def test_no_terminal_for_exec_credential_plugins(env: Env, tmp_path: Path) -> None:
+    """kubectl hands its terminal to the completion: a kubeconfig's exec plugin must not read the user's keys."""
+    seen = tmp_path / "plugin-read"
+    plugin = tmp_path / "login"
+    plugin.write_text(f"#!/bin/sh\ncat > {seen}\nexit 1\n")
+    plugin.chmod(0o755)
+    config = json.loads(env.kubeconfig.read_text())
+    config["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1",
+                                            "command": str(plugin)}}
+    kubeconfig = tmp_path / "exec-kubeconfig"
+    kubeconfig.write_text(json.dumps(config))
+    done = subprocess.run([str(REPO / "kubectl_complete-mirror"), "deploy/"], input="what the user types\n",
+                          env={**env.vars(), "KUBECONFIG": str(kubeconfig)}, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f":{NO_FILE_COMP}\n", "")
+    assert seen.read_text() == ""
+    # Why nothing came, for whoever asks.
+    debug = subprocess.run([str(REPO / "kubectl_complete-mirror"), "--server", "https://127.0.0.1:1", "--token", "x",
+                            "pod/"], env={**env.vars(), "KUBECTL_MIRROR_COMPLETION_DEBUG": "1"},
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert debug.stdout == f":{NO_FILE_COMP}\n"
+    assert "cannot reach the Kubernetes API server at https://127.0.0.1:1" in debug.stderr, debug.stderr

@@ -32,6 +32,8 @@ KEEP_ORDER = 32
 CAPTURE_EXTENSIONS = tuple(f"{base}{z}" for base in ("pcap", "pcapng", "cap") for z in ("", ".gz", ".zst", ".lz4"))
 # Where a value names a file on this machine (metavars in cli.py and flags.py).
 FILE_METAVARS = frozenset({"FILE", "PATH"})
+# Set to keep stderr and see why a completion offers nothing (completion never prints errors otherwise).
+DEBUG_ENV = "KUBECTL_MIRROR_COMPLETION_DEBUG"
 # cobra's hidden commands: kubectl_complete-mirror also answers when called as `kubectl-mirror __complete ...`.
 COMPLETE_COMMANDS = ("__complete", "__completeNoDesc")
 
@@ -304,15 +306,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`kubectl_complete-mirror WORD... PARTIAL`: candidates and the directive on stdout, never anything on stderr.
 
     Whatever goes wrong, the shell gets a directive and no noise: a completion that prints errors or tracebacks
-    would scribble over the user's command line. KUBECTL_MIRROR_COMPLETION_DEBUG=1 keeps stderr for debugging.
+    would scribble over the user's command line. DEBUG_ENV=1 keeps stderr for debugging.
     """
     words = list(sys.argv[1:] if argv is None else argv)
     descriptions = True
     if words and words[0] in COMPLETE_COMMANDS:
         descriptions = words.pop(0) == "__complete"
-    debug = bool(os.environ.get("KUBECTL_MIRROR_COMPLETION_DEBUG"))
+    debug = bool(os.environ.get(DEBUG_ENV))
     if not debug:
-        _silence_stderr()
+        _off_the_terminal()
     try:
         result = complete(words)
     except Exception:
@@ -324,13 +326,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _silence_stderr() -> None:
-    """stderr to /dev/null, for Python and for the exec credential plugins a kubeconfig may start."""
+def _off_the_terminal() -> None:
+    """stdin and stderr to /dev/null, for Python and for the exec credential plugins a kubeconfig may start.
+
+    kubectl hands its terminal to the completion executable. An exec plugin that prompts (a login) would read
+    the user's keystrokes, and could go on doing so after the lookup gave up on it: with no terminal it fails
+    at once instead, and completion offers nothing, as for any cluster error.
+    """
     import warnings
 
     warnings.simplefilter("ignore")
     try:
-        null = os.open(os.devnull, os.O_WRONLY)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
         os.dup2(null, 2)
         os.close(null)
     except OSError:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import threading
 from collections.abc import Callable
 
-from .completion import NO_FILE_COMP, NO_SPACE, Answer, Want, Words, matching, subcommands
+from .completion import DEBUG_ENV, NO_FILE_COMP, NO_SPACE, Answer, Want, Words, matching, subcommands
 from .errors import UsageError
 from .flags import parse_request_timeout
-from .kubeconfig import Connection, ConnectionFlags, api_request, connect
+from .kubeconfig import Connection, ConnectionFlags, api_errors, api_request, connect
 from .target import KINDS, Kind, Pod, Service, kind_for, select_pods
 
 TIMEOUT = 3.0  # seconds for a whole lookup; --request-timeout shortens it
@@ -55,15 +57,19 @@ def bounded(lookup: Callable[[Connection], Pairs], state: Words) -> Pairs:
         try:
             conn = connect(args)
             try:
-                box.append(lookup(conn))
+                with api_errors(conn):  # one-line messages for KUBECTL_MIRROR_COMPLETION_DEBUG
+                    box.append(lookup(conn))
             finally:
                 conn.close()
-        except Exception:
-            pass  # unreachable, forbidden, no kubeconfig: no candidates, and nothing to say
+        except Exception as exc:  # unreachable, forbidden, no kubeconfig: no candidates, and nothing to say
+            if os.environ.get(DEBUG_ENV):
+                print(f"kubectl_complete-mirror: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     worker = threading.Thread(target=run, name="completion-lookup", daemon=True)
     worker.start()
     worker.join(budget)
+    if worker.is_alive() and os.environ.get(DEBUG_ENV):
+        print(f"kubectl_complete-mirror: no answer from the cluster within {budget:g} s", file=sys.stderr)
     return box[0] if box else []
 
 
