@@ -108,7 +108,8 @@ def test_first_word_offers_subcommands_pods_and_types(env: Env) -> None:
     assert first.directive == NO_FILE_COMP
     assert "replay\treplay a pcap/pcapng file offline" in first.lines
     # Only TYPE/ left: no space after it, the name follows.
-    assert (complete(env, "de").values, complete(env, "de").directive) == (["deployment/"], NO_FILE_COMP | NO_SPACE)
+    de = complete(env, "de")
+    assert (de.values, de.directive) == (["deployment/"], NO_FILE_COMP | NO_SPACE)
     assert complete(env, "sv").values == ["svc/"]  # an alias when no type name starts so
     assert complete(env, "w").values == ["web-1", "worker-1"]
     assert complete(env, "rep").values == ["replay", "replicaset/"]
@@ -168,7 +169,8 @@ def test_files(env: Env) -> None:
         got = complete(env, *words)
         assert (got.values, got.directive) == ([], 0), words  # 0: the shell completes file names
     # A value with nothing to offer must not fall back to file names.
-    assert (complete(env, "--to", "").values, complete(env, "--to", "").directive) == ([], NO_FILE_COMP)
+    to = complete(env, "--to", "")
+    assert (to.values, to.directive) == ([], NO_FILE_COMP)
 
 
 def test_namespaces_and_contexts(env: Env) -> None:
