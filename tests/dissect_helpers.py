@@ -66,6 +66,52 @@ def null(packet: bytes) -> bytes:
     return struct.pack("<I", family) + packet
 
 
+def loop(packet: bytes) -> bytes:
+    family = 24 if packet[0] >> 4 == 6 else 2  # OpenBSD's loopback: the family in network order
+    return struct.pack(">I", family) + packet
+
+
+def _ethertype(packet: bytes) -> bytes:
+    return b"\x86\xdd" if packet[0] >> 4 == 6 else b"\x08\x00"
+
+
+def _wlan_header(seq: int, frag: int = 0, more: bool = False) -> bytes:
+    # data frame, from the AP (FromDS), addresses 1-3, sequence control: no QoS, no protection, no FCS
+    flags = 0x02 | (0x04 if more else 0)
+    return (bytes([0x08, flags]) + b"\0\0" + bytes.fromhex("020000000001020000000002020000000003")
+            + struct.pack("<H", (seq << 4) | frag))
+
+
+def wlan(packet: bytes, seq: int = 0) -> bytes:
+    """802.11 data frame (link type 105) carrying the packet behind LLC/SNAP: no fast path knows it."""
+    return _wlan_header(seq) + b"\xaa\xaa\x03\0\0\0" + _ethertype(packet) + packet
+
+
+def wlan_fragments(packet: bytes, seq: int, cut: int) -> list[bytes]:
+    """The same, fragmented by the 802.11 layer: tshark reassembles it and reports the TCP segment on the last
+    fragment, which does not hold the TCP header."""
+    body = b"\xaa\xaa\x03\0\0\0" + _ethertype(packet) + packet
+    return [_wlan_header(seq, 0, more=True) + body[:cut], _wlan_header(seq, 1) + body[cut:]]
+
+
+def ppp(packet: bytes) -> bytes:
+    """PPP in HDLC-like framing (link type 9)."""
+    return b"\xff\x03" + (b"\x00\x57" if packet[0] >> 4 == 6 else b"\x00\x21") + packet
+
+
+def ethernet_mpls(packet: bytes) -> bytes:
+    """Ethernet carrying one MPLS label, then the packet: an Ethernet frame the fast path cannot see into."""
+    label = struct.pack(">I", (1000 << 12) | (1 << 8) | 64)  # label 1000, bottom of stack, TTL 64
+    return b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x88\x47" + label + packet
+
+
+def ethernet_pppoe(packet: bytes) -> bytes:
+    """Ethernet carrying a PPPoE session (DSL links)."""
+    proto = b"\x00\x57" if packet[0] >> 4 == 6 else b"\x00\x21"
+    return (b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x88\x64" + struct.pack(">BBHH", 0x11, 0, 7, len(packet) + 2)
+            + proto + packet)
+
+
 # ---- pcapng blocks --------------------------------------------------------------------------------------------
 
 

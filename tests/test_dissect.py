@@ -7,7 +7,10 @@ import os
 import selectors
 import socket
 import stat
+import struct
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,16 +23,22 @@ from tests.dissect_helpers import (
     client_bytes,
     epb,
     ethernet,
+    ethernet_mpls,
+    ethernet_pppoe,
     idb,
     ipv4,
     listener,
+    loop,
     loopback_traffic,
     null,
+    ppp,
     shb,
     sll,
     sll2,
     tcp_ip,
     tcpdump,
+    wlan,
+    wlan_fragments,
 )
 
 
@@ -153,14 +162,25 @@ def frames(addrs: tuple[str, str], wrap: object) -> tuple[list[tuple[float, byte
         (113, sll),
         (276, sll2),
         (0, null),
-        (108, lambda p: b"\0\0\0\x02" + p if p[0] >> 4 == 4 else b"\0\0\0\x18" + p),
+        (108, loop),
+        (228, lambda p: p),
+        (229, lambda p: p),
+        # no fast path: the payload is found from what tshark says (dissect.locate_payload)
+        (105, wlan),
+        (9, ppp),
+        (1, ethernet_mpls),
+        (1, ethernet_pppoe),
     ],
-    ids=["raw101", "raw12", "raw14", "eth", "eth-vlan", "eth-qinq", "sll", "sll2", "null", "loop"],
+    ids=["raw101", "raw12", "raw14", "eth", "eth-vlan", "eth-qinq", "sll", "sll2", "null", "loop", "ipv4", "ipv6",
+         "wlan", "ppp", "eth-mpls", "eth-pppoe"],
 )
 @pytest.mark.parametrize("addrs", [V4, V6], ids=["v4", "v6"])
 def test_synthetic_link_types(tshark: TsharkInfo, linktype: int, wrap: object, addrs: tuple[str, str]) -> None:
+    if linktype == 228 + (addrs == V4):
+        pytest.skip("raw IPv4 carries IPv4 only, raw IPv6 IPv6 only")
     packets, payloads = frames(addrs, wrap)
-    segments, _ = dissect(classic_pcap(linktype, packets), tshark)
+    segments, d = dissect(classic_pcap(linktype, packets), tshark)
+    assert d.stats.warnings() == []
     assert [s.payload for s in segments] == payloads  # Ethernet padding (0xee) never leaks in
     assert all(s.whole for s in segments)
     assert {(s.src, s.dst) for s in segments} == {(Endpoint(addrs[0], 40000), Endpoint(addrs[1], 8080))}
@@ -364,3 +384,129 @@ def test_read_segments_respects_max_items(tshark: TsharkInfo) -> None:
         d.raise_if_failed()
     assert [s.payload for s in got] == [b"%02d" % i for i in range(30)]
     assert (d.stats.tcp_segments, d.stats.tshark_restarts) == (30, 2)
+
+
+# ---- link types from real captures: tcpdump's own, and what editcap (or a re-wrap) makes of them ----------------
+
+
+@pytest.fixture(scope="module")
+def lo_captures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int, list[bytes]]]:
+    """A real loopback capture (Ethernet) per IP version: (file, server port, what the clients sent)."""
+    tmp = tmp_path_factory.mktemp("linktypes")
+    out = {}
+    for version, host in (("v4", "127.0.0.1"), ("v6", "::1")):
+        path = tmp / f"lo-{version}.pcap"
+        chunks = chunks_for(version.encode(), 30)
+        srv, port = listener(host)
+        with srv, tcpdump(path, "lo", f"tcp port {port}") as cap:
+            loopback_traffic(srv, chunks, connections=2)
+        assert "0 packets dropped by kernel" in cap.stderr_lines, "tcpdump itself lost packets: rerun"
+        out[version] = (path, port, chunks)
+    return out
+
+
+def _editcap(src: Path, dst: Path, *args: str) -> Path:
+    subprocess.run(["editcap", *args, str(src), str(dst)], check=True, capture_output=True, timeout=60)
+    return dst
+
+
+def _rewrap(src: Path, dst: Path, linktype: int, wrap: Callable[[bytes], bytes]) -> Path:
+    """Each Ethernet frame's IP packet in another encapsulation (what tcpdump on this Linux cannot make)."""
+    with open(src, "rb") as f:
+        records = list(PcapReader(f))
+    dst.write_bytes(classic_pcap(linktype, [(r.ts, wrap(r.data[14:])) for r in records]))
+    return dst
+
+
+def _header_linktype(src: Path, dst: Path, linktype: int) -> Path:
+    data = bytearray(src.read_bytes())
+    data[20:24] = struct.pack("<I", linktype)  # tcpdump writes host (little-endian) order here
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _convert(kind: str, src: Path, tmp: Path) -> Path:
+    # strip the Ethernet header: raw IP (101); editcap writes pcapng unless told
+    raw = _editcap(src, tmp / "raw.pcap", "-F", "pcap", "-C", "14", "-T", "rawip")
+    conversions: dict[str, Callable[[], Path]] = {
+        "raw": lambda: raw,
+        "ipv4": lambda: _editcap(raw, tmp / "ipv4.pcap", "-F", "pcap", "-T", "rawip4"),
+        "ipv6": lambda: _editcap(raw, tmp / "ipv6.pcap", "-F", "pcap", "-T", "rawip6"),
+        "raw12": lambda: _header_linktype(raw, tmp / "raw12.pcap", 12),
+        "raw14": lambda: _header_linktype(raw, tmp / "raw14.pcap", 14),
+        "null": lambda: _rewrap(src, tmp / "null.pcap", 0, null),
+        "loop": lambda: _rewrap(src, tmp / "loop.pcap", 108, loop),
+        "pcapng-raw": lambda: _editcap(raw, tmp / "raw.pcapng", "-F", "pcapng"),
+        "vlan": lambda: _rewrap(src, tmp / "vlan.pcap", 1, lambda p: ethernet(p, vlans=[42])),
+        "qinq": lambda: _rewrap(src, tmp / "qinq.pcap", 1, lambda p: ethernet(p, vlans=[100, 42])),
+        "wlan": lambda: _rewrap(src, tmp / "wlan.pcap", 105, wlan),
+        "ppp": lambda: _rewrap(src, tmp / "ppp.pcap", 9, ppp),
+    }
+    return conversions[kind]()
+
+
+LINKTYPE_CASES = [("raw", "v4", 101), ("raw", "v6", 101), ("ipv4", "v4", 228), ("ipv6", "v6", 229),
+                  ("raw12", "v4", 12), ("raw14", "v6", 14), ("null", "v4", 0), ("loop", "v6", 108),
+                  ("pcapng-raw", "v6", 101), ("vlan", "v4", 1), ("qinq", "v6", 1), ("wlan", "v4", 105),
+                  ("ppp", "v6", 9)]
+
+
+@pytest.mark.parametrize(("kind", "version", "linktype"), LINKTYPE_CASES,
+                         ids=[f"{k}-{v}" for k, v, _ in LINKTYPE_CASES])
+def test_real_capture_in_each_link_type_gives_the_same_bytes(
+    lo_captures: dict[str, tuple[Path, int, list[bytes]]], tmp_path: Path, tshark: TsharkInfo, kind: str,
+    version: str, linktype: int,
+) -> None:
+    original, port, chunks = lo_captures[version]
+    path = _convert(kind, original, tmp_path)
+    with open(path, "rb") as f:
+        assert {r.linktype for r in PcapReader(f)} == {linktype}
+    segments, d = dissect(path, tshark)
+    assert client_bytes(segments, port) == client_bytes(dissect(original, tshark)[0], port)
+    assert list(client_bytes(segments, port).values()) == [b"".join(chunks)] * 2
+    assert d.stats.tcp_segments == d.stats.packets and d.stats.warnings() == []
+
+
+def test_tcp_the_reader_cannot_reach_is_counted_per_link_type(
+    lo_captures: dict[str, tuple[Path, int, list[bytes]]], tshark: TsharkInfo,
+) -> None:
+    """802.11 fragments: tshark reassembles them and reports the TCP segment on the last fragment, where its
+    header is not: said once, with the count, and those segments are holes (never invented bytes)."""
+    original, _, _ = lo_captures["v4"]
+    with open(original, "rb") as f:
+        records = list(PcapReader(f))
+    packets: list[tuple[float, bytes]] = []
+    cut = 0
+    for seq, rec in enumerate(records):
+        packet = rec.data[14:]
+        if len(packet) > 400:
+            cut += 1
+            packets += [(rec.ts, frame) for frame in wlan_fragments(packet, seq % 4096, 60)]
+        else:
+            packets.append((rec.ts, wlan(packet, seq % 4096)))
+    assert cut > 5
+    segments, d = dissect(classic_pcap(105, packets), tshark)
+    assert d.stats.not_understood == {105: cut}
+    assert d.stats.warnings() == [f"{cut} frames: link type 105 (IEEE802_11) not understood (their TCP payload "
+                                  f"could not be found: their connections are incomplete)"]
+    assert sum(not s.whole for s in segments) == cut
+    sent = {r.data[14:][-40:] for r in records}
+    assert all(s.payload[-40:] in sent for s in segments if s.whole and len(s.payload) >= 40)
+
+
+def test_link_type_tshark_does_not_know_is_one_error_naming_it(tshark: TsharkInfo) -> None:
+    packet = tcp_ip(*V4, 40000, 8080, 1, 0, ACK, b"data")
+    with pytest.raises(InputError, match=r"^link type 999 is not one kubectl-mirror or tshark [\d.]+ can read: "):
+        dissect(classic_pcap(999, [(1.0, packet)]), tshark)
+    # in pcapng tshark reads the frames but finds nothing in them
+    with pytest.raises(InputError, match=r"^link type 147 \(USER0\) is not one kubectl-mirror or tshark can use: "
+                                         r"tshark found no TCP in its 2 frames"):
+        dissect(shb() + idb(147) + epb(0, 1, packet) + epb(0, 2, packet), tshark)
+
+
+def test_frames_of_an_unknown_link_type_beside_good_ones_are_a_warning(tshark: TsharkInfo) -> None:
+    packet = tcp_ip(*V4, 40000, 8080, 1, 0, ACK, b"data")
+    segments, d = dissect(shb() + idb(101) + idb(147) + epb(0, 1, packet) + epb(1, 2, b"usb") + epb(1, 3, b"usb"),
+                          tshark)
+    assert [s.payload for s in segments] == [b"data"]
+    assert d.stats.warnings() == ["2 frames: link type 147 (USER0) not understood (tshark found no TCP in them)"]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kubectl_mirror.pcap import PcapReader
+from kubectl_mirror.pcap import PcapReader, classic_pcap
+from tests.dissect_helpers import wlan, wlan_fragments
 from tests.netlab import traffic
 from tests.netlab.capture import (
     LINKTYPE_EN10MB,
@@ -39,7 +40,8 @@ def veth() -> Iterator[Link]:
         yield link
 
 
-def capture(link: Link, pcap: Path, drive: Drive, iface: str | None = None, attempts: int = 3) -> list[ConnRecord]:
+def capture(link: Link, pcap: Path, drive: Drive, iface: str | None = None, attempts: int = 3,
+            extra: list[str] | None = None) -> list[ConnRecord]:
     """Run `drive` against a recorder in the server namespace while tcpdump captures there.
 
     The replay must be compared with a capture that holds everything the server received; when tcpdump
@@ -49,7 +51,7 @@ def capture(link: Link, pcap: Path, drive: Drive, iface: str | None = None, atte
     for _ in range(attempts):
         server = NsRecorder(link.server, pcap.with_suffix(".server.json"), PORT).start()
         try:
-            with Capture(link.server, iface or link.server_if, pcap) as cap:
+            with Capture(link.server, iface or link.server_if, pcap, extra=extra) as cap:
                 drive(link)
         finally:
             records = server.stop()
@@ -107,18 +109,27 @@ def test_curl_keepalive(veth: Link, tmp_path: Path) -> None:
     assert result.records[0].requests == truth[0].requests
 
 
+# VLAN tags: this kernel has no 802.1Q devices; test_dissect re-tags real frames instead.
+LINK_KINDS = ["veth-en10mb", "any-sll2", "any-sll", "tun-raw", "tun-rawip4"]
+
+
 @pytest.mark.netns
-@pytest.mark.parametrize("kind", ["veth-en10mb", "any-sll2", "tun-raw"])
+@pytest.mark.parametrize("kind", LINK_KINDS)
 def test_link_types(kind: str, tmp_path: Path) -> None:
     pcap = tmp_path / f"{kind}.pcap"
-    if kind == "tun-raw":
+    if kind.startswith("tun-"):
         with netns() as c, netns() as s, tun_between(c, s) as tl:
             truth = capture(tl.link, pcap, keepalive_and_raw(tl.link.server_ip4, kind))
+        if kind == "tun-rawip4":  # every packet is IPv4: the header can say so (link type 228)
+            raw, pcap = pcap, tmp_path / "rawip4.pcap"
+            subprocess.run(["editcap", "-F", "pcap", "-T", "rawip4", str(raw), str(pcap)], check=True, timeout=60)
     else:
         with veth_lab() as link:
-            iface = "any" if kind == "any-sll2" else None
-            truth = capture(link, pcap, keepalive_and_raw(link.server_ip4, kind), iface=iface)
-    expected = {"veth-en10mb": LINKTYPE_EN10MB, "any-sll2": LINKTYPE_LINUX_SLL2, "tun-raw": LINKTYPE_RAW}[kind]
+            iface = "any" if kind.startswith("any-") else None
+            extra = ["-y", "LINUX_SLL"] if kind == "any-sll" else []
+            truth = capture(link, pcap, keepalive_and_raw(link.server_ip4, kind), iface=iface, extra=extra)
+    expected = {"veth-en10mb": LINKTYPE_EN10MB, "any-sll2": LINKTYPE_LINUX_SLL2, "any-sll": 113,
+                "tun-raw": LINKTYPE_RAW, "tun-rawip4": 228}[kind]
     assert pcap_linktype(pcap) == expected
     assert_replayed(replay(pcap, expect_conns=len(truth)), truth)
 
@@ -281,6 +292,46 @@ def test_compressed_capture_replays_byte_exact(small_pcap: tuple[Path, list[Conn
         assert result.summary["packets"] == len(list(PcapReader(f)))
 
 
+@pytest.mark.netns
+def test_tcp_the_reader_cannot_reach_is_a_warning_with_its_count(small_pcap: tuple[Path, list[ConnRecord]],
+                                                                   tmp_path: Path) -> None:
+    """802.11 fragments (the real capture's IP packets re-framed): tshark reports those segments on frames that do
+    not hold their TCP header. The flows they belong to are incomplete, and the run says why, once."""
+    pcap, truth = small_pcap
+    with open(pcap, "rb") as f:
+        records = list(PcapReader(f))
+    frames: list[tuple[float, bytes]] = []
+    victims = 0
+    for seq, rec in enumerate(records):
+        packet = rec.data[14:]
+        if len(packet) > 1000 and victims < 3:
+            victims += 1
+            frames += [(rec.ts, frame) for frame in wlan_fragments(packet, seq, 80)]
+        else:
+            frames.append((rec.ts, wlan(packet, seq)))
+    wifi = tmp_path / "wifi.pcap"
+    wifi.write_bytes(classic_pcap(105, frames))
+    result = replay(wifi, expect_conns=len(truth), http=False)
+    assert result.returncode == 0, result.stderr
+    assert result.summary["warnings"] == [f"{victims} frames: link type 105 (IEEE802_11) not understood (their TCP "
+                                          f"payload could not be found: their connections are incomplete)"]
+    conns = result.connections
+    assert conns["incomplete"] >= 1 and conns["complete"] + conns["incomplete"] == len(truth), conns
+    originals = {bytes(r.data) for r in truth}
+    assert all(any(o.startswith(bytes(r.data)) for o in originals) for r in result.records), "nothing invented"
+    assert result.summary["error"] is None and result.summary["exit_code"] == 0
+
+
+def test_link_type_nobody_reads_is_one_error_also_in_json(tmp_path: Path) -> None:
+    odd = tmp_path / "odd.pcap"
+    odd.write_bytes(classic_pcap(999, [(1.0, b"\x45" + bytes(59))]))
+    result = replay(odd)
+    assert_one_line_error(result)
+    assert "link type 999 is not one kubectl-mirror or tshark" in result.stderr
+    assert result.summary["error"] == result.stderr.strip().removeprefix("error: ")
+    assert result.summary["exit_code"] == result.returncode == 1
+
+
 def test_empty_file(tmp_path: Path) -> None:
     empty = tmp_path / "empty.pcap"
     empty.write_bytes(b"")
@@ -308,6 +359,10 @@ def test_truncated_capture_replays_the_good_part(small_pcap: tuple[Path, list[Co
 
     result = replay(cut, http=False)
     assert_one_line_error(result)
+    # -o json carries the error and the exit code, beside what was replayed before it
+    assert result.summary["error"] == result.stderr.strip().removeprefix("error: ")
+    assert result.summary["exit_code"] == result.returncode == 1
+    assert result.summary["connections"]["seen"] >= 3
     originals = {bytes(r.data) for r in truth}
     delivered = [bytes(r.data) for r in result.records]
     assert sum(1 for d in delivered if d in originals) >= 3, "connections before the cut must arrive whole"

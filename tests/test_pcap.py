@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from kubectl_mirror.errors import InputError
-from kubectl_mirror.pcap import PcapReader, PcapWriter, Record, classic_header, classic_pcap, classic_record
+from kubectl_mirror.pcap import (
+    PcapReader,
+    PcapWriter,
+    Record,
+    classic_header,
+    classic_pcap,
+    classic_record,
+    linktype_name,
+)
 from tests.dissect_helpers import (
     epb,
     ethernet,
@@ -229,19 +237,27 @@ def test_corrupt_pcapng_block_length() -> None:
         read_all(data)
 
 
-def test_unsupported_link_type() -> None:
-    with pytest.raises(InputError, match=r"unsupported link type 105.*EN10MB.*LINUX_SLL2"):
-        read_all(classic_pcap(105, [(0.0, b"x")]))
+def test_every_link_type_is_read_and_counted() -> None:
+    # which of them carry TCP is tshark's to say (dissect.py); the reader passes every one on
+    reader = PcapReader(io.BytesIO(classic_pcap(105, [(0.0, b"x"), (1.0, b"y")])))
+    assert [(r.linktype, r.data) for r in reader] == [(105, b"x"), (105, b"y")]
+    assert reader.linktype_counts() == {105: 2}
 
 
-def test_unsupported_link_type_on_a_pcapng_interface() -> None:
+def test_link_types_of_pcapng_interfaces_and_sections_are_counted() -> None:
     pkt = tcp_ip("10.0.0.1", "10.0.0.2", 1, 2, 3, 4, 0x18, b"hello")
-    data = shb() + idb(101) + idb(147) + epb(0, 1, pkt) + epb(1, 2, b"usb")
-    got: list[bytes] = []
-    with pytest.raises(InputError, match="unsupported link type 147"):
-        for rec in PcapReader(io.BytesIO(data)):
-            got.append(rec.data)
-    assert got == [pkt]
+    data = (shb() + idb(101) + idb(147) + idb(1) + epb(0, 1, pkt) + epb(1, 2, b"usb") + epb(1, 3, b"usb")
+            + shb() + idb(147) + epb(0, 4, b"usb"))
+    reader = PcapReader(io.BytesIO(data))
+    assert [r.linktype for r in reader] == [101, 147, 147, 147]
+    assert reader.linktype_counts() == {101: 1, 147: 3}
+
+
+def test_link_type_names() -> None:
+    assert linktype_name(105) == "105 (IEEE802_11)"
+    assert linktype_name(228) == "228 (IPV4)"
+    assert linktype_name(150) == "150 (USER3)"
+    assert linktype_name(4242) == "4242"
 
 
 # ---- real captures --------------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def test_json_round_trips_through_the_model() -> None:
     # The --json contract: these names are public.
     assert list(data) == [
         "source", "target", "packets", "bytes_captured", "tcp_segments", "connections", "bytes_delivered",
-        "stream_gaps", "duration_seconds", "direction_guessed", "interrupted", "warnings",
+        "stream_gaps", "duration_seconds", "direction_guessed", "interrupted", "warnings", "error", "exit_code",
     ]
     assert list(data["connections"]) == ["seen", "complete", "partial", "incomplete", "dropped", "failed", "skipped",
                                          "tls", "probes"]

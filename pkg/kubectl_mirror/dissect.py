@@ -17,6 +17,7 @@ import os
 import re
 import selectors
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -28,7 +29,7 @@ from typing import IO, BinaryIO
 
 from .errors import InputError, ToolError
 from .model import Endpoint, Segment
-from .pcap import PcapReader, PcapWriter, Record
+from .pcap import FAST_LINKTYPES, PcapReader, PcapWriter, Record, linktype_name
 
 MIN_VERSION = (3, 4, 0)  # LINUX_SLL2 (tcpdump -i any on current kernels) needs 3.4
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def _ip_offset(linktype: int, data: bytes) -> int:
         return 16
     if linktype == 276:
         return 20
-    if linktype in (101, 12, 14):
+    if linktype in (101, 12, 14, 228, 229):
         return 0
     if linktype in (0, 108):
         return 4
@@ -201,6 +202,56 @@ def tcp_payload(linktype: int, data: bytes, tcp_len: int) -> bytes | None:
     return data[end - tcp_len : end] if tcp_len else b""
 
 
+def locate_payload(linktype: int, data: bytes, sport: int, dport: int, seq: int,
+                   tcp_len: int) -> tuple[bytes | None, bool]:
+    """The slow path, for frames whose IP header tcp_payload cannot find (link types without a fast path, or
+    encapsulations it does not know such as MPLS or PPPoE): find the TCP header tshark reported by its ports and
+    raw sequence number, 8 bytes that do not recur by chance before it.
+
+    Returns (payload, found): payload None when it is not all in the frame; found False when the TCP header
+    could not be found at all (the encapsulation is beyond us).
+    """
+    try:
+        off = _ip_offset(linktype, data)
+        if 0 <= off < len(data) and data[off] >> 4 in (4, 6):
+            return None, True  # the fast path found the IP header and said no (snap length, a fragment)
+    except IndexError:
+        pass
+    sig = struct.pack(">HHI", sport, dport, seq)
+    at = data.find(sig)
+    found = False
+    while at >= 0:
+        if at + 13 <= len(data):
+            found = True
+            start = at + (data[at + 12] >> 4) * 4
+            end = _ip_end(data, at)
+            if end == -1:
+                return None, True  # inside an IPv4 fragment
+            if end is None:
+                end = start + tcp_len
+            if start >= at + 20 and start + tcp_len == end <= len(data):
+                return data[start:end], True
+        at = data.find(sig, at + 1)
+    return None, found
+
+
+def _ip_end(data: bytes, tcp_at: int) -> int | None:
+    """Where the IPv4/IPv6 packet whose TCP header starts at tcp_at ends; -1 for an IPv4 fragment; None when no IP
+    header sits right before it."""
+    for ihl in range(20, 64, 4):
+        p = tcp_at - ihl
+        if p < 0:
+            break
+        if data[p] == 0x40 | ihl // 4 and data[p + 9] == 6:
+            if ((data[p + 6] << 8) | data[p + 7]) & 0x3FFF:
+                return -1
+            return p + ((data[p + 2] << 8) | data[p + 3])
+    p = tcp_at - 40
+    if p >= 0 and data[p] >> 4 == 6 and data[p + 6] == 6:
+        return tcp_at + ((data[p + 4] << 8) | data[p + 5])
+    return None
+
+
 # ---- tshark instances -----------------------------------------------------------------------------------------
 
 
@@ -211,6 +262,34 @@ class DissectStats:
     tcp_segments: int = 0
     non_tcp: int = 0
     tshark_restarts: int = 0  # handovers to a fresh tshark
+    # TCP frames whose payload neither the fast path nor locate_payload could find, per link type: their bytes
+    # are missing (holes), which the run must say rather than only count connections as incomplete.
+    not_understood: dict[int, int] = field(default_factory=dict)
+    # TCP frames the slow path found the header of, per link type
+    slow_tcp: dict[int, int] = field(default_factory=dict)
+    # Records read per link type; set when the input ends.
+    linktypes: dict[int, int] = field(default_factory=dict)
+
+    def unusable(self) -> InputError | None:
+        """An error when no frame was of a link type either path can use (tshark found TCP in none of them)."""
+        if self.tcp_segments or not self.linktypes or any(lt in FAST_LINKTYPES for lt in self.linktypes):
+            return None
+        names = ", ".join(linktype_name(lt) for lt in self.linktypes)
+        return InputError(f"link type {names} is not one kubectl-mirror or tshark can use: tshark found no TCP in "
+                          f"its {self.packets:,} frames; capture on the pod's network interface (tcpdump -i any or "
+                          f"-i eth0)")
+
+    def warnings(self) -> list[str]:
+        """What the user must be told about frames the run could not use."""
+        if self.unusable() is not None:
+            return []  # said by the error instead
+        out = [f"{n:,} frame{'s' * (n != 1)}: link type {linktype_name(lt)} not understood (their TCP payload "
+               f"could not be found: their connections are incomplete)" for lt, n in self.not_understood.items()]
+        for lt, n in self.linktypes.items():
+            if lt not in FAST_LINKTYPES and not self.slow_tcp.get(lt) and lt not in self.not_understood:
+                out.append(f"{n:,} frame{'s' * (n != 1)}: link type {linktype_name(lt)} not understood (tshark "
+                           f"found no TCP in them)")
+        return out
 
 
 @dataclass(eq=False)
@@ -317,7 +396,8 @@ class Dissector:
         self._stop = False
         self._feeder_done = False
         self._input_error: InputError | None = None
-        self._tool_error: ToolError | None = None
+        # A tshark failure, or (InputError) a link type tshark does not know either
+        self._tool_error: ToolError | InputError | None = None
         self._fed_records = 0
         self._fed_bytes = 0
         self._used_records = 0
@@ -379,6 +459,7 @@ class Dissector:
         except Exception as exc:  # a bug here must end the run with a message, not hang it
             self._tool_error = ToolError(f"the dissector's feeder failed ({exc!r}): please report this bug")
         finally:
+            self.stats.linktypes = reader.linktype_counts()
             self._feeder_done = True
             if self._tee is not None:
                 try:
@@ -508,6 +589,10 @@ class Dissector:
             raise self._tool_error
         if self._input_error is not None and self.done:
             raise self._input_error
+        if self.done and self._input_error is None:
+            self._input_error = self.stats.unusable()
+            if self._input_error is not None:
+                raise self._input_error
 
     def read_segments(self, max_items: int = 4096) -> list[Segment]:
         """Segments available now, without blocking."""
@@ -563,6 +648,13 @@ class Dissector:
         if code != 0 or not stdin_closed:
             if not self._closed:
                 detail = inst.last_stderr()
+                unknown = re.search(r"network type (\d+) unknown or unsupported", detail)
+                if unknown is not None:
+                    self._tool_error = InputError(
+                        f"link type {linktype_name(int(unknown.group(1)))} is not one kubectl-mirror or tshark "
+                        f"{'.'.join(map(str, self._tshark.version))} can read: capture on the pod's network "
+                        f"interface (tcpdump -i any or -i eth0)")
+                    return
                 self._tool_error = ToolError(
                     f"tshark exited unexpectedly (code {code}): {detail or 'no message'}; "
                     f"check that {self._tshark.path} works, or pass --tshark PATH"
@@ -626,6 +718,8 @@ class Dissector:
             payload = tcp_payload(rec.linktype, rec.data, tcp_len)
             tcp += 1
             if payload is None:
+                payload = self._slow_payload(rec, f, tcp_len)
+            if payload is None:
                 append(Segment(rec.ts, src, dst, seq, ack, flags, b"", False, base + number))
             else:
                 append(Segment(rec.ts, src, dst, seq, ack, flags, payload, True, base + number))
@@ -638,6 +732,20 @@ class Dissector:
         if stop >= len(lines):
             inst.lines = []
             inst.line_pos = 0
+
+    def _slow_payload(self, rec: Record, f: list[str], tcp_len: int) -> bytes | None:
+        """Off the hot path: only frames the fast path could not cut come here."""
+        lt = rec.linktype
+        stats = self.stats
+        try:
+            payload, found = locate_payload(lt, rec.data, int(f[3]), int(f[6]), int(f[7]), tcp_len)
+        except ValueError:
+            payload, found = None, False
+        if found:
+            stats.slow_tcp[lt] = stats.slow_tcp.get(lt, 0) + 1
+        else:
+            stats.not_understood[lt] = stats.not_understood.get(lt, 0) + 1
+        return payload
 
     def _endpoint(self, host: str, port: str) -> Endpoint:
         key = (host, port)

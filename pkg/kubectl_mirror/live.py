@@ -37,7 +37,7 @@ from .pipeline import (
 )
 from .progress import StatusLine
 from .replay import Destination, destination
-from .summary import PodFigures, Summary, SummaryBuilder, exit_code
+from .summary import PodFigures, Summary, SummaryBuilder, exit_code, finished
 from .tap import DEFAULT_IMAGE, Tap, ensure_tap
 from .target import Pod, PodTarget, resolve_selection, target_for
 
@@ -276,7 +276,7 @@ def run_live(args: argparse.Namespace) -> int:
         summary.warnings.extend(err.message for err in capture.errors)
     finally:
         conn.close()
-    report(summary, args)
+    report(finished(summary, failure), args)
     if failure is not None:
         raise failure  # after the summary: what was delivered before it is still reported
     if ended:

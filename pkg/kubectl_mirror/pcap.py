@@ -29,10 +29,25 @@ LINKTYPE_RAW = 101
 LINKTYPE_LOOP = 108
 LINKTYPE_LINUX_SLL = 113
 LINKTYPE_LINUX_SLL2 = 276
+LINKTYPE_IPV4 = 228
+LINKTYPE_IPV6 = 229
+# Link types whose IP header dissect.py finds itself (the fast path). Every other link type is read too: tshark
+# says which of its frames carry TCP, and the payload is found from what it says (dissect.locate_payload).
 # 12 and 14 are DLT_RAW as some BSDs number it in classic pcap files.
-SUPPORTED_LINKTYPES = {0: "NULL", 1: "EN10MB", 12: "RAW", 14: "RAW", 101: "RAW", 108: "LOOP",
-                       113: "LINUX_SLL", 276: "LINUX_SLL2"}
-SUPPORTED_NAMES = "Ethernet (EN10MB), RAW IP, Linux cooked (LINUX_SLL, LINUX_SLL2), NULL/LOOP"
+FAST_LINKTYPES = {0: "NULL", 1: "EN10MB", 12: "RAW", 14: "RAW", 101: "RAW", 108: "LOOP",
+                  113: "LINUX_SLL", 228: "IPV4", 229: "IPV6", 276: "LINUX_SLL2"}
+# Names of other link types a user may meet (tcpdump -L / pcap-linktype(7) spelling), for messages.
+_OTHER_NAMES = {9: "PPP", 10: "FDDI", 50: "PPP_HDLC", 51: "PPP_ETHER", 104: "C_HDLC", 105: "IEEE802_11",
+                119: "PRISM_HEADER", 127: "IEEE802_11_RADIOTAP", 163: "IEEE802_11_AVS", 192: "PPI",
+                220: "USB_LINUX_MMAPPED", 249: "NETLINK", 253: "NETLINK"}
+
+
+def linktype_name(linktype: int) -> str:
+    """`105 (IEEE802_11)`, or the bare number for a link type without a known name."""
+    name = FAST_LINKTYPES.get(linktype) or _OTHER_NAMES.get(linktype)
+    if name is None and 147 <= linktype <= 162:
+        name = f"USER{linktype - 147}"
+    return f"{linktype} ({name})" if name else str(linktype)
 
 _PCAP_MAGICS = {
     b"\xd4\xc3\xb2\xa1": ("<", 1e-6),
@@ -71,6 +86,7 @@ class _Interface:
     snaplen: int
     tsunit: float  # seconds per timestamp unit
     tsoffset: int  # seconds added to every timestamp
+    records: int = 0  # packets read on it
 
 
 @dataclass
@@ -110,6 +126,7 @@ class PcapReader:
         self._section: _Section | None = None
         self.count = 0  # records returned so far
         self.compression: str | None = None  # "gzip", "zstd" or "lz4" when the input is compressed
+        self._done_interfaces: list[_Interface] = []  # of pcapng sections already ended
 
     # ---- public ---------------------------------------------------------------------------------------------
 
@@ -120,6 +137,17 @@ class PcapReader:
         if self._section is not None:
             return self._section.header
         return b""
+
+    def linktype_counts(self) -> dict[int, int]:
+        """Records read so far per link type (counted per interface, so reading costs nothing per record)."""
+        if self._classic is not None:
+            return {self._classic[2]: self.count} if self.count else {}
+        counts: dict[int, int] = {}
+        current = self._section.interfaces if self._section is not None else []
+        for iface in self._done_interfaces + current:
+            if iface.records:
+                counts[iface.linktype] = counts.get(iface.linktype, 0) + iface.records
+        return counts
 
     def __iter__(self) -> Iterator[Record]:
         while True:
@@ -217,7 +245,6 @@ class PcapReader:
             hdr = self._buf[self._pos : self._pos + 24]
             network = struct.unpack_from(order + "I", hdr, 20)[0]
             linktype = network & 0x03FFFFFF  # upper bits carry FCS information
-            self._check_linktype(linktype)
             self._classic = (order, unit, linktype, hdr)
             self._pos += 24
         elif struct.unpack_from("<I", head)[0] == _SHB:
@@ -231,14 +258,6 @@ class PcapReader:
                 f"capture with tcpdump -w FILE or kubectl mirror -w FILE"
             )
         self._started = True
-
-    @staticmethod
-    def _check_linktype(linktype: int) -> None:
-        if linktype not in SUPPORTED_LINKTYPES:
-            raise InputError(
-                f"unsupported link type {linktype}: supported are {SUPPORTED_NAMES}; "
-                f"capture on the pod's network interface (tcpdump -i any or -i eth0)"
-            )
 
     # ---- classic pcap ---------------------------------------------------------------------------------------
 
@@ -302,6 +321,8 @@ class PcapReader:
                 )
             self._pos = pos + blen
             if btype == _SHB:
+                if self._section is not None:
+                    self._done_interfaces += self._section.interfaces
                 self._section = _Section(order, block)
             elif btype == _IDB:
                 self._add_interface(block, order)
@@ -342,7 +363,7 @@ class PcapReader:
                 f"capture again"
             )
         iface = self._section.interfaces[ifid]
-        self._check_linktype(iface.linktype)
+        iface.records += 1
         return iface
 
     def _packet(self, btype: int, block: bytes, order: str) -> Record:

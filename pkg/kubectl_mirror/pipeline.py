@@ -40,6 +40,7 @@ from .summary import (
     SummaryBuilder,
     TurnSummary,
     exit_code,
+    finished,
     render_json,
     render_text,
 )
@@ -356,6 +357,8 @@ class Engine:
         finally:
             stats = dissector.stats
             dissector.close()
+            for warning in stats.warnings():  # frames the run could not use: said once, with their count
+                self.builder.warn(warning)
             self._packets_before += stats.packets
             self._bytes_before += stats.bytes_captured
             self._segments_before += stats.tcp_segments
@@ -822,7 +825,7 @@ def run_replay(args: argparse.Namespace, start: ReplayStart, stack: ExitStack) -
         finally:
             if status is not None:
                 status.clear()
-    report(summary, args)
+    report(finished(summary, engine.fatal_error or engine.input_error), args)
     raise_run_errors(engine)
     return exit_code(summary)
 

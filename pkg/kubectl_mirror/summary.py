@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import EXIT_DELIVERY, EXIT_OK
+from .errors import EXIT_DELIVERY, EXIT_OK, MirrorError
 from .model import EndReason, FlowRecord, Outcome
 from .replay import Delivery
 
@@ -118,6 +118,10 @@ class Summary(BaseModel):
     direction_guessed: int = Field(default=0, ge=0)  # flows whose server side was a guess (no SYN, no --port)
     interrupted: bool = False
     warnings: list[str] = Field(default_factory=list)
+    # The one-line error that ended the run (printed on stderr too), with the exit code it gives; null when none.
+    # Before these, a script reading -o json after a failure saw only figures (often all zero) and exit code 0.
+    error: str | None = None
+    exit_code: int = Field(default=0, ge=0)
     http: HttpSummary | None = None  # HTTP mode only; left out of the JSON otherwise
     compare: CompareSummary | None = None  # --compare only; left out of the JSON otherwise
     # Live, in a service mesh: which mesh and where its plaintext was captured; left out of the JSON otherwise.
@@ -367,6 +371,13 @@ def _tally(servers: dict[str, ServerTally], host: str, outcome: Outcome, sent: i
 def exit_code(summary: Summary) -> int:
     c = summary.connections
     return EXIT_DELIVERY if c.failed or c.dropped else EXIT_OK
+
+
+def finished(summary: Summary, failure: MirrorError | None) -> Summary:
+    """The final summary: with the error that ended the run, if one did, and the exit code the process gives."""
+    if failure is not None:
+        return summary.model_copy(update={"error": failure.message, "exit_code": failure.exit_code})
+    return summary.model_copy(update={"exit_code": exit_code(summary)})
 
 
 # ---- rendering -----------------------------------------------------------------------------------

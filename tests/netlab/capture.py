@@ -17,8 +17,10 @@ LINKTYPE_LINUX_SLL2 = 276
 
 
 class Capture:
-    def __init__(self, ns: Netns, iface: str, path: Path, bpf: str = "tcp", snaplen: int = 262144) -> None:
+    def __init__(self, ns: Netns, iface: str, path: Path, bpf: str = "tcp", snaplen: int = 262144,
+                 extra: list[str] | None = None) -> None:
         self.ns, self.iface, self.path, self.bpf, self.snaplen = ns, iface, path, bpf, snaplen
+        self.extra = list(extra or [])  # more tcpdump options, e.g. -y LINUX_SLL
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr: list[str] = []
         self._listening = threading.Event()
@@ -31,7 +33,7 @@ class Capture:
         # -B: a 64 MiB kernel buffer, so bursts (8 MB uploads of 64 KB GRO frames) on a busy 2-core machine
         # are not dropped before tcpdump reads them.
         args = ["tcpdump", "--immediate-mode", "-U", "-n", "-Z", "root", "-B", "65536", "-s", str(self.snaplen),
-                "-i", self.iface,
+                "-i", self.iface, *self.extra,
                 "-w", str(self.path), *self.bpf.split()]
         self.proc = self.ns.popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
