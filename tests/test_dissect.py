@@ -14,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kubectl_mirror.dissect import Dissector, TsharkInfo, find_tshark, tcp_payload
+from kubectl_mirror.dissect import Dissector, TsharkInfo, find_tshark, locate_payload, tcp_payload
 from kubectl_mirror.errors import InputError, ToolError
 from kubectl_mirror.model import ACK, PSH, SYN, Endpoint, Segment
 from kubectl_mirror.pcap import PcapReader, PcapWriter, classic_header, classic_pcap, classic_record
@@ -510,3 +512,17 @@ def test_frames_of_an_unknown_link_type_beside_good_ones_are_a_warning(tshark: T
                           tshark)
     assert [s.payload for s in segments] == [b"data"]
     assert d.stats.warnings() == ["2 frames: link type 147 (USER0) not understood (tshark found no TCP in them)"]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.sampled_from([1, 9, 101, 105, 113, 228]), st.binary(max_size=200), st.integers(0, 300),
+       st.integers(0, 199), st.booleans())
+def test_locate_payload_never_raises_and_cuts_only_from_the_frame(linktype: int, frame: bytes, tcp_len: int,
+                                                                   at: int, plant_ip: bool) -> None:
+    if plant_ip and len(frame) > 60:  # an IPv4 header right before the searched TCP header, with its own length
+        frame = frame[:20] + ipv4(*V4, frame[40:])[:20] + frame[40:]
+        at = 40
+    sig = frame[at : at + 8].ljust(8, b"\0")
+    out, found = locate_payload(linktype, frame, int.from_bytes(sig[:2], "big"), int.from_bytes(sig[2:4], "big"),
+                                int.from_bytes(sig[4:], "big"), tcp_len)
+    assert out is None or (len(out) == tcp_len and frame.find(out) >= 0 and found)

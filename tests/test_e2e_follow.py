@@ -116,6 +116,7 @@ def test_named_pod_deleted_ends_the_run_with_its_own_exit_code(lab: LiveLab, sta
     (line,) = result.error_lines()
     assert line.startswith("error: pod web-1 is gone (terminating)"), result.stderr
     assert "deploy/NAME" in line
+    assert (result.summary["error"], result.summary["exit_code"]) == (line.removeprefix("error: "), 4)
     assert_mirrored_exactly(local, lab.truth("web-1"), result)  # what came before was delivered and reported
     no_tcpdump(lab)
 

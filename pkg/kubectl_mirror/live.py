@@ -276,11 +276,12 @@ def run_live(args: argparse.Namespace) -> int:
         summary.warnings.extend(err.message for err in capture.errors)
     finally:
         conn.close()
-    report(finished(summary, failure), args)
+    gone = TargetGoneError(ended[0]) if ended else None
+    report(finished(summary, failure or gone), args)  # -o json says which error ends the run, and its exit code
     if failure is not None:
         raise failure  # after the summary: what was delivered before it is still reported
-    if ended:
-        raise TargetGoneError(ended[0])
+    if gone is not None:
+        raise gone
     return exit_code(summary)
 
 

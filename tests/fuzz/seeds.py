@@ -26,8 +26,8 @@ from tests.dissect_helpers import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-# tcp_payload harness: the input's first byte picks one of these; every link type the reader accepts, and one not
-LINKTYPES = [0, 1, 12, 14, 101, 108, 113, 276, 147]
+# tcp_payload harness: the input's first byte picks one of these; every fast-path link type, and one without (147)
+LINKTYPES = [0, 1, 12, 14, 101, 108, 113, 228, 229, 276, 147]
 
 
 def frames() -> list[tuple[int, bytes, int]]:
