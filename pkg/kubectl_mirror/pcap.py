@@ -126,7 +126,7 @@ class PcapReader:
         self._section: _Section | None = None
         self.count = 0  # records returned so far
         self.compression: str | None = None  # "gzip", "zstd" or "lz4" when the input is compressed
-        self._done_interfaces: list[_Interface] = []  # of pcapng sections already ended
+        self._done_counts: dict[int, int] = {}  # records per link type in pcapng sections already ended
 
     # ---- public ---------------------------------------------------------------------------------------------
 
@@ -142,9 +142,8 @@ class PcapReader:
         """Records read so far per link type (counted per interface, so reading costs nothing per record)."""
         if self._classic is not None:
             return {self._classic[2]: self.count} if self.count else {}
-        counts: dict[int, int] = {}
-        current = self._section.interfaces if self._section is not None else []
-        for iface in self._done_interfaces + current:
+        counts = dict(self._done_counts)
+        for iface in self._section.interfaces if self._section is not None else []:
             if iface.records:
                 counts[iface.linktype] = counts.get(iface.linktype, 0) + iface.records
         return counts
@@ -321,8 +320,8 @@ class PcapReader:
                 )
             self._pos = pos + blen
             if btype == _SHB:
-                if self._section is not None:
-                    self._done_interfaces += self._section.interfaces
+                if self._section is not None:  # a stream of many sections must not keep them all
+                    self._done_counts = self.linktype_counts()
                 self._section = _Section(order, block)
             elif btype == _IDB:
                 self._add_interface(block, order)
