@@ -36,7 +36,7 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # tests.netlab, when run as a script
 
-from tests.bench import benchnet, http_bench, live_bench  # noqa: E402
+from tests.bench import benchnet, http_bench, live_bench, turn_bench  # noqa: E402
 from tests.netlab.capture import LINKTYPE_EN10MB, Capture, pcap_linktype  # noqa: E402
 from tests.netlab.netns import Link, veth_lab  # noqa: E402
 from tests.proctable import is_dissecting_tshark, memory, proc_table, tree  # noqa: E402
@@ -349,6 +349,7 @@ def main() -> int:
     ap.add_argument("--skip-binary", action="store_true", help="leave out the one-file binary (and its build)")
     ap.add_argument("--skip-http", action="store_true", help="leave out HTTP mode's requests/s")
     ap.add_argument("--only-http", action="store_true", help="measure HTTP mode only (quick look)")
+    ap.add_argument("--skip-turns", action="store_true", help="leave out turn-taking into a slow Node.js server")
     args = ap.parse_args()
     if args.only_http:
         http_path = http_bench.ensure_http_capture(CACHE, args.regenerate, log)
@@ -386,6 +387,9 @@ def main() -> int:
             long_b = run_tool("b", long_path, port, timeout=1200)
         if http_path is not None:
             http_res = http_bench.measure(http_path, port, args.runs, timed, CLI, log)
+    turn_res = None
+    if http_path is not None and not args.skip_turns:
+        turn_res = turn_bench.measure(http_path, args.runs, timed, CLI, log)
 
     # After the replay runs, each on its own: none of them shares the machine with another measurement.
     exec_res = None if args.skip_exec else live_bench.measure_exec()
@@ -398,7 +402,7 @@ def main() -> int:
         binary = live_bench.measure_binary(binary)
 
     report(args, big, big_meta, runs, long_path, long_meta, long_run, long_b, startup, time.monotonic() - t_begin,
-           exec_res, lat, binary, http_res)
+           exec_res, lat, binary, http_res, turn_res)
     return 0
 
 
@@ -406,7 +410,7 @@ def report(args: argparse.Namespace, big: Path, meta: dict[str, Any], runs: dict
            long_path: Path | None, long_meta: dict[str, Any], long_run: Run | None, long_b: Run | None,
            startup: float, total: float, exec_res: live_bench.ExecResult | None = None,
            lat: live_bench.LatencyResult | None = None, binary: live_bench.BinaryResult | None = None,
-           http_res: http_bench.HttpBench | None = None) -> None:
+           http_res: http_bench.HttpBench | None = None, turn_res: turn_bench.TurnBench | None = None) -> None:
     rel = big.relative_to(REPO)
     linktype = "EN10MB veth" if meta.get("linktype") == LINKTYPE_EN10MB else f"linktype {meta.get('linktype')}"
     print(f"kubectl-mirror bench: {version_of(['tshark', '-v'])}; {version_of(['tcpflow', '-V'])}; "
@@ -478,6 +482,8 @@ def report(args: argparse.Namespace, big: Path, meta: dict[str, Any], runs: dict
 
     if http_res is not None:
         http_bench.report(http_res, REPO)
+    if turn_res is not None:
+        turn_bench.report(turn_res, REPO)
     if exec_res is not None:
         report_exec(exec_res)
     if lat is not None:
