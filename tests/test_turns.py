@@ -242,3 +242,12 @@ def test_without_turns_the_flow_table_says_nothing_new() -> None:
                                                                                       c.seq(5), 0, RST, b"")):
         out += table.feed(seg)
     assert [type(a) for a in out] == [Open, Send, Send, Close]
+
+
+def test_a_response_ended_by_the_close_answers_its_turn() -> None:
+    t = TurnTaker()
+    s1, close = Send(1, REQ1, 0.0), Close(1, 0.0)
+    assert play(t, Tick(0.0), opened(), s1, turn(), close) == [opened(), s1]
+    assert play(t, LocalData(1, b"HTTP/1.0 200 OK\r\n\r\nno length: the close ends it", 0.01)) == []
+    assert play(t, LocalClosed(1, 0.02)) == [close]
+    assert (t.stats.answered, t.stats.unanswered, t.stats.closed_early, t.stats.requests_answered) == (1, 0, 0, 1)

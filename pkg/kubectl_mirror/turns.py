@@ -276,20 +276,26 @@ class TurnTaker:
         self._clock = max(self._clock, at)
         if c.local_closed:
             return
-        c.local_closed = True
         if c.parser is not None:
-            done = len(c.parser.close(at))
+            done = len(c.parser.close(at))  # a response delimited by the close is whole now
             c.responses += done
             self.stats.requests_answered += done
             c.parser = None
-        open_requests = c.proto is _Proto.HTTP and c.responses < c.requests
+        self._pump(c, at, out)  # a turn that the close answered goes as usual
+        stats = self.stats
         head = c.held[0] if c.held else None
-        waiting = isinstance(head, Turn) and not self._answered(c, head, at)
-        if open_requests or waiting:
-            self.stats.closed_early += 1
-        if waiting:
+        # Not HTTP: bytes and then the close are an answer, however short.
+        closing_answer = isinstance(head, Turn) and c.proto is not _Proto.HTTP and c.local_bytes > 0
+        open_requests = c.proto is _Proto.HTTP and c.responses < c.requests
+        if open_requests or (isinstance(head, Turn) and not closing_answer):
+            stats.closed_early += 1
+        if isinstance(head, Turn):
             c.held.popleft()
-            self.stats.unanswered += 1
+            if closing_answer:
+                stats.answered += 1
+            else:
+                stats.unanswered += 1
+        c.local_closed = True
         # Nothing more will be answered: what is held goes on as captured (delivery reports what it cannot send).
         self._pump(c, at, out)
 
