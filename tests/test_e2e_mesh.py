@@ -179,6 +179,18 @@ def test_interface_flag_overrides_the_mesh_choice(lab: LiveLab, stack: contextli
     assert without_probe(local.stop(grace=1.0)) == []
 
 
+def test_a_quiet_meshed_pod_says_where_else_to_look(lab: LiveLab, stack: contextlib.ExitStack, local: Recorder,
+                                                    certs: trustme.CA) -> None:
+    add_istio_pod(lab, stack, certs)
+    with live_run([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", "--duration", "1s", *lab.kube_args(),
+                   "--json"]) as run:
+        run.wait_mirroring()
+        result = run.finish()
+    assert result.returncode == 0, result.stderr
+    assert result.summary["packets"] == 0
+    assert any("nothing arrived on lo" in w and "--interface" in w for w in result.summary["warnings"]), result.summary
+
+
 def add_tls_pod(lab: LiveLab, stack: contextlib.ExitStack, ca: trustme.CA) -> tuple[PodNetns, Sidecar]:
     """A plain pod whose app serves TLS itself on 443."""
     netns = stack.enter_context(PodNetns())

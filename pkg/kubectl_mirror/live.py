@@ -270,6 +270,11 @@ def run_live(args: argparse.Namespace) -> int:
                          if pod.target.mesh is not None})
         if meshes:
             summary = summary.model_copy(update={"mesh": "; ".join(meshes)})
+            if summary.packets == 0 and any(pod.interface == LOOPBACK for pod in all_pods):
+                # Either no traffic came, or this mesh delivers the plaintext elsewhere: never stay silent on it.
+                summary.warnings.append(
+                    "nothing arrived on lo, where this mesh's proxy hands the app its plaintext; if traffic did reach "
+                    "the pod, the mesh delivers it elsewhere (Istio ambient before 1.21: eth0): pass --interface")
         summary = summary.model_copy(update={"pods": _pod_figures(all_pods, capture, summary)})
         summary.warnings.extend(warning for pod in all_pods for warning in pod.warnings)
         summary.warnings.extend(err.message for pod in all_pods for err in pod.stop_errors)
