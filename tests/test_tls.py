@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from kubectl_mirror.model import Abort, AbortReason, Close, Endpoint, Open, Reply, Send
+from kubectl_mirror.model import Abort, AbortReason, Close, Endpoint, Open, Reply, Send, Turn
 from kubectl_mirror.tlsgate import TlsGate, client_hello
 from tests.netlab.capture import Capture
 from tests.netlab.lab import REPO, NsRecorder, run_cli
@@ -106,8 +106,9 @@ def test_gate_releases_plain_flows_in_order_and_decides_on_split_bytes() -> None
     [Close(1, 1.1)],  # no bytes at all
     [Send(1, b"\x16\x03", 1.1), Close(1, 1.2)],  # too short to be a ClientHello
     [Reply(1, b"220 smtp ready\r\n", 1.1), Send(1, b"\x16\x03\x01\x00\x40\x01", 1.2)],  # the server spoke first
+    [Turn(1, 16, 0.01, 1.1), Send(1, b"\x16\x03\x01\x00\x40\x01", 1.2)],  # ... as the flow table's turns say
 ])
-def test_gate_releases_what_cannot_be_tls(ending: list[Close | Send | Reply]) -> None:
+def test_gate_releases_what_cannot_be_tls(ending: list[Close | Send | Reply | Turn]) -> None:
     gate = TlsGate()
     out = gate.process([opened(1), *ending], 1)
     assert out == [opened(1), *ending]

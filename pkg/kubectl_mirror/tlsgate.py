@@ -6,7 +6,8 @@ gate sits between the flow table and the replayer, takes actions and returns the
 
 A flow's Open is held until its first client bytes tell: a ClientHello is a TLS record of type handshake
 (0x16), a version 3.x, and a handshake message of type client_hello (1), so six bytes decide. A flow that ends,
-or whose server speaks first (a Reply: TLS clients always speak first), before six bytes came is not TLS.
+or whose server speaks first (a Reply or a Turn: TLS clients always speak first), before six bytes came is not
+TLS. Looking at each flow's first bytes anyway, the gate also names the flows that open with a kubelet probe.
 """
 
 from __future__ import annotations
@@ -151,8 +152,8 @@ class TlsGate:
                 if verdict is not None:
                     return verdict
             else:
-                # The server spoke first (a Reply: TLS clients never wait for the server), or the flow ended
-                # before six bytes: not a ClientHello.
+                # The server spoke first (a Reply, or a Turn: TLS clients never wait for the server), or the flow
+                # ended before six bytes: not a ClientHello.
                 return False
         return None
 
