@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -24,7 +25,7 @@ from tests.apiserver import FakeCluster, PodNetns
 from tests.apiserver.resources import BY_KIND
 from tests.cli_run import wait_for
 from tests.live_helpers import HTTP_CONTAINER, POD_PORT, LiveLab, live_run, run_once
-from tests.mesh_pods import PROBE_PATH, istio_sidecar_spec
+from tests.mesh_pods import LINKERD_INIT, LINKERD_PROXY, PROBE_PATH, istio_sidecar_spec
 from tests.netlab.lab import REPO, NsRecorder, contents, without_probe
 from tests.netlab.netns import Netns
 from tests.netlab.recorder import Recorder
@@ -93,31 +94,47 @@ def https(ip: str, port: int, paths: list[str], ca: trustme.CA, workdir: Path) -
     return out.stdout
 
 
-def add_istio_pod(lab: LiveLab, stack: contextlib.ExitStack, ca: trustme.CA) -> tuple[PodNetns, NsRecorder, Sidecar]:
-    """A pod as Istio's injector and istio-init leave it, with a real TLS-terminating sidecar and probe agent."""
+def meshed_netns(lab: LiveLab, stack: contextlib.ExitStack, ca: trustme.CA, proxy_port: int, forward: str,
+                 source: str | None) -> tuple[PodNetns, NsRecorder, Sidecar]:
+    """A pod namespace with the app, a real TLS-terminating sidecar, and the mesh's redirect of the app port."""
     netns = stack.enter_context(PodNetns())
     ns = Netns(netns.name)
     app = NsRecorder(ns, lab.workdir / "app.json", POD_PORT).start()
     stack.callback(lambda: app.proc is not None and app.proc.poll() is None and app.stop())
-    agent = subprocess.Popen(ns.argv([sys.executable, "-m", "tests.netlab.probe_agent", "--port", str(AGENT_PORT),
-                                      "--app", f"{netns.ip}:{POD_PORT}", "--path", f"{PROBE_PATH}=/healthz"]),
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stack.callback(lambda: (agent.send_signal(signal.SIGTERM), agent.communicate(timeout=10)))
-    assert agent.stdout is not None and agent.stdout.readline().startswith("listening")
+    extra = ["--forward", forward.format(ip=netns.ip)] + (["--source", source] if source else [])
     sidecar = Sidecar(ns, chain_for(ca, netns.ip, lab.workdir / "pod.pem"), lab.workdir / "sidecar.json",
-                      SIDECAR_PORT, ["--forward", f"{netns.ip}:{POD_PORT}", "--source", "127.0.0.6"])
+                      proxy_port, extra)
     stack.callback(sidecar.stop)
-    # istio-iptables' inbound redirect, in nftables: what arrives for the app port goes to the sidecar instead.
-    ns.run(["nft", "add table ip istio_mesh"])
-    ns.run(["nft", "add chain ip istio_mesh prerouting { type nat hook prerouting priority dstnat ; }"])
-    ns.run(["nft", f'add rule ip istio_mesh prerouting iifname != "lo" tcp dport {POD_PORT} '
-                   f"redirect to :{SIDECAR_PORT}"])
-    containers, inits, annotations, labels = istio_sidecar_spec(dict(HTTP_CONTAINER))
+    # The init container's inbound redirect (istio-iptables, linkerd proxy-init), in nftables: what arrives for the
+    # app port from outside goes to the sidecar instead.
+    ns.run(["nft", "add table ip mesh_inbound"])
+    ns.run(["nft", "add chain ip mesh_inbound prerouting { type nat hook prerouting priority dstnat ; }"])
+    ns.run(["nft", f'add rule ip mesh_inbound prerouting iifname != "lo" tcp dport {POD_PORT} '
+                   f"redirect to :{proxy_port}"])
+    return netns, app, sidecar
+
+
+def register(lab: LiveLab, netns: PodNetns, containers: list[dict[str, Any]], inits: list[dict[str, Any]],
+             annotations: dict[str, str], labels: dict[str, str]) -> None:
+    """The pod in the test cluster with the spec the mesh's injector left."""
     lab.fc.add_pod("default", POD, labels={"app": "web", **labels}, containers=containers, netns=netns.name)
     obj = lab.fc.get_pod("default", POD)
     obj["spec"]["initContainers"] = inits
     obj["metadata"]["annotations"] = annotations
     lab.fc.store.update(BY_KIND["Pod"], obj)
+
+
+def add_istio_pod(lab: LiveLab, stack: contextlib.ExitStack, ca: trustme.CA) -> tuple[PodNetns, NsRecorder, Sidecar]:
+    """A pod as Istio's injector and istio-init leave it: the sidecar forwards from 127.0.0.6 to the pod's IP, and
+    pilot-agent's probe rewrite runs on 15020."""
+    netns, app, sidecar = meshed_netns(lab, stack, ca, SIDECAR_PORT, "{ip}:" + str(POD_PORT), "127.0.0.6")
+    ns = Netns(netns.name)
+    agent = subprocess.Popen(ns.argv([sys.executable, "-m", "tests.netlab.probe_agent", "--port", str(AGENT_PORT),
+                                      "--app", f"{netns.ip}:{POD_PORT}", "--path", f"{PROBE_PATH}=/healthz"]),
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stack.callback(lambda: (agent.send_signal(signal.SIGTERM), agent.communicate(timeout=10)))
+    assert agent.stdout is not None and agent.stdout.readline().startswith("listening")
+    register(lab, netns, *istio_sidecar_spec(dict(HTTP_CONTAINER)))
     return netns, app, sidecar
 
 
@@ -189,6 +206,31 @@ def test_a_quiet_meshed_pod_says_where_else_to_look(lab: LiveLab, stack: context
     assert result.returncode == 0, result.stderr
     assert result.summary["packets"] == 0
     assert any("nothing arrived on lo" in w and "--interface" in w for w in result.summary["warnings"]), result.summary
+
+
+def test_linkerd_pod_mirrors_the_proxys_hop_to_localhost(lab: LiveLab, stack: contextlib.ExitStack,
+                                                         local: Recorder, certs: trustme.CA) -> None:
+    # linkerd-proxy's inbound port; it hands the app its plaintext on 127.0.0.1.
+    netns, app, sidecar = meshed_netns(lab, stack, certs, 4143, f"127.0.0.1:{POD_PORT}", None)
+    register(lab, netns, [dict(HTTP_CONTAINER), dict(LINKERD_PROXY)], [dict(LINKERD_INIT)],
+             {"linkerd.io/proxy-version": "stable-2.14.10", "linkerd.io/created-by": "linkerd/proxy-injector"},
+             {"linkerd.io/control-plane-ns": "linkerd", "linkerd.io/proxy-deployment": "web"})
+    with live_run([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
+        run.wait_mirroring()
+        for i in range(3):
+            https(netns.ip, POD_PORT, [f"/l5d/{i}"], certs, lab.workdir)
+        run.interrupt()
+        result = run.finish()
+    assert result.returncode == 0, result.stderr
+    assert "pod web-abc is in a Linkerd mesh: mirroring the sidecar's plaintext hop on lo" in result.stderr
+    truth = app.stop()
+    assert len(sidecar.stop()) == 3
+    assert len(truth) == 3 and all(r.client.startswith("127.0.0.1:") for r in truth), truth
+    local.wait_idle(len(truth) + 1, timeout=15.0)
+    assert contents(without_probe(local.stop(grace=5.0))) == contents(truth)
+    conns = result.connections
+    assert conns["seen"] == conns["complete"] == 3 and conns["tls"] == 0, conns
+    assert result.summary["mesh"] == "Linkerd sidecar, captured on lo"
 
 
 def add_tls_pod(lab: LiveLab, stack: contextlib.ExitStack, ca: trustme.CA) -> tuple[PodNetns, Sidecar]:

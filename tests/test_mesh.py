@@ -79,6 +79,10 @@ def test_the_announcement() -> None:
         "pod web-abc is in an Istio mesh: mirroring the sidecar's plaintext hop on lo")
     assert announcement("web-abc", mesh, "eth0", overridden=True) == (
         "pod web-abc is in an Istio mesh (sidecar): capturing on eth0 as --interface says")
+    linkerd = detect(pod(APP, containers=[LINKERD_PROXY], inits=[LINKERD_INIT]))
+    assert linkerd is not None
+    assert announcement("web-abc", linkerd, "lo", overridden=False) == (
+        "pod web-abc is in a Linkerd mesh: mirroring the sidecar's plaintext hop on lo")
 
 
 def test_a_pod_capture_listens_where_its_mesh_says_unless_told() -> None:

@@ -94,18 +94,22 @@ def detect(pod: Mapping[str, Any], target_container: str | None = None) -> Mesh 
     return None
 
 
+def _a(name: str) -> str:
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+
+
 def announcement(pod: str, mesh: Mesh, interface: str, overridden: bool) -> str:
     """The one line that says what is captured in a meshed pod, and why."""
     if overridden:
-        return (f"pod {pod} is in an {mesh.name} mesh ({mesh.mode.value}): capturing on {interface} as --interface "
+        return (f"pod {pod} is in {_a(mesh.name)} mesh ({mesh.mode.value}): capturing on {interface} as --interface "
                 "says")
     if mesh.mode is Mode.SIDECAR:
-        return f"pod {pod} is in an {mesh.name} mesh: mirroring the sidecar's plaintext hop on {interface}"
+        return f"pod {pod} is in {_a(mesh.name)} mesh: mirroring the sidecar's plaintext hop on {interface}"
     if mesh.mode is Mode.AMBIENT:
-        return (f"pod {pod} is in an {mesh.name} ambient mesh: mirroring ztunnel's plaintext hop to the app on "
+        return (f"pod {pod} is in {_a(mesh.name)} ambient mesh: mirroring ztunnel's plaintext hop to the app on "
                 f"{interface} (in-pod redirection, Istio 1.21+; before that ztunnel ran on the node and "
                 "delivered on eth0: pass --interface eth0)")
-    return (f"pod {pod} is an {mesh.name} proxy itself (gateway): what it receives is its clients' TLS, and the "
+    return (f"pod {pod} is {_a(mesh.name)} proxy itself (gateway): what it receives is its clients' TLS, and the "
             "plaintext it decrypts leaves the pod in new connections, so it cannot be mirrored here; mirror the "
             "backend workload instead (connections that open with TLS are counted as tls, not replayed)")
 
