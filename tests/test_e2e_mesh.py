@@ -231,6 +231,8 @@ def test_linkerd_pod_mirrors_the_proxys_hop_to_localhost(lab: LiveLab, stack: co
     conns = result.connections
     assert conns["seen"] == conns["complete"] == 3 and conns["tls"] == 0, conns
     assert result.summary["mesh"] == "Linkerd sidecar, captured on lo"
+    # The per-pod figures count the connections to 127.0.0.1 as this pod's: it is the only one captured on lo.
+    assert [(p["pod"], p["connections"]) for p in result.summary["pods"]] == [(f"default/{POD}", 3)]
 
 
 def add_tls_pod(lab: LiveLab, stack: contextlib.ExitStack, ca: trustme.CA) -> tuple[PodNetns, Sidecar]:

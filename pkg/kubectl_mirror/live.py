@@ -349,12 +349,16 @@ def _pod_figures(pods: list[KubePodCapture], capture: LiveCapture, summary: Summ
     """Each pod mirrored over the run, in the order it was started: its packets, and the connections to it."""
     out: list[PodFigures] = []
     records = dict(capture.stats.records_by_pod)
+    # A mesh proxy may hand the app its plaintext on a loopback address (Linkerd: 127.0.0.1): those connections
+    # are the pod's when it is the only pod captured on lo, else they cannot be told apart by address.
+    on_lo = [pod for pod in pods if pod.interface == LOOPBACK]
     for pod in pods:
-        tally = summary.by_server.get(pod.target.pod_ip)
+        hosts = pod.server_hosts if on_lo == [pod] else {pod.target.pod_ip}
+        tallies = [t for t in (summary.by_server.get(host) for host in hosts) if t is not None]
         out.append(PodFigures(pod=pod.name, packets=records.get(pod.name, 0),
-                              connections=tally.connections if tally else 0,
-                              bytes_delivered=tally.bytes_delivered if tally else 0,
-                              incomplete=tally.incomplete if tally else 0))
+                              connections=sum(t.connections for t in tallies),
+                              bytes_delivered=sum(t.bytes_delivered for t in tallies),
+                              incomplete=sum(t.incomplete for t in tallies)))
     return out
 
 
