@@ -174,6 +174,14 @@ class FakeCluster:
         self.settings.exec_path_prepend = [str(d) for d in value]
 
     @property
+    def runtime_default_caps(self) -> tuple[str, ...]:
+        return self.settings.runtime_default_caps
+
+    @runtime_default_caps.setter
+    def runtime_default_caps(self, value: tuple[str, ...]) -> None:
+        self.settings.runtime_default_caps = tuple(value)
+
+    @property
     def requests(self) -> list[tuple[str, str]]:
         with self.settings.lock:
             return list(self.settings.requests)

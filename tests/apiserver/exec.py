@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from .processes import ProcessTable
+from .securitycontext import ProcessContext, process_context
 from .settings import Settings
 from .status import ApiError, bad_request
 
@@ -146,7 +147,8 @@ class ExecSession:
             if proc.stdin is not None and not proc.stdin.is_closing():
                 proc.stdin.close()  # the runtime sees EOF on stdin once the stream is gone
 
-    async def run(self, netns: str, argv: list[str], stdin: bool, stdout: bool, stderr: bool) -> None:
+    async def run(self, netns: str, argv: list[str], context: ProcessContext, stdin: bool, stdout: bool,
+                  stderr: bool) -> None:
         env = exec_env(self.settings.exec_path_prepend)
         if shutil.which(argv[0], path=env["PATH"]) is None:
             await self.send(ERROR, json.dumps(start_failure(argv)).encode())
@@ -154,8 +156,9 @@ class ExecSession:
             return
         pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
         # `ip netns exec` keeps the environment, so the PATH given here is the one the command resolves with.
+        # Each step execs the next (ip, sh, setpriv, the command): the PID is the command's from the start.
         proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", netns, *argv,
+            "ip", "netns", "exec", netns, *context.wrap(argv),
             stdin=pipe if stdin else null, stdout=pipe if stdout else null, stderr=pipe if stderr else null,
             start_new_session=True, limit=PIPE_LIMIT, env=env,
         )
@@ -232,5 +235,7 @@ async def handle(
     ws = web.WebSocketResponse(protocols=[protocol], compress=False, max_msg_size=16 << 20, autoping=True)
     await ws.prepare(request)
     pod_key = (pod["metadata"]["namespace"], name)
-    await ExecSession(ws, protocol, settings, table, pod_key).run(netns, argv, stdin, stdout, stderr)
+    # The command runs as the container's processes do: its user, capabilities, no_new_privs, read-only root.
+    context = process_context(pod, container, settings.runtime_default_caps)
+    await ExecSession(ws, protocol, settings, table, pod_key).run(netns, argv, context, stdin, stdout, stderr)
     return ws

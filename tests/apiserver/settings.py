@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from .securitycontext import CONTAINERD_DEFAULT_CAPS
+
 
 @dataclass
 class Settings:
@@ -24,6 +26,9 @@ class Settings:
     # Directories put in front of PATH for exec'd commands: lets a test stand in its own binaries (a generator
     # named tcpdump) without touching the host's.
     exec_path_prepend: list[str] = field(default_factory=list)
+    # The capabilities a container gets when it neither adds nor drops any (containerd's; CRIO_DEFAULT_CAPS
+    # stands in a runtime that no longer grants NET_RAW).
+    runtime_default_caps: tuple[str, ...] = CONTAINERD_DEFAULT_CAPS
     # (namespace, pod) -> network namespace name, or None for a pod whose runtime is unreachable.
     netns: dict[tuple[str, str], str | None] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
