@@ -395,6 +395,31 @@ def test_pod_security_baseline_rejects_net_raw(fc: FakeCluster, core: client.Cor
     add_ephemeral(core, "shop", "web-1", without)
 
 
+@pytest.mark.parametrize("level,caps,message", [
+    ("baseline", ["SETUID", "SETGID", "KILL"], None),
+    ("baseline", ["NET_RAW", "SETUID"], 'non-default capabilities (container "mirror-tap" must not include "NET_RAW" '
+                                        "in securityContext.capabilities.add)"),
+    ("restricted", ["SETUID", "SETGID"], 'unrestricted capabilities (container "mirror-tap" must not include '
+                                         '"SETGID", "SETUID" in securityContext.capabilities.add)'),
+    ("restricted", ["NET_BIND_SERVICE"], None),
+])
+def test_pod_security_capabilities_by_level(fc: FakeCluster, core: client.CoreV1Api, level: str, caps: list[str],
+                                            message: str | None) -> None:
+    fc.add_namespace("ns1", labels={"pod-security.kubernetes.io/enforce": level})
+    sc = {"capabilities": {"drop": ["ALL"], "add": caps}, "allowPrivilegeEscalation": False, "runAsNonRoot": True,
+          "seccompProfile": {"type": "RuntimeDefault"}}
+    compliant_app = {**WEB[0], "securityContext": {**sc, "capabilities": {"drop": ["ALL"]}}}
+    fc.add_pod("ns1", "web-1", containers=[compliant_app])  # Pod Security judges the whole pod
+    ec = {**TAP, "securityContext": sc}
+    if message is None:
+        assert add_ephemeral(core, "ns1", "web-1", ec)["spec"]["ephemeralContainers"][0]["name"] == "mirror-tap"
+        return
+    with pytest.raises(ApiException) as err:
+        add_ephemeral(core, "ns1", "web-1", ec)
+    assert api_error(err.value)["message"] == (
+        f'pods "web-1" is forbidden: violates PodSecurity "{level}:latest": {message}')
+
+
 def test_pod_security_restricted_lists_every_violation(fc: FakeCluster, core: client.CoreV1Api) -> None:
     fc.add_namespace("locked", labels={"pod-security.kubernetes.io/enforce": "restricted"})
     compliant_app = {**WEB[0], "securityContext": {
@@ -590,6 +615,47 @@ def test_exec_in_running_ephemeral_container(fc: FakeCluster, core: client.CoreV
     wait_for(lambda: "running" in ec_state(fc, "default", "web-1", "mirror-tap"), what="tap running")
     result = ws_exec(fc, "default", "web-1", ["ip", "-o", "-4", "addr", "show", "eth0"], container="mirror-tap")
     assert netpod.ip in result.stdout.decode()
+
+
+def _proc_status(fc: FakeCluster, container: str) -> dict[str, str]:
+    """/proc/self/status and the read-only probe, as a command exec'd in `container` sees them."""
+    script = 'cat /proc/self/status; touch /etc/km-probe 2>/dev/null && rm -f /etc/km-probe && echo "Rw:\tyes"'
+    out = ws_exec(fc, "default", "web-1", ["sh", "-c", script], container=container).stdout.decode()
+    return dict(line.split(":\t", 1) for line in out.splitlines() if ":\t" in line)
+
+
+def _caps(mask: str) -> set[int]:
+    value = int(mask, 16)
+    return {bit for bit in range(64) if value >> bit & 1}
+
+
+@pytest.mark.netns
+def test_exec_runs_under_the_containers_security_context(fc: FakeCluster, core: client.CoreV1Api,
+                                                         netpod: PodNetns) -> None:
+    # What runc does to an exec'd process: capability sets, no_new_privs, user, read-only root.
+    net_raw, setgid, setuid, kill, chown = 13, 6, 7, 5, 0
+    tight = {**TAP, "name": "tight", "securityContext": {
+        "capabilities": {"drop": ["ALL"], "add": ["NET_RAW", "SETUID"]}, "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True, "runAsUser": 0}}
+    nobody = {**TAP, "name": "nobody", "securityContext": {"runAsUser": 65534, "runAsGroup": 65534}}
+    for ec in (tight, nobody):
+        add_ephemeral(core, "default", "web-1", ec)
+        wait_for(lambda name=ec["name"]: "running" in ec_state(fc, "default", "web-1", name), what="running")
+    st = _proc_status(fc, "tight")
+    assert _caps(st["CapEff"]) == _caps(st["CapBnd"]) == {net_raw, setuid}
+    assert _caps(st["CapInh"]) == _caps(st["CapAmb"]) == set()
+    assert st["NoNewPrivs"].strip() == "1" and "Rw" not in st and st["Uid"].split()[0] == "0"
+    # No securityContext: root with the runtime's defaults (containerd's), escalation allowed, root writable.
+    st = _proc_status(fc, "")
+    assert {net_raw, setgid, setuid, kill, chown} <= _caps(st["CapEff"]) and len(_caps(st["CapEff"])) == 14
+    assert st["NoNewPrivs"].strip() == "0" and st["Rw"] == "yes"
+    # A non-root user holds no capability after exec (no ambient set), whatever its bounding set.
+    st = _proc_status(fc, "nobody")
+    assert st["Uid"].split()[:2] == ["65534", "65534"] and st["Gid"].split()[0] == "65534"
+    assert _caps(st["CapEff"]) == set() and len(_caps(st["CapBnd"])) == 14
+    # A runtime without NET_RAW in its defaults (CRI-O) gives none to a container that does not add it.
+    fc.runtime_default_caps = ("CHOWN", "SETUID", "SETGID", "KILL")
+    assert _caps(_proc_status(fc, "")["CapEff"]) == {chown, setuid, setgid, kill}
 
 
 @pytest.mark.netns

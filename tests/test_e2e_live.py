@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import signal
 import socket
@@ -113,6 +114,15 @@ def assert_no_tcpdump(lab: LiveLab) -> None:
     assert wait_for(lambda: not lab.tcpdumps(), 5.0), lab.fc.exec_processes()
 
 
+TCPDUMP_UID = pwd.getpwnam("tcpdump").pw_uid  # Debian's tcpdump switches to this user after opening the capture
+
+
+def tcpdump_user(pid: int) -> int:
+    """The real uid a capture process runs as once it is listening."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:")))
+
+
 def free_port() -> int:
     """A loopback port nothing listens on."""
     with socket.socket() as s:
@@ -132,7 +142,9 @@ def test_deploy_ctrl_c_mirrors_byte_exact_and_stops_tcpdump(lab: LiveLab, stack:
         assert (m["ns"], m["pod"], m["port"], m["more"]) == ("default", POD_A, str(POD_PORT), None)
         assert [ec["name"] for ec in lab.ephemeral(POD_A)] == ["mirror-tap"]
         assert lab.ephemeral(POD_B) == []
-        assert len(lab.tcpdumps()) == 1
+        [pid] = lab.tcpdumps()
+        # Debian's tcpdump, under the tap's securityContext, dropped root after opening the capture.
+        assert tcpdump_user(pid) == TCPDUMP_UID
         sent = make_traffic(lab.pods[POD_A].ip, "sigint")
         run.interrupt()
         result = run.finish()
@@ -264,8 +276,11 @@ def test_baseline_namespace_falls_back_and_still_mirrors(lab: LiveLab, stack: co
         m = run.wait_mirroring()
         assert m["ns"] == "shop"
         [tap] = lab.ephemeral(POD_A, "shop")
-        # Baseline forbids adding NET_RAW: the tap asks for no capabilities at all.
-        assert "capabilities" not in tap["securityContext"], tap
+        # Baseline forbids adding NET_RAW: the tap keeps the runtime's own, and still drops root like on a
+        # namespace without Pod Security.
+        assert "NET_RAW" not in tap["securityContext"]["capabilities"]["add"], tap
+        [pid] = lab.tcpdumps()
+        assert tcpdump_user(pid) == TCPDUMP_UID
         make_traffic(lab.pods[POD_A].ip, "baseline", conns=5)
         run.interrupt()
         result = run.finish()

@@ -60,7 +60,8 @@ def terminate(fc: FakeCluster, t: PodTarget, name: str, code: int = 137) -> None
 def test_spec_is_least_privilege(fc: FakeCluster, conn: Connection) -> None:
     t = target(fc)
     tap = inject(conn, t)
-    assert tap == Tap("default", "web-1", "mirror-tap", IMAGE, "app", fallback=False, reused=False)
+    assert tap == Tap("default", "web-1", "mirror-tap", IMAGE, "app", fallback=False, reused=False,
+                      can_switch_user=True)
     [ec] = ephemeral(fc, t)
     assert ec["name"] == "mirror-tap"
     assert ec["image"] == IMAGE
@@ -68,7 +69,8 @@ def test_spec_is_least_privilege(fc: FakeCluster, conn: Connection) -> None:
     assert ec["targetContainerName"] == "app"
     assert ec["command"] == ["sleep", "2147483647"]
     sc = ec["securityContext"]
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_RAW"]}
+    # NET_RAW opens the capture; SETUID/SETGID let Debian's tcpdump drop root after that; KILL stops it then.
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_RAW", "SETUID", "SETGID", "KILL"]}
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -159,7 +161,10 @@ def test_baseline_falls_back_to_default_capabilities(fc: FakeCluster, conn: Conn
     assert tap.fallback is True
     [ec] = ephemeral(fc, t)
     sc = ec["securityContext"]
-    assert "capabilities" not in sc
+    # Baseline forbids adding NET_RAW: the runtime's own is kept, every other default the tap has no use for goes.
+    assert sc["capabilities"] == {"drop": ["AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "MKNOD",
+                                           "NET_BIND_SERVICE", "SETFCAP", "SETPCAP", "SYS_CHROOT"],
+                                  "add": ["SETUID", "SETGID", "KILL"]}
     assert sc["allowPrivilegeEscalation"] is False and not sc.get("privileged")
     assert [i.fallback for i in find_taps(conn, "base", "web-1")] == [True]
     # A later run reuses the fallback tap and says so.

@@ -46,6 +46,8 @@ class Tap:
     # True when Pod Security (baseline) refused NET_RAW and the tap runs with the runtime's default capabilities.
     fallback: bool
     reused: bool  # an existing running tap was found and used
+    # False for a tap an earlier version added (NET_RAW only): a privilege-dropping tcpdump fails in it.
+    can_switch_user: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,18 @@ class TapInfo:
     state: str  # running, waiting, terminated
     detail: str  # waiting reason, or exit code and reason
     fallback: bool
+    can_switch_user: bool = True
+
+
+# What tcpdump needs, and nothing more: NET_RAW opens the capture; SETUID and SETGID let a tcpdump built
+# --with-user (Debian, Ubuntu, Fedora, RHEL) switch to its unprivileged user right after (initgroups, setgid,
+# setuid), which it insists on: it exits when it cannot; KILL lets the plugin's `kill` (as root) stop that
+# tcpdump once it runs as another user. Pod Security "baseline" allows adding all but NET_RAW.
+TAP_CAPS = ("NET_RAW", "SETUID", "SETGID", "KILL")
+# The runtime's default capabilities (containerd's; CRI-O's are a subset) that the tap does not need: the
+# Pod Security fallback drops them and keeps only the runtime's NET_RAW.
+_UNNEEDED_DEFAULTS = ("AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "MKNOD", "NET_BIND_SERVICE",
+                      "SETFCAP", "SETPCAP", "SYS_CHROOT")
 
 
 def tap_spec(name: str, image: str, pull_policy: str, target_container: str, *, fallback: bool) -> dict[str, Any]:
@@ -63,7 +77,7 @@ def tap_spec(name: str, image: str, pull_policy: str, target_container: str, *, 
 
     The process runs as uid 0 because a non-root process cannot hold NET_RAW in its effective set without
     ambient capabilities, which the pod API cannot grant; with every other capability dropped, root here is
-    only as strong as NET_RAW.
+    only as strong as TAP_CAPS.
     """
     security: dict[str, Any] = {
         "allowPrivilegeEscalation": False,
@@ -74,9 +88,11 @@ def tap_spec(name: str, image: str, pull_policy: str, target_container: str, *, 
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     if not fallback:
-        security["capabilities"] = {"drop": ["ALL"], "add": ["NET_RAW"]}
-    # fallback: Pod Security "baseline" forbids adding NET_RAW but allows the runtime's default set, which
-    # (containerd, CRI-O) includes NET_RAW for root: drop nothing and add nothing.
+        security["capabilities"] = {"drop": ["ALL"], "add": list(TAP_CAPS)}
+    else:
+        # Pod Security "baseline" forbids adding NET_RAW but not keeping the runtime's default one (containerd
+        # grants it to root; CRI-O >= 1.18 does not, and then no tap can capture in such a namespace).
+        security["capabilities"] = {"drop": list(_UNNEEDED_DEFAULTS), "add": [c for c in TAP_CAPS if c != "NET_RAW"]}
     return {
         "name": name,
         "image": image,
@@ -94,6 +110,16 @@ def _is_fallback(spec: dict[str, Any]) -> bool:
     return "NET_RAW" not in (caps.get("add") or [])
 
 
+def can_switch_user(spec: dict[str, Any]) -> bool:
+    """Whether a tap with this spec holds CAP_SETUID and CAP_SETGID (runtimes grant both by default).
+
+    False for the taps of kubectl-mirror <= 0.1 (drop ALL, add NET_RAW): a tcpdump that drops root cannot run there.
+    """
+    caps = (spec.get("securityContext") or {}).get("capabilities") or {}
+    add, drop = set(caps.get("add") or []), set(caps.get("drop") or [])
+    return all(cap not in drop and (cap in add or "ALL" not in drop) for cap in ("SETUID", "SETGID"))
+
+
 def _status_of(pod: Pod, name: str) -> ContainerStatus | None:
     return next((s for s in pod.status.ephemeral_container_statuses if s.name == name), None)
 
@@ -102,24 +128,36 @@ def _candidates(base: str) -> list[str]:
     return [base] + [f"{base}-{i}" for i in range(2, MAX_NAMES + 1)]
 
 
-def _choose(pod: Pod, base: str, image: str) -> tuple[str, dict[str, Any] | None]:
-    """(name, existing spec): the first tap that can still run, else the first free name."""
+def _can_run(pod: Pod, name: str, spec: dict[str, Any], image: str) -> bool:
+    status = _status_of(pod, name)
+    if status is None or status.state.running is not None:
+        return True  # running, or just added by a concurrent run: converge on it
+    if status.state.terminated is not None:
+        return False  # dead forever
+    waiting = (status.state.waiting or {}).get("reason", "")
+    return not (waiting in _IMAGE_PULL and spec.get("image") != image)  # stuck on an image this run does not use
+
+
+def _choose(pod: Pod, base: str, image: str, *, avoid_legacy: bool) -> tuple[str, dict[str, Any] | None]:
+    """(name, existing spec): the first tap that can still run, else the first free name.
+
+    A tap of an earlier version (NET_RAW only) is chosen only while no newer one can run beside it: a newer one
+    exists because the old one's tcpdump could not drop privileges, so every later run must skip the old one
+    rather than fail on it and add yet another tap.
+    """
     existing = {str(ec.get("name")): ec for ec in pod.spec.ephemeral_containers}
-    for name in _candidates(base):
-        spec = existing.get(name)
-        if spec is None:
-            return name, None
-        status = _status_of(pod, name)
-        if status is None or status.state.running is not None:
-            return name, spec  # running, or just added by a concurrent run: converge on it
-        if status.state.terminated is not None:
-            continue  # dead forever
-        waiting = (status.state.waiting or {}).get("reason", "")
-        if waiting in _IMAGE_PULL and spec.get("image") != image:
-            continue  # stuck on an image this run does not use
-        return name, spec
-    raise ClusterError(f"pod {pod.metadata.name} already has {MAX_NAMES} terminated taps ({base} .. "
-                       f"{base}-{MAX_NAMES}); something kills them: check kubectl describe pod {pod.metadata.name}")
+    names = _candidates(base)
+    live = [(n, existing[n]) for n in names if n in existing and _can_run(pod, n, existing[n], image)]
+    if avoid_legacy or any(can_switch_user(spec) for _, spec in live):
+        live = [(n, spec) for n, spec in live if can_switch_user(spec)]
+    if live:
+        return live[0]
+    free = next((n for n in names if n not in existing), None)
+    if free is None:
+        raise ClusterError(f"pod {pod.metadata.name} already has {MAX_NAMES} taps that cannot capture ({base} .. "
+                           f"{base}-{MAX_NAMES}); something kills them: check kubectl describe pod "
+                           f"{pod.metadata.name}")
+    return free, None
 
 
 POD_PATH = "/api/v1/namespaces/{namespace}/pods/{name}"
@@ -167,8 +205,11 @@ def _restricted_error(conn: Connection, namespace: str, level: str) -> ClusterEr
 
 
 def ensure_tap(conn: Connection, target: PodTarget, *, image: str, pull_policy: str, timeout: float,
-               name: str = DEFAULT_NAME) -> Tap:
-    """A running tap in target's pod, sharing the target container's namespaces: reused, or added and awaited."""
+               name: str = DEFAULT_NAME, avoid_legacy: bool = False) -> Tap:
+    """A running tap in target's pod, sharing the target container's namespaces: reused, or added and awaited.
+
+    `avoid_legacy`: never reuse a tap of an earlier version (NET_RAW only), add a new one instead.
+    """
     if pull_policy not in PULL_POLICIES:
         raise UsageError(f"invalid pull policy {pull_policy!r}: use one of {', '.join(PULL_POLICIES)}")
     deadline = time.monotonic() + timeout
@@ -180,10 +221,11 @@ def ensure_tap(conn: Connection, target: PodTarget, *, image: str, pull_policy: 
         pod = _read_pod(conn, ns, pod_name)
         if pod.status.phase != "Running" or pod.metadata.deletion_timestamp:
             raise ClusterError(f"pod {pod_name} is not running ({pod.describe_state()}); pick a running pod")
-        tap_name, existing = _choose(pod, name, image)
+        tap_name, existing = _choose(pod, name, image, avoid_legacy=avoid_legacy)
         if existing is not None:
             tap = Tap(ns, pod_name, tap_name, str(existing.get("image", image)),
-                      str(existing.get("targetContainerName") or target.container), _is_fallback(existing), True)
+                      str(existing.get("targetContainerName") or target.container), _is_fallback(existing), True,
+                      can_switch_user(existing))
             break
         spec = tap_spec(tap_name, image, pull_policy, target.container, fallback=fallback)
         try:
@@ -338,5 +380,5 @@ def find_taps(conn: Connection, namespace: str, pod: str, *, name: str = DEFAULT
         elif status is not None:
             detail = str((status.state.waiting or {}).get("reason") or "waiting")
         out.append(TapInfo(tap_name, str(spec.get("image", "")), str(spec.get("targetContainerName") or ""),
-                           state, detail, _is_fallback(spec)))
+                           state, detail, _is_fallback(spec), can_switch_user(spec)))
     return out
