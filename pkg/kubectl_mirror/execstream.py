@@ -24,6 +24,7 @@ from .errors import ClusterError, MirrorError, UsageError
 from .kubeconfig import Connection, connection_error
 from .tap import Tap
 from .target import PodTarget
+from .tcpdump_failure import diagnose, failure
 
 V5 = "v5.channel.k8s.io"
 V4 = "v4.channel.k8s.io"
@@ -36,8 +37,10 @@ PID_MARK = "mirror-capture-pid "
 _WRAPPER = ['sh', '-c', f'echo "{PID_MARK}$$" >&2; exec "$@"', "mirror-capture"]
 # Alive-check and signal for one PID, only if it still is our tcpdump: PIDs get reused, and the tap shares the
 # target container's PID namespace, so a bare `kill PID` could hit the application.
+_KILL_REFUSED = 3
 _IS_TCPDUMP = 'tr "\\0" " " </proc/"$1"/cmdline 2>/dev/null | grep -q "^tcpdump "'
-_SIGNAL_SCRIPT = f'{_IS_TCPDUMP} && kill -s "$2" "$1"'
+# Exit 3 when kill itself fails: tcpdump has switched to its own user and the tap may not signal it.
+_SIGNAL_SCRIPT = f'{_IS_TCPDUMP} || exit 1; kill -s "$2" "$1" || exit {_KILL_REFUSED}'
 
 
 def capture_argv(port: int, user_filter: str | None, interface: str = "any") -> list[str]:
@@ -372,24 +375,14 @@ def open_exec(conn: Connection, namespace: str, pod: str, container: str, argv: 
 # ---- the capture ---------------------------------------------------------------------------------------
 
 
-def _capture_failure(proc: ExecProcess, target: PodTarget) -> MirrorError:
-    lines = [ln.strip() for ln in proc.stderr_text().splitlines()
-             if ln.strip() and not ln.startswith(PID_MARK)]
-    text = lines[-1] if lines else (proc.status_message or f"exit code {proc.returncode}")
-    low = " ".join(lines).lower() + " " + (proc.status_message or "").lower()
-    if "syntax error" in low or "parse filter" in low or "illegal" in low or "unknown host" in low:
-        return UsageError(f"tcpdump rejected the capture filter: {text}; check the filter expression "
-                          "(pcap-filter syntax)")
-    if "permission" in low or "operation not permitted" in low:
-        return ClusterError(f"tcpdump may not capture in pod {target.pod} ({text}): the tap lacks NET_RAW")
-    if "executable file not found" in low or ("not found" in low and proc.returncode in (126, 127)):
-        return ClusterError(f"the tap image has no tcpdump/sh ({text}); use an image that has both")
-    return ClusterError(f"tcpdump in pod {target.pod} failed: {text}")
+def _capture_failure(proc: ExecProcess, tap: Tap, interface: str) -> MirrorError:
+    lines = [ln for ln in proc.stderr_text().splitlines() if not ln.startswith(PID_MARK)]
+    return failure(diagnose(lines, proc.status_message, proc.returncode), tap, interface)
 
 
 def start_capture(conn: Connection, target: PodTarget, tap: Tap, *, user_filter: str | None = None,
                   ready_timeout: float = 30.0, interface: str = "any") -> ExecProcess:
-    """Run tcpdump in the tap and return once it captures; filter errors come back as one-line errors."""
+    """Run tcpdump in the tap and return once it captures; its failures come back as one-line errors."""
     argv = [*_WRAPPER, *capture_argv(target.port, user_filter, interface)]
     proc = open_exec(conn, tap.namespace, tap.pod, tap.name, argv)
     try:
@@ -407,7 +400,7 @@ def start_capture(conn: Connection, target: PodTarget, tap: Tap, *, user_filter:
         if proc.returncode is None and proc._eof:
             proc.close()
             raise ClusterError(f"the exec stream to pod {target.pod} closed before tcpdump started")
-        err = _capture_failure(proc, target)
+        err = _capture_failure(proc, tap, interface)
         proc.close()
         raise err
     return proc
@@ -434,11 +427,19 @@ def _signal(conn: Connection, tap: Tap, pid: int, signal: str, timeout: float) -
     argv = ["sh", "-c", _SIGNAL_SCRIPT if signal else _IS_TCPDUMP, "mirror-stop", str(pid), signal or "0"]
     with open_exec(conn, tap.namespace, tap.pod, tap.name, argv) as proc:
         try:
-            return proc.wait(timeout) == 0
+            code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             # A MirrorError like any other failed stop: callers keep the capture as an orphan and try again.
             raise ClusterError(f"pod {tap.pod} did not answer within {timeout:g}s when asked to stop tcpdump "
                                f"(pid {pid})") from None
+        if signal and code == _KILL_REFUSED:
+            said = proc.stderr_text().strip().splitlines()
+            head = f"tap {tap.name} in pod {tap.pod} may not stop tcpdump (pid {pid}): kill says "
+            if "not permitted" not in " ".join(said):
+                raise ClusterError(head + f"{(said or ['nothing'])[-1]}; it captures until the pod is deleted")
+            raise ClusterError(head + "Operation not permitted, since tcpdump switched to its own user and the tap "
+                               "lacks KILL; it captures until the pod is deleted")
+        return code == 0
 
 
 def stop_remote(conn: Connection, target: PodTarget, tap: Tap, proc: ExecProcess, *, timeout: float = 10.0) -> bool:
