@@ -351,6 +351,8 @@ def test_put_with_stale_resource_version_is_409(fc: FakeCluster, core: client.Co
     code, body = raw(fc, "PUT", "/api/v1/namespaces/default/pods/web-1/ephemeralcontainers", stale)
     assert code == 409 and body["reason"] == "Conflict"
     assert body["message"].startswith('Operation cannot be fulfilled on pods "web-1": the object has been modified')
+    # The kubelet's status updates move the resourceVersion too: read it once they are done.
+    wait_for(lambda: "running" in ec_state(fc, "default", "web-1", "mirror-tap"), what="tap running")
     fresh = fc.get_pod("default", "web-1")
     fresh["spec"]["ephemeralContainers"].append({**TAP, "name": "late"})
     code, body = raw(fc, "PUT", "/api/v1/namespaces/default/pods/web-1/ephemeralcontainers", fresh)

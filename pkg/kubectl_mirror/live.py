@@ -7,6 +7,7 @@ typo never leaves an ephemeral container behind (they cannot be removed).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import threading
@@ -40,6 +41,7 @@ from .replay import Destination, destination
 from .summary import PodFigures, Summary, SummaryBuilder, exit_code, finished
 from .tap import DEFAULT_IMAGE, Tap, ensure_tap
 from .target import Pod, PodTarget, resolve_selection, target_for
+from .tcpdump_failure import PrivilegeDropError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,16 @@ class KubePodCapture:
     """tcpdump in one pod's tap, over the exec WebSocket."""
 
     def __init__(self, conn: Connection, target: PodTarget, tap: Tap, user_filter: str | None,
-                 interface: str | None = None) -> None:
+                 interface: str | None = None, *, upgrade: Callable[[], Tap] | None = None,
+                 on_note: Callable[[str], None] | None = None) -> None:
         self.conn, self.target, self.tap, self.user_filter = conn, target, tap, user_filter
         # --interface, else the pod's mesh decides (its plaintext hop), else every interface.
         self.interface = interface or (target.mesh.interface if target.mesh is not None else ANY)
+        # Adds a tap that can run a privilege-dropping tcpdump, for when `tap` is one of an earlier version.
+        self._upgrade = upgrade
+        # Said once: by on_note at once, else kept for the caller to say before the run starts.
+        self.notes: list[str] = []
+        self._on_note = on_note
         self.name = f"{target.namespace}/{target.pod}"
         hosts = {target.pod_ip} if target.pod_ip else set()
         if self.interface == LOOPBACK:
@@ -69,8 +77,13 @@ class KubePodCapture:
         self._unconfirmed: set[int] = set()  # remote tcpdump PIDs not yet seen stopped
 
     def start(self) -> BinaryIO:
-        proc = start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter,
-                             interface=self.interface)
+        try:
+            proc = start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter,
+                                 interface=self.interface)
+        except PrivilegeDropError:
+            if self.tap.can_switch_user or self._upgrade is None:
+                raise
+            proc = self._start_in_new_tap()
         with self._lock:
             if proc.remote_pid is not None:
                 self._unconfirmed.add(proc.remote_pid)
@@ -86,6 +99,22 @@ class KubePodCapture:
         log.info("capturing in %s on %s (tap %s, tcpdump pid %s, %s)", self.name, self.interface, self.tap.name,
                  proc.remote_pid, proc.protocol)
         return cast(BinaryIO, proc.stdout)
+
+    def _start_in_new_tap(self) -> ExecProcess:
+        """The tap of an earlier version (NET_RAW only) cannot run this image's tcpdump, and ephemeral containers
+        can be neither changed nor removed: add one that can, once; later runs choose it over the old one."""
+        assert self._upgrade is not None
+        old = self.tap
+        self.tap = self._upgrade()
+        note = (f"tap {old.name} in pod {self.name} was added by an earlier kubectl-mirror without SETUID and SETGID, "
+                f"which this image's tcpdump needs to drop root after opening the capture: added tap {self.tap.name} "
+                f"with them; {old.name} stays (ephemeral containers cannot be removed) and is no longer used")
+        if self._on_note is not None:
+            self._on_note(note)
+        else:
+            self.notes.append(note)
+        log.info("tap %s replaces %s in %s", self.tap.name, old.name, self.name)
+        return start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter, interface=self.interface)
 
     def leftover_hints(self) -> list[str]:
         """How to stop, by hand, each tcpdump of this pod not yet seen stopped (for an exit that cannot wait)."""
@@ -206,7 +235,8 @@ def run_live(args: argparse.Namespace) -> int:
         targets, selection, chosen = resolve_selection(conn, args.ref or "", selector=args.selector,
                                                        container=args.container, port=args.port,
                                                        all_pods=args.all_pods)
-        pods = [KubePodCapture(conn, t, _tap(conn, t, args), args.filter, capture_interface(t, args))
+        pods = [KubePodCapture(conn, t, _tap(conn, t, args), args.filter, capture_interface(t, args),
+                               upgrade=functools.partial(_tap, conn, t, args, avoid_legacy=True))
                 for t in targets]
         follower = Follower(Following.mode_for(selection, args.all_pods), selection.source)
         follower.seed(chosen)
@@ -220,6 +250,9 @@ def run_live(args: argparse.Namespace) -> int:
 
         capture = LiveCapture(pods, follow=True, on_lost=on_lost)
         capture.start()
+        if not args.quiet:
+            for note in (note for pod in pods for note in pod.notes):
+                print(f"note: {note}", file=sys.stderr)
         # Installed before the "mirroring" line: a Ctrl-C from then on is the graceful stop it announces.
         stop = StopFlag(on_force=lambda: _leftover_warnings(_kube_pods(capture)))
         stop.install()
@@ -242,7 +275,9 @@ def run_live(args: argparse.Namespace) -> int:
             target = target_for(conn, pod, selection, args.container, args.port)
             # Said through `say`: the status line may be on screen by now.
             return KubePodCapture(conn, target, _tap(conn, target, args), args.filter,
-                                  capture_interface(target, args, say))
+                                  capture_interface(target, args, say),
+                                  upgrade=functools.partial(_tap, conn, target, args, avoid_legacy=True),
+                                  on_note=lambda text: say(f"note: {text}"))
 
         following = Following(conn, selection, follower, capture, make_capture, say=say, on_end=target_gone)
         try:
@@ -307,16 +342,16 @@ def capture_interface(target: PodTarget, args: argparse.Namespace, say: Callable
     return chosen
 
 
-def _tap(conn: Connection, target: PodTarget, args: argparse.Namespace) -> Tap:
+def _tap(conn: Connection, target: PodTarget, args: argparse.Namespace, *, avoid_legacy: bool = False) -> Tap:
     log.info("target: pod %s/%s, container %s, port %d (%s)", target.namespace, target.pod, target.container,
              target.port, target.port_name or "by number")
     tap = ensure_tap(conn, target, image=args.image or DEFAULT_IMAGE, pull_policy=args.image_pull_policy,
-                     timeout=args.tap_timeout)
+                     timeout=args.tap_timeout, avoid_legacy=avoid_legacy)
     log.info("tap %s in %s: %s%s", tap.name, target.pod, "reused" if tap.reused else "added",
              " (no NET_RAW: Pod Security fallback)" if tap.fallback else "")
     if tap.fallback and not args.quiet:
-        print(f"note: Pod Security refused NET_RAW in namespace {target.namespace}; tap {tap.name} runs with the "
-              "container runtime's default capabilities instead", file=sys.stderr)
+        print(f"note: Pod Security refused adding NET_RAW in namespace {target.namespace}; tap {tap.name} keeps the "
+              "container runtime's own NET_RAW instead", file=sys.stderr)
     return tap
 
 

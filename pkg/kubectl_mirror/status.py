@@ -13,16 +13,16 @@ from .kubeconfig import Connection, connect
 from .tap import DEFAULT_NAME, TapInfo, find_taps
 from .target import list_pods, mesh_of, select_pods
 
-# Names the interface of each tcpdump process in the tap's network namespace (the pod's), one line each. The tap
-# shares the target container's process namespace when the runtime allows it; a process whose namespace cannot be
-# read still counts. A constant script: nothing the user typed reaches the shell.
+# Names the interface of each tcpdump process of this tap, one line each. Every tap of a pod shares the target
+# container's PID namespace, so each sees the others' tcpdumps; what tells a container's own processes apart is
+# their cgroup (each container has its own; /proc/PID/cgroup is readable by anyone, unlike its namespaces once
+# tcpdump has dropped root). A constant script: nothing the user typed reaches the shell.
 _LIST_TCPDUMP = (
-    'me=$(readlink /proc/self/ns/net); '
+    'me=$(cat /proc/self/cgroup); '
     'for p in /proc/[0-9]*; do '
     'c=$(tr "\\0" " " <"$p/cmdline" 2>/dev/null); '
     'case "$c" in "tcpdump "*) ;; *) continue ;; esac; '
-    'ns=$(readlink "$p/ns/net" 2>/dev/null); '
-    '[ -z "$ns" ] || [ "$ns" = "$me" ] || continue; '
+    '[ "$(cat "$p/cgroup" 2>/dev/null)" = "$me" ] || continue; '
     'i=${c#* -i }; [ "$i" = "$c" ] && i=any; '
     'echo "tcpdump ${i%% *}"; '
     'done; echo end'
@@ -41,6 +41,9 @@ class TapRow:
     fallback: bool
     mesh: str = ""  # the service mesh the pod is in ("Istio sidecar"), "" for none
     interface: str = ""  # where the running captures listen (",": several), "" when none runs or it is unknown
+    # False for a tap of an earlier version (NET_RAW only): a tcpdump that drops root cannot run in it, and a
+    # run that met such a tcpdump there added a new tap, used from then on.
+    can_switch_user: bool = True
 
 
 def capture_interfaces(conn: Connection, namespace: str, pod: str, tap: str) -> list[str] | None:
@@ -76,7 +79,7 @@ def tap_rows(conn: Connection, ref: str | None, selector: str | None) -> list[Ta
             capturing = None if found is None else len(found)
             rows.append(TapRow(namespace, pod.metadata.name, info.name, info.image, info.state, info.detail,
                                capturing, info.fallback, mesh.label() if mesh is not None else "",
-                               ",".join(dict.fromkeys(found or []))))
+                               ",".join(dict.fromkeys(found or [])), info.can_switch_user))
     return rows
 
 
@@ -84,7 +87,8 @@ def render_rows(rows: list[TapRow]) -> str:
     """A kubectl-style table: upper-case headers, columns padded to the widest cell."""
     header = ("NAMESPACE", "POD", "TAP", "IMAGE", "STATE", "MESH", "CAPTURING")
     cells = [header] + [
-        (r.namespace, r.pod, r.tap, r.image, r.state + (f" ({r.detail})" if r.detail else ""), r.mesh or "-",
+        (r.namespace, r.pod, r.tap, r.image, r.state + (f" ({r.detail})" if r.detail else "")
+         + ("" if r.can_switch_user else ", NET_RAW only (earlier version)"), r.mesh or "-",
          "unknown" if r.capturing is None else ("yes" if r.capturing else "no") + (
              f" ({r.capturing} tcpdump)" if r.capturing and r.capturing > 1 else "") + (
              f" on {r.interface}" if r.capturing and r.interface else ""))

@@ -147,8 +147,8 @@ class ExecSession:
             if proc.stdin is not None and not proc.stdin.is_closing():
                 proc.stdin.close()  # the runtime sees EOF on stdin once the stream is gone
 
-    async def run(self, netns: str, argv: list[str], context: ProcessContext, stdin: bool, stdout: bool,
-                  stderr: bool) -> None:
+    async def run(self, netns: str, container: str, argv: list[str], context: ProcessContext, stdin: bool,
+                  stdout: bool, stderr: bool) -> None:
         env = exec_env(self.settings.exec_path_prepend)
         if shutil.which(argv[0], path=env["PATH"]) is None:
             await self.send(ERROR, json.dumps(start_failure(argv)).encode())
@@ -157,8 +157,11 @@ class ExecSession:
         pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
         # `ip netns exec` keeps the environment, so the PATH given here is the one the command resolves with.
         # Each step execs the next (ip, sh, setpriv, the command): the PID is the command's from the start.
+        # The process joins its container's cgroup first (before `ip netns exec` remounts /sys).
+        cgroup = self.table.cgroups.procs_file(*self.pod, container)
+        join = ["sh", "-c", 'echo $$ >"$0" 2>/dev/null; exec "$@"', cgroup] if cgroup else []
         proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", netns, *context.wrap(argv),
+            *join, "ip", "netns", "exec", netns, *context.wrap(argv),
             stdin=pipe if stdin else null, stdout=pipe if stdout else null, stderr=pipe if stderr else null,
             start_new_session=True, limit=PIPE_LIMIT, env=env,
         )
@@ -237,5 +240,6 @@ async def handle(
     pod_key = (pod["metadata"]["namespace"], name)
     # The command runs as the container's processes do: its user, capabilities, no_new_privs, read-only root.
     context = process_context(pod, container, settings.runtime_default_caps)
-    await ExecSession(ws, protocol, settings, table, pod_key).run(netns, argv, context, stdin, stdout, stderr)
+    await ExecSession(ws, protocol, settings, table, pod_key).run(netns, container["name"], argv, context, stdin,
+                                                                         stdout, stderr)
     return ws

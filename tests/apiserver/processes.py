@@ -7,6 +7,8 @@ import os
 import signal
 import threading
 
+from .cgroups import ContainerCgroups
+
 
 class ProcessTable:
     def __init__(self) -> None:
@@ -14,6 +16,7 @@ class ProcessTable:
         self._procs: dict[int, tuple[list[str], asyncio.subprocess.Process]] = {}
         self._owners: dict[int, tuple[str, str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.cgroups = ContainerCgroups()
 
     def add(self, argv: list[str], proc: asyncio.subprocess.Process, pod: tuple[str, str]) -> None:
         with self._lock:
@@ -62,3 +65,4 @@ class ProcessTable:
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
+        self.cgroups.remove()
