@@ -93,6 +93,17 @@ def test_quiet_text_mode_prints_nothing_on_success() -> None:
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
 
 
+def test_text_summary_ends_with_exactly_one_newline() -> None:
+    # The shell prompt comes right after it: on a line of its own, without a blank line before it.
+    rec = Recorder("127.0.0.1", 0, http=True).start()
+    try:
+        out = run("replay", str(SAMPLE), "--to", f"127.0.0.1:{rec.port}")
+    finally:
+        rec.stop(grace=5.0)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.endswith("\n") and not out.stderr.endswith("\n\n"), repr(out.stderr[-80:])
+
+
 def _snapshot(packets: int, captured: int, seconds: float) -> Summary:
     return Summary(source="ns/web-1:80", target="127.0.0.1:8080", packets=packets, bytes_captured=captured,
                    tcp_segments=packets, connections=Connections(seen=3, complete=2, incomplete=1),

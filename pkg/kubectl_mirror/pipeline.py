@@ -756,7 +756,8 @@ def report(summary: Summary, args: argparse.Namespace) -> None:
         one_line = summary.http is not None
         print(render_json(summary, one_line=one_line), file=sys.stdout if stdout_free else sys.stderr, flush=True)
     elif not getattr(args, "quiet", False):
-        print(render_text(summary), file=sys.stderr, flush=True)
+        # render_text ends with its own newline: one, so the prompt gets the next line and no blank one before.
+        print(render_text(summary), file=sys.stderr, end="", flush=True)
 
 
 def notice_printer(args: argparse.Namespace, status: StatusLine | None) -> Callable[[str], None] | None:
