@@ -39,7 +39,7 @@ from .pipeline import (
 from .progress import StatusLine
 from .replay import Destination, destination
 from .summary import PodFigures, Summary, SummaryBuilder, exit_code, finished
-from .tap import DEFAULT_IMAGE, Tap, ensure_tap
+from .tap import DEFAULT_IMAGE, Tap, ensure_tap, tap_ended
 from .target import Pod, PodTarget, resolve_selection, target_for
 from .tcpdump_failure import PrivilegeDropError
 
@@ -50,13 +50,15 @@ class KubePodCapture:
     """tcpdump in one pod's tap, over the exec WebSocket."""
 
     def __init__(self, conn: Connection, target: PodTarget, tap: Tap, user_filter: str | None,
-                 interface: str | None = None, *, upgrade: Callable[[], Tap] | None = None,
+                 interface: str | None = None, *, new_tap: Callable[..., Tap] | None = None,
                  on_note: Callable[[str], None] | None = None) -> None:
         self.conn, self.target, self.tap, self.user_filter = conn, target, tap, user_filter
         # --interface, else the pod's mesh decides (its plaintext hop), else every interface.
         self.interface = interface or (target.mesh.interface if target.mesh is not None else ANY)
-        # Adds a tap that can run a privilege-dropping tcpdump, for when `tap` is one of an earlier version.
-        self._upgrade = upgrade
+        # A running tap for this pod (ensure_tap): when `tap` has terminated, or, with avoid_legacy=True, one that
+        # can run a privilege-dropping tcpdump when `tap` is one of an earlier version.
+        self._new_tap = new_tap
+        self._tap_of: dict[ExecProcess, Tap] = {}  # each capture is stopped through the tap it runs in
         # Said once: by on_note at once, else kept for the caller to say before the run starts.
         self.notes: list[str] = []
         self._on_note = on_note
@@ -81,10 +83,16 @@ class KubePodCapture:
             proc = start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter,
                                  interface=self.interface)
         except PrivilegeDropError:
-            if self.tap.can_switch_user or self._upgrade is None:
+            if self.tap.can_switch_user or self._new_tap is None:
                 raise
             proc = self._start_in_new_tap()
+        except ClusterError:
+            ended = tap_ended(self.conn, self.tap) if self._new_tap is not None else None
+            if ended is None:
+                raise
+            proc = self._start_after_tap_ended(ended)
         with self._lock:
+            self._tap_of[proc] = self.tap
             if proc.remote_pid is not None:
                 self._unconfirmed.add(proc.remote_pid)
             finished = self._finished
@@ -103,9 +111,9 @@ class KubePodCapture:
     def _start_in_new_tap(self) -> ExecProcess:
         """The tap of an earlier version (NET_RAW only) cannot run this image's tcpdump, and ephemeral containers
         can be neither changed nor removed: add one that can, once; later runs choose it over the old one."""
-        assert self._upgrade is not None
+        assert self._new_tap is not None
         old = self.tap
-        self.tap = self._upgrade()
+        self.tap = self._new_tap(avoid_legacy=True)
         note = (f"tap {old.name} in pod {self.name} was added by an earlier kubectl-mirror without SETUID and SETGID, "
                 f"which this image's tcpdump needs to drop root after opening the capture: added tap {self.tap.name} "
                 f"with them; {old.name} stays (ephemeral containers cannot be removed) and is no longer used")
@@ -114,6 +122,24 @@ class KubePodCapture:
         else:
             self.notes.append(note)
         log.info("tap %s replaces %s in %s", self.tap.name, old.name, self.name)
+        return start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter, interface=self.interface)
+
+    def _start_after_tap_ended(self, how: str) -> ExecProcess:
+        """The tap terminated (as one does when the container it targets restarts: the kernel ends every process
+        of that PID namespace) and ephemeral containers never restart: capture in a new tap."""
+        assert self._new_tap is not None
+        old = self.tap
+        with self._lock:
+            # Whatever ran in the old tap ended with it: nothing is left to stop there.
+            gone = [p for p in self._orphans if self._tap_of.get(p) == old]
+            self._orphans = [p for p in self._orphans if p not in gone]
+            for p in gone:
+                self._unconfirmed.discard(p.remote_pid or -1)
+        self.tap = self._new_tap()
+        log.warning("%s: tap %s terminated (%s; a tap ends when the container it targets restarts): capturing in "
+                    "tap %s", self.name, old.name, how, self.tap.name)
+        self.warnings.append(f"tap {old.name} in pod {self.name} terminated during the run ({how}); the capture "
+                             f"went on in tap {self.tap.name}")
         return start_capture(self.conn, self.target, self.tap, user_filter=self.user_filter, interface=self.interface)
 
     def leftover_hints(self) -> list[str]:
@@ -125,7 +151,8 @@ class KubePodCapture:
                 f"{t.pod} -c {self.tap.name} -- kill {pid}" for pid in pids]
 
     def _stop_remote(self, proc: ExecProcess) -> None:
-        stop_remote(self.conn, self.target, self.tap, proc)  # raises when it cannot tell the process is gone
+        # Raises when it cannot tell the process is gone.
+        stop_remote(self.conn, self.target, self._tap_of.get(proc, self.tap), proc)
         with self._lock:
             self._unconfirmed.discard(proc.remote_pid or -1)
 
@@ -236,8 +263,7 @@ def run_live(args: argparse.Namespace) -> int:
                                                        container=args.container, port=args.port,
                                                        all_pods=args.all_pods)
         pods = [KubePodCapture(conn, t, _tap(conn, t, args), args.filter, capture_interface(t, args),
-                               upgrade=functools.partial(_tap, conn, t, args, avoid_legacy=True))
-                for t in targets]
+                               new_tap=functools.partial(_tap, conn, t, args)) for t in targets]
         follower = Follower(Following.mode_for(selection, args.all_pods), selection.source)
         follower.seed(chosen)
         following: Following | None = None
@@ -276,7 +302,7 @@ def run_live(args: argparse.Namespace) -> int:
             # Said through `say`: the status line may be on screen by now.
             return KubePodCapture(conn, target, _tap(conn, target, args), args.filter,
                                   capture_interface(target, args, say),
-                                  upgrade=functools.partial(_tap, conn, target, args, avoid_legacy=True),
+                                  new_tap=functools.partial(_tap, conn, target, args),
                                   on_note=lambda text: say(f"note: {text}"))
 
         following = Following(conn, selection, follower, capture, make_capture, say=say, on_end=target_gone)

@@ -361,6 +361,19 @@ def _lines(resp: Any) -> Any:
         yield pending
 
 
+def tap_ended(conn: Connection, tap: Tap) -> str | None:
+    """How the tap terminated ("exit code 137, Error"), or None while it has not (or the pod cannot be read)."""
+    try:
+        pod = _read_pod(conn, tap.namespace, tap.pod)
+    except (ClusterError, ApiException):
+        return None
+    status = _status_of(pod, tap.name)
+    if status is None or status.state.terminated is None:
+        return None
+    t = status.state.terminated
+    return f"exit code {t.get('exitCode')}, {t.get('reason') or 'unknown'}"
+
+
 def find_taps(conn: Connection, namespace: str, pod: str, *, name: str = DEFAULT_NAME) -> list[TapInfo]:
     """Every tap this tool added to the pod (running or not), for `status`."""
     p = _read_pod(conn, namespace, pod)

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import objects
+from . import objects, restarts
 from .resources import BY_KIND
 from .server import ApiServer
 from .settings import Settings
@@ -267,6 +267,10 @@ class FakeCluster:
         timer.daemon = True
         self._deletions.append(timer)
         timer.start()
+
+    def restart_container(self, ns: str, name: str, container: str) -> None:
+        """The container's process died and the kubelet restarted it; taps that target it die for good."""
+        restarts.restart_container(self.store, self._server.processes, ns, name, container)
 
     def _delete_now(self, ns: str, name: str) -> None:
         try:

@@ -165,7 +165,7 @@ class ExecSession:
             stdin=pipe if stdin else null, stdout=pipe if stdout else null, stderr=pipe if stderr else null,
             start_new_session=True, limit=PIPE_LIMIT, env=env,
         )
-        self.table.add(argv, proc, self.pod)
+        self.table.add(argv, proc, self.pod, container)
         pumps = [asyncio.ensure_future(self.pump(s, ch)) for s, ch in ((proc.stdout, STDOUT), (proc.stderr, STDERR))
                  if s is not None]
         for task in pumps:

@@ -15,13 +15,16 @@ class ProcessTable:
         self._lock = threading.Lock()
         self._procs: dict[int, tuple[list[str], asyncio.subprocess.Process]] = {}
         self._owners: dict[int, tuple[str, str]] = {}
+        self._containers: dict[int, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.cgroups = ContainerCgroups()
 
-    def add(self, argv: list[str], proc: asyncio.subprocess.Process, pod: tuple[str, str]) -> None:
+    def add(self, argv: list[str], proc: asyncio.subprocess.Process, pod: tuple[str, str],
+            container: str = "") -> None:
         with self._lock:
             self._procs[proc.pid] = (argv, proc)
             self._owners[proc.pid] = pod
+            self._containers[proc.pid] = container
         task = asyncio.get_running_loop().create_task(self._reap(proc))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -36,6 +39,7 @@ class ProcessTable:
         with self._lock:
             self._procs.pop(proc.pid, None)
             self._owners.pop(proc.pid, None)
+            self._containers.pop(proc.pid, None)
 
     def running(self) -> list[tuple[int, list[str]]]:
         with self._lock:
@@ -53,6 +57,14 @@ class ProcessTable:
         """A deleted or stopped pod takes its containers' processes with it."""
         with self._lock:
             pids = [pid for pid, owner in self._owners.items() if owner == pod]
+        for pid in pids:
+            self.kill_group(pid)
+
+    def kill_containers(self, pod: tuple[str, str], containers: set[str]) -> None:
+        """A restarted container takes its processes, and those sharing its PID namespace, with it."""
+        with self._lock:
+            pids = [pid for pid, owner in self._owners.items()
+                    if owner == pod and self._containers.get(pid) in containers]
         for pid in pids:
             self.kill_group(pid)
 

@@ -1,0 +1,57 @@
+"""What a node does to a live run that the API server alone would not: container restarts, probes.
+
+The test API server plays the kubelet's part for real: a restarted container takes the processes of its PID
+namespace with it (the tap's among them), and probes are real connections from the node to the pod's port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from tests.cli_run import wait_for
+from tests.live_helpers import POD_PORT, LiveLab, live_run, raw_conns
+from tests.netlab.lab import contents
+from tests.netlab.recorder import Recorder
+from tests.test_e2e_live import (  # noqa: F401 (lab is a fixture)
+    POD_A,
+    assert_byte_identical,
+    assert_no_tcpdump,
+    lab,
+    mirrored,
+)
+
+pytestmark = pytest.mark.netns
+
+
+def test_target_container_restart_moves_the_capture_to_a_new_tap(lab: LiveLab,  # noqa: F811
+                                                                 stack: contextlib.ExitStack,
+                                                                 local: Recorder) -> None:
+    # The app crashes and the kubelet restarts it: the tap shared its PID namespace, so the kernel ended the tap's
+    # processes too, and an ephemeral container is never restarted. The run must go on in a new tap.
+    lab.add_serving_pod(stack, POD_A)
+    ip = lab.pods[POD_A].ip
+    with live_run([f"pod/{POD_A}", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
+        run.wait_mirroring()
+        before = raw_conns(ip, POD_PORT, 5, "before")
+        assert wait_for(lambda: len(local.records) >= 6, 20.0), run.stderr  # the probe and the five
+        lab.fc.restart_container("default", POD_A, "web")
+        assert wait_for(lambda: "capturing again" in run.stderr, 30.0), run.stderr
+        after = raw_conns(ip, POD_PORT, 5, "after")
+        run.interrupt()
+        result = run.finish()
+    assert result.returncode == 0, result.stderr
+    assert [ec["name"] for ec in lab.ephemeral(POD_A)] == ["mirror-tap", "mirror-tap-2"]
+    states = {s["name"]: s["state"] for s in lab.fc.get_pod("default", POD_A)["status"]["ephemeralContainerStatuses"]}
+    assert "terminated" in states["mirror-tap"] and "running" in states["mirror-tap-2"], states
+    truth = lab.truth(POD_A)
+    assert contents(truth) == sorted([*before, *after])
+    got = mirrored(local, len(truth))
+    assert contents(got) == contents(truth)
+    assert result.summary["stream_gaps"] == 1
+    assert any("tap mirror-tap in pod default/" in w and "terminated during the run (exit code 137, Error); the "
+               "capture went on in tap mirror-tap-2" in w for w in result.summary["warnings"]), result.summary
+    # Nothing was left to stop in the dead tap: no warning about a tcpdump that could not be stopped.
+    assert not any("stop" in w for w in result.summary["warnings"]), result.summary["warnings"]
+    assert_no_tcpdump(lab)
