@@ -60,12 +60,13 @@ class LiveLab:
         return ["--kubeconfig", str(self.fc.kubeconfig), *extra]
 
     def add_serving_pod(self, stack: contextlib.ExitStack, name: str, *, namespace: str = "default",
-                        labels: dict[str, str] | None = None, ready: bool = True) -> ServingPod:
+                        labels: dict[str, str] | None = None, ready: bool = True,
+                        container: dict[str, Any] | None = None) -> ServingPod:
         netns = stack.enter_context(PodNetns())
         server = NsRecorder(Netns(netns.name), self.workdir / f"{name}.server.json", POD_PORT).start()
         # Registered before anything can fail, so the recorder is always stopped (and its process reaped).
         stack.callback(_stop_quietly, server)
-        self.fc.add_pod(namespace, name, labels=labels or {"app": "web"}, containers=[dict(HTTP_CONTAINER)],
+        self.fc.add_pod(namespace, name, labels=labels or {"app": "web"}, containers=[dict(container or HTTP_CONTAINER)],
                         netns=netns.name, ready=ready)
         pod = ServingPod(name, netns, server)
         self.pods[name] = pod

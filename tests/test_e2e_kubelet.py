@@ -7,11 +7,12 @@ namespace with it (the tap's among them), and probes are real connections from t
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 
 from tests.cli_run import wait_for
-from tests.live_helpers import POD_PORT, LiveLab, live_run, raw_conns
+from tests.live_helpers import HTTP_CONTAINER, POD_PORT, LiveLab, live_run, raw_conns
 from tests.netlab.lab import contents
 from tests.netlab.recorder import Recorder
 from tests.test_e2e_live import (  # noqa: F401 (lab is a fixture)
@@ -54,4 +55,29 @@ def test_target_container_restart_moves_the_capture_to_a_new_tap(lab: LiveLab,  
                "capture went on in tap mirror-tap-2" in w for w in result.summary["warnings"]), result.summary
     # Nothing was left to stop in the dead tap: no warning about a tcpdump that could not be stopped.
     assert not any("stop" in w for w in result.summary["warnings"]), result.summary["warnings"]
+    assert_no_tcpdump(lab)
+
+
+def test_kubelet_probes_are_mirrored_like_any_connection(lab: LiveLab, stack: contextlib.ExitStack,  # noqa: F811
+                                                         local: Recorder) -> None:
+    # A readiness probe on the mirrored port: the kubelet connects from the node every period, and the local
+    # service gets those connections too, byte for byte (User-Agent: kube-probe/...).
+    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 0.2, "timeoutSeconds": 2}
+    lab.fc.probes_paused = True  # only while the capture runs, so the pod's truth and the mirror can match
+    lab.add_serving_pod(stack, POD_A, container={**HTTP_CONTAINER, "readinessProbe": probe})
+    with live_run([f"pod/{POD_A}", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
+        run.wait_mirroring()
+        lab.fc.probes_paused = False
+        sent = raw_conns(lab.pods[POD_A].ip, POD_PORT, 3, "probed")
+        assert wait_for(lambda: sum(b"kube-probe/" in r.data for r in list(local.records)) >= 3, 20.0), run.stderr
+        lab.fc.probes_paused = True
+        time.sleep(0.5)  # a probe under way finishes (its timeout is 2 s, the pod answers at once)
+        run.interrupt()
+        result = run.finish()
+    assert result.returncode == 0, result.stderr
+    truth = lab.truth(POD_A)
+    probes = [r for r in truth if bytes(r.data).startswith(b"GET /healthz HTTP/1.1\r\n")]
+    assert len(probes) >= 3 and all(b"\r\nUser-Agent: kube-probe/" in r.data for r in probes), truth
+    assert sorted(sent) == sorted(bytes(r.data) for r in truth if r not in probes)
+    assert_byte_identical(mirrored(local, len(truth)), truth, result)
     assert_no_tcpdump(lab)

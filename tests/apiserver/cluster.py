@@ -174,6 +174,15 @@ class FakeCluster:
         self.settings.exec_path_prepend = [str(d) for d in value]
 
     @property
+    def probes_paused(self) -> bool:
+        return self._server.kubelet.prober.paused
+
+    @probes_paused.setter
+    def probes_paused(self, value: bool) -> None:
+        """Hold every probe (a test's switch, no kubelet has one): lets a run end between two probes."""
+        self._server.kubelet.prober.paused = value
+
+    @property
     def runtime_default_caps(self) -> tuple[str, ...]:
         return self.settings.runtime_default_caps
 
@@ -239,7 +248,11 @@ class FakeCluster:
         owner = self._owner_for(ns, pod["metadata"]["labels"])
         if owner is not None:
             self._adopt(pod, owner)
-        return self.store.create(BY_KIND["Pod"], pod)
+        created = self.store.create(BY_KIND["Pod"], pod)
+        if netns is not None and pod_ip and phase == "Running" and self._loop is not None:
+            # The kubelet probes the pod's containers from the node: real connections to its IP.
+            self._loop.call_soon_threadsafe(self._server.kubelet.prober.start, ns, name, pod_ip, containers)
+        return created
 
     def get_pod(self, ns: str, name: str) -> Obj:
         return self.store.get(BY_KIND["Pod"], ns, name)
@@ -278,6 +291,8 @@ class FakeCluster:
         except ApiError:
             pass  # already gone
         self._server.processes.kill_pod((ns, name))
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._server.kubelet.prober.stop_pod, ns, name)
 
     def set_pod_phase(self, ns: str, name: str, phase: str, ready: bool | None = None) -> Obj:
         """Move a pod on (MODIFIED event), e.g. to see a client notice that its target went away."""

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 from typing import Any
 
+from .probes import Prober
 from .resources import BY_KIND
 from .settings import Settings
 from .status import ApiError
@@ -22,6 +23,7 @@ class Kubelet:
         self._store = store
         self._settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
+        self.prober = Prober()
 
     def started(self, ns: str, pod: str, names: list[str]) -> None:
         """Called on the server loop after new ephemeral containers were stored."""
@@ -78,6 +80,7 @@ class Kubelet:
             self._store.update(PODS, obj)
 
     async def stop(self) -> None:
+        await self.prober.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
