@@ -66,8 +66,8 @@ class LiveLab:
         server = NsRecorder(Netns(netns.name), self.workdir / f"{name}.server.json", POD_PORT).start()
         # Registered before anything can fail, so the recorder is always stopped (and its process reaped).
         stack.callback(_stop_quietly, server)
-        self.fc.add_pod(namespace, name, labels=labels or {"app": "web"}, containers=[dict(container or HTTP_CONTAINER)],
-                        netns=netns.name, ready=ready)
+        self.fc.add_pod(namespace, name, labels=labels or {"app": "web"},
+                        containers=[dict(container or HTTP_CONTAINER)], netns=netns.name, ready=ready)
         pod = ServingPod(name, netns, server)
         self.pods[name] = pod
         return pod

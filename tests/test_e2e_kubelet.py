@@ -81,3 +81,29 @@ def test_kubelet_probes_are_mirrored_like_any_connection(lab: LiveLab, stack: co
     assert sorted(sent) == sorted(bytes(r.data) for r in truth if r not in probes)
     assert_byte_identical(mirrored(local, len(truth)), truth, result)
     assert_no_tcpdump(lab)
+
+
+def test_an_exec_stream_cut_for_idleness_is_resumed(lab: LiveLab, stack: contextlib.ExitStack,  # noqa: F811
+                                                    local: Recorder) -> None:
+    # A quiet pod: nothing crosses the exec stream, and the kubelet closes it after its streaming idle timeout
+    # (4 h by default), leaving tcpdump running. The run must capture again, stop the old tcpdump, and lose nothing
+    # of what comes after.
+    lab.fc.exec_idle_timeout = 1.5
+    lab.add_serving_pod(stack, POD_A)
+    ip = lab.pods[POD_A].ip
+    with live_run([f"pod/{POD_A}", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
+        run.wait_mirroring()
+        before = raw_conns(ip, POD_PORT, 3, "before")
+        assert wait_for(lambda: "capturing again" in run.stderr, 30.0), run.stderr
+        lab.fc.exec_idle_timeout = None  # the rest of the run talks; no more cuts
+        after = raw_conns(ip, POD_PORT, 3, "after")
+        assert len(lab.tcpdumps()) == 1, lab.fc.exec_processes()  # the cut one was stopped
+        run.interrupt()
+        result = run.finish()
+    assert result.returncode == 0, result.stderr
+    truth = lab.truth(POD_A)
+    assert contents(truth) == sorted([*before, *after])
+    got = mirrored(local, len(truth))
+    assert contents(got) == contents(truth) and all(r.end == "eof" for r in got), got
+    assert result.connections["complete"] == len(truth), result.connections
+    assert_no_tcpdump(lab)

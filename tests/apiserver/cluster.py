@@ -174,6 +174,15 @@ class FakeCluster:
         self.settings.exec_path_prepend = [str(d) for d in value]
 
     @property
+    def exec_idle_timeout(self) -> float | None:
+        return self.settings.exec_idle_timeout
+
+    @exec_idle_timeout.setter
+    def exec_idle_timeout(self, value: float | None) -> None:
+        """Cut exec streams idle (no data either way) this long, as a kubelet does; None: never."""
+        self.settings.exec_idle_timeout = value
+
+    @property
     def probes_paused(self) -> bool:
         return self._server.kubelet.prober.paused
 

@@ -102,6 +102,7 @@ class ExecSession:
         self.table = table
         self.connected = True
         self.gone = asyncio.Event()
+        self.last_data = asyncio.get_running_loop().time()  # either direction: what the kubelet's idle timer sees
 
     async def send(self, channel: int, data: bytes) -> None:
         if not self.connected:
@@ -111,6 +112,7 @@ class ExecSession:
                 await self.ws.send_str(str(channel) + base64.b64encode(data).decode())
             else:
                 await self.ws.send_bytes(bytes((channel,)) + data)
+            self.last_data = asyncio.get_running_loop().time()
         except (ConnectionError, RuntimeError):
             self.connected = False
             self.gone.set()
@@ -133,6 +135,7 @@ class ExecSession:
                     continue
                 if not data:
                     continue
+                self.last_data = asyncio.get_running_loop().time()
                 if data[0] == STDIN and proc.stdin is not None and not proc.stdin.is_closing():
                     proc.stdin.write(data[1:])
                     await proc.stdin.drain()
@@ -146,6 +149,19 @@ class ExecSession:
             self.gone.set()
             if proc.stdin is not None and not proc.stdin.is_closing():
                 proc.stdin.close()  # the runtime sees EOF on stdin once the stream is gone
+
+    async def idle_cut(self, timeout: float) -> None:
+        """The kubelet's --streaming-connection-idle-timeout: a stream with no data either way for that long is
+        closed, without an exit status; the process is left to run, as after any disconnect."""
+        loop = asyncio.get_running_loop()
+        while self.connected:
+            idle = loop.time() - self.last_data
+            if idle >= timeout:
+                self.connected = False
+                await self.ws.close()
+                self.gone.set()
+                return
+            await asyncio.sleep(timeout - idle)
 
     async def run(self, netns: str, container: str, argv: list[str], context: ProcessContext, stdin: bool,
                   stdout: bool, stderr: bool) -> None:
@@ -171,6 +187,8 @@ class ExecSession:
         for task in pumps:
             self.table.keep(task)
         reader = asyncio.ensure_future(self.read_client(proc))
+        idle_timeout = self.settings.exec_idle_timeout
+        watchdog = asyncio.ensure_future(self.idle_cut(idle_timeout)) if idle_timeout else None
         exited = asyncio.ensure_future(proc.wait())
         gone = asyncio.ensure_future(self.gone.wait())
         try:
@@ -192,6 +210,8 @@ class ExecSession:
             raise
         finally:
             gone.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
             if not exited.done():
                 self.table.keep(exited)  # type: ignore[arg-type]
             reader.cancel()

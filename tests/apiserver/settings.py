@@ -20,6 +20,8 @@ class Settings:
     image_pull_failure_prefix: str | None = None
     tap_start_delay: float = 0.3
     exec_kill_on_disconnect: bool = False
+    # The kubelet's --streaming-connection-idle-timeout (4h by default): None never cuts.
+    exec_idle_timeout: float | None = None
     # The RBAC verb a WebSocket exec (an HTTP GET upgrade) needs on pods/exec: "create" since Kubernetes 1.31
     # (the AuthorizePodWebsocketUpgradeCreatePermission gate), "get" on older API servers.
     exec_upgrade_verb: str = "create"
