@@ -117,6 +117,9 @@ def meshed_netns(lab: LiveLab, stack: contextlib.ExitStack, ca: trustme.CA, prox
 def register(lab: LiveLab, netns: PodNetns, containers: list[dict[str, Any]], inits: list[dict[str, Any]],
              annotations: dict[str, str], labels: dict[str, str]) -> None:
     """The pod in the test cluster with the spec the mesh's injector left."""
+    # The test API server's kubelet would probe the rewritten readinessProbe every period; a test sends that probe
+    # itself (kubelet_probe), exactly once, so the truth has a known count.
+    lab.fc.probes_paused = True
     lab.fc.add_pod("default", POD, labels={"app": "web", **labels}, containers=containers, netns=netns.name)
     obj = lab.fc.get_pod("default", POD)
     obj["spec"]["initContainers"] = inits
