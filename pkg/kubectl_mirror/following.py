@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from .capture import LiveCapture, PodCapture
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 # How long the run's end waits for a start under way (a tap being added, tcpdump starting) to finish and undo
 # itself: past it, that pod's tcpdump could be left running, so this is generous.
 START_BOUND = 120.0
+# Pods started at once (a scale-up, --all-pods): each start is mostly waiting (tap image, tcpdump), so a few run
+# side by side instead of one after another, without opening an exec stream per pod at once on a big scale-up.
+PARALLEL_STARTS = 4
 
 
 class Following:
@@ -46,6 +50,8 @@ class Following:
         self.watch = WatchLoop(conn, conn.namespace, selection_query(selection.query, pod_name), self._changes,
                                self._watch_failed, state)
         self._worker = threading.Thread(target=self._work, name="follow", daemon=True)
+        self._starts: list[threading.Thread] = []
+        self._start_slots = threading.Semaphore(PARALLEL_STARTS)
 
     @staticmethod
     def mode_for(selection: PodSelection, all_pods: bool) -> Mode:
@@ -62,7 +68,12 @@ class Following:
         self._stopping.set()
         self.watch.stop()
         self._queue.put(None)
+        deadline = time.monotonic() + START_BOUND
         self._worker.join(START_BOUND)
+        with self._lock:
+            starts = list(self._starts)
+        for t in starts:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     # ---- the watch's side ---------------------------------------------------------------------------
 
@@ -115,9 +126,21 @@ class Following:
             if self.capture.retire(f"{ns}/{decision.name}", decision.why) is None:
                 log.info("pod %s: nothing to stop (its start had not finished)", decision.name)
         elif isinstance(decision, Start):
-            self._start(decision.pod)
+            t = threading.Thread(target=self._start, args=(decision.pod,), name=f"start {decision.name}",
+                                 daemon=True)
+            with self._lock:
+                self._starts = [s for s in self._starts if s.is_alive()] + [t]
+            t.start()
 
     def _start(self, pod: Pod) -> None:
+        with self._start_slots:
+            try:
+                self._start_one(pod)
+            except Exception as exc:  # a bug here must not pass unnoticed: say it and go on
+                log.exception("following: starting %s failed", pod.metadata.name)
+                self.say(f"warning: {type(exc).__name__}: {exc}")
+
+    def _start_one(self, pod: Pod) -> None:
         name = pod.metadata.name
         if self._stopping.is_set() or self.capture.stopping:
             return
@@ -127,6 +150,8 @@ class Following:
             if self._stopping.is_set() or self.capture.stopping:
                 return
             with self._lock:
+                if name not in self.follower.active:
+                    return  # it left while it was being started: its start was undone, nothing failed
                 decisions = self.follower.start_failed(name, exc.message, self._ready())
             self._post(decisions)
             return

@@ -410,6 +410,11 @@ def _pod_figures(pods: list[KubePodCapture], capture: LiveCapture, summary: Summ
     """Each pod mirrored over the run, in the order it was started: its packets, and the connections to it."""
     out: list[PodFigures] = []
     records = dict(capture.stats.records_by_pod)
+    # One entry per pod, even when the run came back to it (each start is a capture of its own).
+    first: dict[str, KubePodCapture] = {}
+    for pod in pods:
+        first.setdefault(pod.name, pod)
+    pods = list(first.values())
     # A mesh proxy may hand the app its plaintext on a loopback address (Linkerd: 127.0.0.1): those connections
     # are the pod's when it is the only pod captured on lo, else they cannot be told apart by address.
     on_lo = [pod for pod in pods if pod.interface == LOOPBACK]
