@@ -251,3 +251,12 @@ def test_a_response_ended_by_the_close_answers_its_turn() -> None:
     assert play(t, LocalData(1, b"HTTP/1.0 200 OK\r\n\r\nno length: the close ends it", 0.01)) == []
     assert play(t, LocalClosed(1, 0.02)) == [close]
     assert (t.stats.answered, t.stats.unanswered, t.stats.closed_early, t.stats.requests_answered) == (1, 0, 0, 1)
+
+
+def test_a_short_answer_must_stay_quiet_as_long_as_production_took() -> None:
+    t = TurnTaker(TurnOptions(quiet=0.02))
+    data, more = Send(1, b"\x00\x01frame", 0.0), Send(1, b"\x00\x02frame", 0.0)
+    # Production answered 500 bytes after 0.2 s; the local service acknowledges at once, then works.
+    assert play(t, Tick(0.0), opened(), data, turn(answer_bytes=500, answer_time=0.2), more) == [opened(), data]
+    assert play(t, LocalData(1, b"ack", 0.001), Tick(0.05)) == []  # 20 ms of silence is not enough here
+    assert play(t, Tick(0.201)) == [more]

@@ -7,7 +7,8 @@ follows a Turn until the local service has answered too:
 * HTTP/1.x (told by the request parser, in byte mode too): every request delivered so far has a complete
   response from the local service.
 * Anything else: the local service sent bytes since the client's last ones, and either as many as production
-  did or then fell quiet for `quiet` seconds.
+  did or then fell quiet for `quiet` seconds (or for as long as production took to answer, up to a second: a
+  slow handler behind a quick acknowledgement, as HTTP/2 servers send, is not over yet).
 
 Bytes the captured client sent without waiting (a pipelining client) go out together, as captured. Every wait is
 bounded by `max(floor, factor x production's answer time)`, counted from when the client's previous bytes went
@@ -41,6 +42,10 @@ class TurnOptions:
     floor: float = 1.0  # --answer-timeout: the least time a turn waits for the local answer
     factor: float = 10.0  # ... and this many times production's own answer time, when that is longer
     quiet: float = 0.02  # not HTTP: an answer shorter than production's is over after this much silence
+
+    def silence(self, production: float) -> float:
+        """How long a local service must be quiet before a short answer counts as whole."""
+        return max(self.quiet, min(production, 1.0))
     max_held: int = 8 << 20  # bytes held for one connection; beyond it the connection is given up
 
     def limit(self, production: float) -> float:
@@ -326,7 +331,7 @@ class TurnTaker:
                     if now < limit:
                         wake = limit
                         if c.proto is not _Proto.HTTP and c.local_bytes:
-                            wake = min(wake, c.local_at + self.options.quiet)
+                            wake = min(wake, c.local_at + self.options.silence(action.answer_time))
                         self._arm(c, max(wake, now))
                         return
                     stats.unanswered += 1
@@ -361,7 +366,7 @@ class TurnTaker:
         if c.local_bytes >= turn.answer_bytes:
             return True
         # The same sum as the wake-up time in _pump: a timer that fires at it must find the turn answered.
-        return c.local_bytes > 0 and now >= c.local_at + self.options.quiet
+        return c.local_bytes > 0 and now >= c.local_at + self.options.silence(turn.answer_time)
 
     def _sent(self, c: _Conn, data: bytes) -> None:
         """Follow the client's requests in what goes out, so responses can be counted against them."""
