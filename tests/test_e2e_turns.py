@@ -20,6 +20,7 @@ import pytest
 from tests.apiserver import FakeCluster
 from tests.live_helpers import POD_PORT, LiveLab, curl_keepalive, live_run
 from tests.netlab.capture import Capture
+from tests.netlab.grpcpeer import UNARY_CALLS, Counts, make_server
 from tests.netlab.lab import REPO, CliOutput, run_cli
 from tests.netlab.netns import Link, veth_lab
 from tests.netlab.recorder import Recorder
@@ -36,20 +37,23 @@ SCENARIOS = {
     "rst": ("http", ["http", "--conns", "5", "--requests", "1", "--rst"]),
     "pipeline": ("http", ["pipeline", "--conns", "3", "--requests", "5"]),
     "line": ("line", ["line", "--conns", "4", "--requests", "20"]),
+    # A grpcio client: 301 unary calls 100 at a time, then one call of each streaming kind, on one connection.
+    "grpc": ("grpc", ["client"]),
 }
 
 
 def _capture(link: Link, pcap: Path, mode: str, client: list[str], attempts: int = 3) -> Path:
     for _ in range(attempts):
-        server = subprocess.Popen(
-            link.server.argv([sys.executable, "-m", "tests.netlab.turnserver", mode, "--port", str(PORT)]),
-            cwd=REPO, stdout=subprocess.PIPE, text=True)
+        peer = "grpcpeer" if mode == "grpc" else "turnclient"
+        serve = ["-m", "tests.netlab.grpcpeer", "server"] if mode == "grpc" else ["-m", "tests.netlab.turnserver", mode]
+        server = subprocess.Popen(link.server.argv([sys.executable, *serve, "--port", str(PORT)]),
+                                  cwd=REPO, stdout=subprocess.PIPE, text=True)
         try:
             assert server.stdout is not None
             assert server.stdout.readline().startswith("listening")
             with Capture(link.server, link.server_if, pcap, bpf=f"tcp port {PORT}") as cap:
                 out = subprocess.run(
-                    link.client.argv([sys.executable, "-m", "tests.netlab.turnclient", *client,
+                    link.client.argv([sys.executable, "-m", f"tests.netlab.{peer}", *client,
                                       "--host", link.server_ip4, "--port", str(PORT)]),
                     cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
                 assert out.returncode == 0, out.stdout + out.stderr
@@ -65,7 +69,21 @@ def _capture(link: Link, pcap: Path, mode: str, client: list[str], attempts: int
 def pcaps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("turns")
     with veth_lab() as link:
-        return {name: _capture(link, root / f"{name}.pcap", mode, client) for name, (mode, client) in SCENARIOS.items()}
+        return {name: _capture(link, root / f"{name}.pcap", mode, client)
+                for name, (mode, client) in SCENARIOS.items()}
+
+
+@pytest.mark.parametrize("speed", ["0", "1"])
+def test_a_grpc_server_completes_every_call(pcaps: dict[str, Path], speed: str) -> None:
+    counts = Counts()
+    server, port = make_server(0, 0.02, counts)
+    try:
+        out = replay_to(pcaps["grpc"], port, "--speed", speed)
+    finally:
+        server.stop(grace=2.0).wait(5)
+    assert_all_complete(out, 1)
+    assert counts.values == {"get_done": UNARY_CALLS, "get_cancelled": 0, "list": 1, "put": 1, "chat": 1}, (
+        counts.values, out.summary.get("turns"))
 
 
 def expected(name: str) -> list[bytes]:

@@ -260,3 +260,15 @@ def test_a_short_answer_must_stay_quiet_as_long_as_production_took() -> None:
     assert play(t, Tick(0.0), opened(), data, turn(answer_bytes=500, answer_time=0.2), more) == [opened(), data]
     assert play(t, LocalData(1, b"ack", 0.001), Tick(0.05)) == []  # 20 ms of silence is not enough here
     assert play(t, Tick(0.201)) == [more]
+
+
+def test_a_multiplexed_answer_counts_in_totals() -> None:
+    t = TurnTaker(TurnOptions(quiet=0.02))
+    a, b, close = Send(1, b"req-a", 0.0), Send(1, b"req-b", 0.0), Close(1, 0.0)
+    assert play(t, Tick(0.0), opened(), a, turn(answer_bytes=10, answer_time=0.0), b,
+                turn(answer_bytes=10, answer_time=0.0), close) == [opened(), a]
+    assert play(t, LocalData(1, b"x" * 6, 0.001), Tick(0.021)) == [b]  # short, then quiet: answered
+    # As many bytes as production after the second request, but 16 of production's 20 in all: the rest of the
+    # first answer is still to come (a multiplexed protocol answers both at once).
+    assert play(t, LocalData(1, b"y" * 10, 0.03)) == []
+    assert play(t, LocalData(1, b"z" * 4, 0.031)) == [close]

@@ -137,6 +137,10 @@ class _Conn:
     responses: int = 0  # complete local responses
     released_at: float = 0.0  # when the client's latest bytes went out (or the connection opened)
     local_bytes: int = 0  # local bytes since then
+    # All the local service's bytes, and production's answers of the turns already past: a multiplexed protocol
+    # (HTTP/2) answers one turn's requests during the next, so a turn is whole when the totals are, too.
+    local_total: int = 0
+    production_total: int = 0
     local_at: float = 0.0  # when the latest local byte came
     stopped_waiting: bool = False  # a turn went unanswered: the rest goes at the capture's pace
     local_closed: bool = False
@@ -265,6 +269,7 @@ class TurnTaker:
         if not data:
             return
         c.local_bytes += len(data)
+        c.local_total += len(data)
         c.local_at = at
         parser = c.parser
         if parser is not None:
@@ -296,6 +301,7 @@ class TurnTaker:
             stats.closed_early += 1
         if isinstance(head, Turn):
             c.held.popleft()
+            c.production_total += head.answer_bytes
             if closing_answer:
                 stats.answered += 1
             else:
@@ -338,6 +344,7 @@ class TurnTaker:
                     c.stopped_waiting = True
                     c.parser = c.splitter = None
                 held.popleft()
+                c.production_total += action.answer_bytes
                 continue
             held.popleft()
             if type(action) is Send:
@@ -363,7 +370,7 @@ class TurnTaker:
     def _answered(self, c: _Conn, turn: Turn, now: float) -> bool:
         if c.proto is _Proto.HTTP:
             return c.local_bytes > 0 and c.responses >= c.requests
-        if c.local_bytes >= turn.answer_bytes:
+        if c.local_bytes >= turn.answer_bytes and c.local_total >= c.production_total + turn.answer_bytes:
             return True
         # The same sum as the wake-up time in _pump: a timer that fires at it must find the turn answered.
         return c.local_bytes > 0 and now >= c.local_at + self.options.silence(turn.answer_time)
