@@ -20,7 +20,6 @@ import pytest
 from tests.apiserver import FakeCluster
 from tests.live_helpers import POD_PORT, LiveLab, curl_keepalive, live_run
 from tests.netlab.capture import Capture
-from tests.netlab.grpcpeer import UNARY_CALLS, Counts, make_server
 from tests.netlab.lab import REPO, CliOutput, run_cli
 from tests.netlab.netns import Link, veth_lab
 from tests.netlab.recorder import Recorder
@@ -37,8 +36,6 @@ SCENARIOS = {
     "rst": ("http", ["http", "--conns", "5", "--requests", "1", "--rst"]),
     "pipeline": ("http", ["pipeline", "--conns", "3", "--requests", "5"]),
     "line": ("line", ["line", "--conns", "4", "--requests", "20"]),
-    # A grpcio client: 301 unary calls 100 at a time, then one call of each streaming kind, on one connection.
-    "grpc": ("grpc", ["client"]),
 }
 
 
@@ -73,12 +70,22 @@ def pcaps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 for name, (mode, client) in SCENARIOS.items()}
 
 
+@pytest.fixture(scope="module")
+def grpc_pcap(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A grpcio client: 301 unary calls 100 at a time, then one call of each streaming kind, on one connection."""
+    with veth_lab() as link:
+        return _capture(link, tmp_path_factory.mktemp("grpc") / "grpc.pcap", "grpc", ["client"])
+
+
 @pytest.mark.parametrize("speed", ["0", "1"])
-def test_a_grpc_server_completes_every_call(pcaps: dict[str, Path], speed: str) -> None:
+def test_a_grpc_server_completes_every_call(grpc_pcap: Path, speed: str) -> None:
+    # Imported here: grpcio is a dev extra (make venv), and the other tests need none of it.
+    from tests.netlab.grpcpeer import UNARY_CALLS, Counts, make_server
+
     counts = Counts()
     server, port = make_server(0, 0.02, counts)
     try:
-        out = replay_to(pcaps["grpc"], port, "--speed", speed)
+        out = replay_to(grpc_pcap, port, "--speed", speed)
     finally:
         server.stop(grace=2.0).wait(5)
     assert_all_complete(out, 1)
