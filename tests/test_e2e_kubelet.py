@@ -80,6 +80,7 @@ def test_kubelet_probes_are_mirrored_like_any_connection(lab: LiveLab, stack: co
     assert len(probes) >= 3 and all(b"\r\nUser-Agent: kube-probe/" in r.data for r in probes), truth
     assert sorted(sent) == sorted(bytes(r.data) for r in truth if r not in probes)
     assert_byte_identical(mirrored(local, len(truth)), truth, result)
+    assert result.connections["probes"] == len(probes), result.connections  # the summary tells them apart
     assert_no_tcpdump(lab)
 
 
