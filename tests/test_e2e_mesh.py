@@ -24,7 +24,7 @@ import trustme
 from tests.apiserver import FakeCluster, PodNetns
 from tests.apiserver.resources import BY_KIND
 from tests.cli_run import wait_for
-from tests.live_helpers import HTTP_CONTAINER, POD_PORT, LiveLab, live_run, run_once
+from tests.live_helpers import HTTP_CONTAINER, POD_PORT, LiveLab, curl_keepalive, live_run, run_once
 from tests.mesh_pods import LINKERD_INIT, LINKERD_PROXY, PROBE_PATH, istio_sidecar_spec
 from tests.netlab.lab import REPO, NsRecorder, contents, without_probe
 from tests.netlab.netns import Netns
@@ -236,6 +236,30 @@ def test_linkerd_pod_mirrors_the_proxys_hop_to_localhost(lab: LiveLab, stack: co
     assert result.summary["mesh"] == "Linkerd sidecar, captured on lo"
     # The per-pod figures count the connections to 127.0.0.1 as this pod's: it is the only one captured on lo.
     assert [(p["pod"], p["connections"]) for p in result.summary["pods"]] == [(f"default/{POD}", 3)]
+
+
+def test_a_port_the_redirect_leaves_alone_is_mirrored_as_without_a_mesh(lab: LiveLab, stack: contextlib.ExitStack,
+                                                                          local: Recorder) -> None:
+    # istio-iptables leaves an excluded port alone: its clients reach the app directly, in plaintext, on eth0.
+    netns = stack.enter_context(PodNetns())
+    app = NsRecorder(Netns(netns.name), lab.workdir / "app.json", POD_PORT).start()
+    stack.callback(lambda: app.proc is not None and app.proc.poll() is None and app.stop())
+    containers, inits, annotations, labels = istio_sidecar_spec(dict(HTTP_CONTAINER))
+    register(lab, netns, containers, inits, {**annotations, "traffic.sidecar.istio.io/excludeInboundPorts": "80"},
+             labels)
+    with live_run([f"pod/{POD}", "--to", f"127.0.0.1:{local.port}", *lab.kube_args(), "--json"]) as run:
+        run.wait_mirroring()
+        out = curl_keepalive(netns.ip, POD_PORT, ["/direct/a", "/direct/b"])
+        assert out.count("ok GET") == 2, out
+        run.interrupt()
+        result = run.finish()
+    assert result.returncode == 0, result.stderr
+    assert ("pod web-abc is in an Istio mesh, but its redirect leaves port 80 alone "
+            "(traffic.sidecar.istio.io/excludeInboundPorts): mirroring it on any") in result.stderr
+    truth = app.stop()
+    local.wait_idle(len(truth) + 1, timeout=15.0)
+    assert contents(without_probe(local.stop(grace=5.0))) == contents(truth) != []
+    assert result.summary["mesh"] == "Istio sidecar, captured on any"
 
 
 def add_tls_pod(lab: LiveLab, stack: contextlib.ExitStack, ca: trustme.CA) -> tuple[PodNetns, Sidecar]:

@@ -100,3 +100,31 @@ def test_a_pod_capture_listens_where_its_mesh_says_unless_told() -> None:
     assert KubePodCapture(None, meshed, tap, None, "eth0").interface == "eth0"  # type: ignore[arg-type]
     plain_capture = KubePodCapture(None, plain, tap, None)  # type: ignore[arg-type]
     assert (plain_capture.interface, plain_capture.server_hosts) == ("any", {"10.1.0.8"})
+
+
+def test_ports_the_redirect_leaves_alone_are_captured_as_without_a_mesh() -> None:
+    istio = detect(pod(APP, containers=[ISTIO_PROXY], inits=[ISTIO_INIT],
+                       annotations={"traffic.sidecar.istio.io/excludeInboundPorts": "8080, 9000-9002"}))
+    assert istio is not None
+    assert [istio.redirects(p) for p in (80, 8080, 9001, 9003, 15020)] == [True, False, False, True, False]
+    assert (istio.interface_for(80), istio.interface_for(8080)) == ("lo", "any")
+    assert announcement("web-abc", istio, "any", overridden=False, port=8080) == (
+        "pod web-abc is in an Istio mesh, but its redirect leaves port 8080 alone "
+        "(traffic.sidecar.istio.io/excludeInboundPorts): mirroring it on any, as in a pod without a mesh")
+    assert "(Istio's own port)" in announcement("web-abc", istio, "any", overridden=False, port=15020)
+    include = "traffic.sidecar.istio.io/includeInboundPorts"
+    only = detect(pod(APP, containers=[ISTIO_PROXY], annotations={include: "80"}))
+    assert only is not None and only.redirects(80) and not only.redirects(8080)
+    for everything in ("*", " * "):
+        every = detect(pod(APP, containers=[ISTIO_PROXY],
+                           annotations={include: everything}))
+        assert every is not None and every.redirects(8080)
+    none = detect(pod(APP, containers=[ISTIO_PROXY], annotations={include: ""}))
+    assert none is not None and not none.redirects(80)
+    linkerd = detect(pod(APP, containers=[LINKERD_PROXY], annotations={"config.linkerd.io/skip-inbound-ports": "25"}))
+    assert linkerd is not None and not linkerd.redirects(25) and not linkerd.redirects(4191) and linkerd.redirects(80)
+    kuma = detect(pod(APP, containers=[KUMA_SIDECAR], annotations={"traffic.kuma.io/exclude-inbound-ports": "x,7"}))
+    assert kuma is not None and not kuma.redirects(7) and kuma.redirects(80)
+    ambient = detect(pod(APP, annotations={"ambient.istio.io/redirection": "enabled",
+                                           "traffic.sidecar.istio.io/excludeInboundPorts": "80"}))
+    assert ambient is not None and ambient.redirects(80)  # sidecar annotations mean nothing to ztunnel

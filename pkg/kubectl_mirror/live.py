@@ -54,7 +54,7 @@ class KubePodCapture:
                  on_note: Callable[[str], None] | None = None) -> None:
         self.conn, self.target, self.tap, self.user_filter = conn, target, tap, user_filter
         # --interface, else the pod's mesh decides (its plaintext hop), else every interface.
-        self.interface = interface or (target.mesh.interface if target.mesh is not None else ANY)
+        self.interface = interface or (target.mesh.interface_for(target.port) if target.mesh is not None else ANY)
         # A running tap for this pod (ensure_tap): when `tap` has terminated, or, with avoid_legacy=True, one that
         # can run a privilege-dropping tcpdump when `tap` is one of an earlier version.
         self._new_tap = new_tap
@@ -357,10 +357,10 @@ def capture_interface(target: PodTarget, args: argparse.Namespace, say: Callable
     Said once per meshed pod, before the tap is added: in a mesh, capturing every interface would mirror each
     request twice, once as the mesh's ciphertext and once as the proxy's plaintext copy.
     """
-    chosen = args.interface or (target.mesh.interface if target.mesh is not None else ANY)
+    chosen = args.interface or (target.mesh.interface_for(target.port) if target.mesh is not None else ANY)
     if target.mesh is not None:
         log.info("pod %s: %s mesh (%s)", target.pod, target.mesh.label(), target.mesh.evidence)
-        line = announcement(target.pod, target.mesh, chosen, overridden=bool(args.interface))
+        line = announcement(target.pod, target.mesh, chosen, overridden=bool(args.interface), port=target.port)
         if say is not None:
             say(line)
         elif not args.quiet:
