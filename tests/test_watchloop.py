@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kubectl_mirror.errors import MirrorError
-from kubectl_mirror.kubeconfig import Connection
+from kubectl_mirror.kubeconfig import Connection, watch_lines
 from kubectl_mirror.podwatch import Change, PodWatch
 from kubectl_mirror.target import select_pods
 from kubectl_mirror.watchloop import WatchLoop, selection_query
@@ -129,3 +129,19 @@ def test_no_rbac_for_watch_is_said_once_and_the_loop_ends(fc: FakeCluster, conn:
         loop.stop()
     (err,) = seen.fatal
     assert 'cannot watch pods in namespace "default"' in err.message and 'RBAC "watch"' in err.message
+
+
+class _Chunks:
+    """A response whose body arrives in the given chunks, as urllib3's stream() hands them over."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = chunks
+
+    def stream(self, amt: int, decode_content: bool) -> Iterator[bytes]:
+        yield from self.chunks
+
+
+def test_watch_lines_rejoin_split_events_and_split_joined_ones() -> None:
+    resp = _Chunks(b'{"type":"ADD', b'ED"}\n{"type":"MODIFIED"}\n\n{"ty', b'pe":"BOOKMARK"}\n{"type":"DELETED"}')
+    assert list(watch_lines(resp)) == [b'{"type":"ADDED"}', b'{"type":"MODIFIED"}', b'{"type":"BOOKMARK"}',
+                                       b'{"type":"DELETED"}']

@@ -271,6 +271,17 @@ def api_request(conn: Connection, method: str, path: str, params: Mapping[str, s
     return resp.response
 
 
+def watch_lines(resp: Any) -> Iterator[bytes]:
+    """The events of a watch response (from api_request), one JSON line each; chunks may split or join them."""
+    pending = b""
+    for chunk in resp.stream(65536, decode_content=False):
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()  # the part after the last newline: the start of a line still coming
+        yield from (line for line in lines if line.strip())
+    if pending.strip():
+        yield pending
+
+
 @contextmanager
 def api_errors(conn: Connection) -> Iterator[None]:
     """Turn transport failures inside the block into one-line ClusterErrors (ApiExceptions pass through)."""

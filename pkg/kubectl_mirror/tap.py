@@ -17,7 +17,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from .errors import ClusterError, UsageError
-from .kubeconfig import Connection, api_errors, api_failure, api_message, api_request
+from .kubeconfig import Connection, api_errors, api_failure, api_message, api_request, watch_lines
 from .target import ContainerStatus, Pod, PodTarget
 
 # nicolaka/netshoot v0.11 pinned by digest: it ships tcpdump, sh, kill and sleep in one widely mirrored image
@@ -329,7 +329,7 @@ def _follow(conn: Connection, tap: Tap, resp: Any, deadline: float) -> Pod | Non
     last: Pod | None = None
     try:
         with api_errors(conn):
-            for raw in _lines(resp):
+            for raw in watch_lines(resp):
                 event = json.loads(raw)
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
@@ -347,18 +347,6 @@ def _follow(conn: Connection, tap: Tap, resp: Any, deadline: float) -> Pod | Non
         raise
     return last
 
-
-def _lines(resp: Any) -> Any:
-    """Watch events are newline-delimited JSON; chunks may split or join them."""
-    pending = b""
-    for chunk in resp.stream(65536, decode_content=False):
-        pending += chunk
-        while b"\n" in pending:
-            line, pending = pending.split(b"\n", 1)
-            if line.strip():
-                yield line
-    if pending.strip():
-        yield pending
 
 
 def tap_ended(conn: Connection, tap: Tap) -> str | None:

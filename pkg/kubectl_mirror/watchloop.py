@@ -11,13 +11,13 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 from .errors import MirrorError
-from .kubeconfig import Connection, api_errors, api_failure, api_request
+from .kubeconfig import Connection, api_errors, api_failure, api_request, watch_lines
 from .podwatch import Change, ListPods, PodWatch, WatchFailed
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class WatchLoop:
             if self._stop.is_set():
                 return
             with api_errors(self.conn):
-                for line in _lines(resp):
+                for line in watch_lines(resp):
                     if self._stop.is_set():
                         return
                     event = json.loads(line)
@@ -156,15 +156,3 @@ class WatchLoop:
                 self._resp = None
             resp.release_conn()
 
-
-def _lines(resp: Any) -> Iterator[bytes]:
-    """Watch events are newline-delimited JSON; chunks may split or join them."""
-    pending = b""
-    for chunk in resp.stream(65536, decode_content=False):
-        pending += chunk
-        while b"\n" in pending:
-            line, pending = pending.split(b"\n", 1)
-            if line.strip():
-                yield line
-    if pending.strip():
-        yield pending
