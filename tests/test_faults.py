@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from kubectl_mirror.dissect import MAX_AHEAD_BYTES, MAX_BATCH_BYTES
 from tests.apiserver import FakeCluster, PodNetns
 from tests.cli_run import CliRun, Finished, wait_for
 from tests.fault_helpers import (
@@ -185,14 +186,17 @@ def test_replay_target_that_never_reads_drops_and_stays_bounded(tmp_path: Path) 
     assert all(r.end == "eof" for r in records if bytes(r.data).startswith(b"good"))
     stalled = [r for r in records if bytes(r.data).startswith(b"stall")]
     assert len(stalled) == 3 and all(r.end == "stalled" for r in stalled), [(len(r.data), r.end) for r in records]
-    # The same replay to a target that reads everything: what the plugin holds anyway (interpreter, the
-    # dissector's read-ahead, paced segments). A target that never reads may cost --max-buffer more, plus
-    # allocator slack; buffering the stalled flows instead of dropping them would add ~100 MB.
+    # The same replay to a target that reads everything: what the plugin holds anyway (interpreter, paced
+    # segments). Whether the dissector's read-ahead window is full at the peak depends on which process a busy CPU
+    # serves, not on the target, so the bound grants it explicitly (window and one batch) on top of --max-buffer
+    # and allocator slack; buffering the stalled flows instead of dropping them would add ~120 MB. The reference
+    # only measures memory: on a loaded box its reading target may fall behind and a flow be dropped (exit 3).
     with target() as t2, cli(replay_args(pcap, t2.port, "--speed", "1", "--flow-buffer", "256KiB",
                          "--max-buffer", f"{max_buffer}")) as run:
         reference = run.finish(90.0)
-    assert reference.returncode == 0 and reference.peak_rss > 0, reference.stderr
-    bound = reference.peak_rss + max_buffer + (16 << 20)
+    assert reference.returncode in (0, 3) and reference.peak_rss > 0, reference.stderr
+    assert_no_traceback(reference)
+    bound = reference.peak_rss + MAX_AHEAD_BYTES + MAX_BATCH_BYTES + max_buffer + (16 << 20)
     assert 0 < result.peak_rss <= bound, (result.peak_rss >> 20, reference.peak_rss >> 20, bound >> 20)
 
 

@@ -66,6 +66,11 @@ PREFERENCES = (
 
 MAX_AHEAD_RECORDS = 50_000  # records handed to tshark whose lines have not been read yet
 MAX_AHEAD_BYTES = 16 << 20
+# Capture bytes one read_segments call hands out. Reading a segment frees its record's place ahead, so the feeder
+# refills the window at once: what the caller still holds (paced segments waiting for their time) comes on top of
+# MAX_AHEAD_BYTES. Without this cap a slow CPU, whose tshark lines come in bursts, let one batch take the whole
+# window and the plugin hold twice it (~30 MiB more); with it the caller holds at most this much more.
+MAX_BATCH_BYTES = 2 << 20
 READ_SIZE = 256 * 1024
 
 
@@ -576,6 +581,12 @@ class Dissector:
         last = self._instances[-1]
         return self._reading == len(self._instances) - 1 and last.retired
 
+    @property
+    def lines_waiting(self) -> bool:
+        """tshark lines already read but not parsed (a batch cut by its limits): no need to wait for the fd."""
+        inst = self._instances[self._reading] if self._instances else None
+        return inst is not None and inst.line_pos < len(inst.lines)
+
     def fileno(self) -> int:
         """tshark's stdout to wait on; changes after a handover, so ask again on every loop."""
         inst = self._instances[self._reading]
@@ -594,13 +605,14 @@ class Dissector:
             if self._input_error is not None:
                 raise self._input_error
 
-    def read_segments(self, max_items: int = 4096) -> list[Segment]:
-        """Segments available now, without blocking."""
+    def read_segments(self, max_items: int = 4096, max_bytes: int = MAX_BATCH_BYTES) -> list[Segment]:
+        """Segments available now, without blocking: at most max_items, and about max_bytes of capture records."""
         out: list[Segment] = []
-        while len(out) < max_items and self._tool_error is None and self._instances:
+        budget_end = self._used_bytes + max_bytes
+        while len(out) < max_items and self._used_bytes < budget_end and self._tool_error is None and self._instances:
             inst = self._instances[self._reading]
             if inst.line_pos < len(inst.lines):
-                self._parse(inst, out, max_items - len(out))
+                self._parse(inst, out, max_items - len(out), budget_end - self._used_bytes)
                 continue
             if inst.eof:
                 if not inst.retired:
@@ -683,7 +695,7 @@ class Dissector:
             except OSError:
                 pass
 
-    def _parse(self, inst: TsharkProcess, out: list[Segment], limit: int) -> None:
+    def _parse(self, inst: TsharkProcess, out: list[Segment], limit: int, budget: int) -> None:
         # One loop with everything in locals: this runs once per packet and is most of the caller's CPU.
         lines = inst.lines
         stop = min(len(lines), inst.line_pos + limit)
@@ -694,6 +706,9 @@ class Dissector:
         used_records = used_bytes = non_tcp = tcp = 0
         append = out.append
         for k in range(inst.line_pos, stop):
+            if used_bytes >= budget:
+                stop = k  # the rest stays in inst.lines for the next call
+                break
             f = lines[k].split("\t")
             try:
                 number = int(f[0])

@@ -343,7 +343,7 @@ class Engine:
                     continue
                 if dissector.done:
                     break
-                self._poll(IDLE_WAIT, dissector.fileno())
+                self._poll(0.0 if dissector.lines_waiting else IDLE_WAIT, dissector.fileno())
                 segments = dissector.read_segments()
                 if segments:
                     held.extend(segments)
