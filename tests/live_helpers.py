@@ -84,6 +84,22 @@ class LiveLab:
         return [pid for pid, argv in self.fc.exec_processes() if "tcpdump" in argv]
 
 
+@contextlib.contextmanager
+def live_lab(workdir: Path, **cluster: Any) -> Iterator[LiveLab]:
+    """The `lab` fixtures' cluster: a started FakeCluster (keyword arguments go to it) with quick taps.
+
+    Use it after `stack` in a fixture, so the cluster stops before `stack` removes the pods' namespaces: stopping
+    it kills whatever a failed run left exec'd in them.
+    """
+    fc = FakeCluster(workdir, **cluster)
+    fc.start()
+    fc.tap_start_delay = 0.05
+    try:
+        yield LiveLab(fc, workdir)
+    finally:
+        fc.stop()
+
+
 def _stop_quietly(server: NsRecorder) -> None:
     if server.proc is not None and server.proc.poll() is None:
         with contextlib.suppress(Exception):

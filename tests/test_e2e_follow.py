@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.apiserver import FakeCluster
 from tests.cli_run import CliRun, Finished, wait_for
-from tests.live_helpers import HTTP_CONTAINER, POD_PORT, HalfOpen, LiveLab, live_run, raw_conns
+from tests.live_helpers import HTTP_CONTAINER, POD_PORT, HalfOpen, LiveLab, live_lab, live_run, raw_conns
 from tests.netlab.lab import contents, without_probe
 from tests.netlab.recorder import ConnRecord, Recorder
 from tests.netlab.traffic import payload
@@ -28,14 +27,9 @@ MOVE_TIMEOUT = 30.0  # until the CLI says it moved (a watch event, then a tap an
 
 @pytest.fixture
 def lab(tmp_path: Path, stack: contextlib.ExitStack) -> Iterator[LiveLab]:
-    fc = FakeCluster(tmp_path)
-    fc.start()
-    fc.tap_start_delay = 0.05
-    fc.bookmark_every = 0.5
-    try:
-        yield LiveLab(fc, tmp_path)
-    finally:
-        fc.stop()  # before `stack` removes the pods' namespaces: kills whatever a failed run left exec'd in them
+    with live_lab(tmp_path) as lab:
+        lab.fc.bookmark_every = 0.5
+        yield lab
 
 
 def web(lab: LiveLab, stack: contextlib.ExitStack, *names: str) -> None:

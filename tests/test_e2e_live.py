@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 
 from kubectl_mirror.model import ACK, FIN, PSH, SYN
-from tests.apiserver import FakeCluster
 from tests.cli_run import Finished, cli_env, wait_for
 from tests.dissect_helpers import ethernet, tcp_ip
 from tests.live_helpers import (
@@ -35,6 +34,7 @@ from tests.live_helpers import (
     LiveLab,
     assert_one_line_error,
     curl_keepalive,
+    live_lab,
     live_run,
     pcap_packet_count,
     raw_conns,
@@ -57,15 +57,8 @@ POD_A, POD_B = "web-7d4b9c-aaaaa", "web-7d4b9c-bbbbb"
 
 @pytest.fixture
 def lab(tmp_path: Path, stack: contextlib.ExitStack) -> Iterator[LiveLab]:
-    fc = FakeCluster(tmp_path)
-    fc.start()
-    fc.tap_start_delay = 0.05
-    try:
-        yield LiveLab(fc, tmp_path)
-    finally:
-        # Before `stack` removes the pods' namespaces (this fixture is torn down first): kills whatever a
-        # failed run left exec'd in them.
-        fc.stop()
+    with live_lab(tmp_path) as lab:
+        yield lab
 
 
 def deploy_web(lab: LiveLab, stack: contextlib.ExitStack, *, a_ready: bool = True) -> None:

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.apiserver import FakeCluster, PodNetns
+from tests.apiserver import PodNetns
 from tests.apiserver.resources import BY_KIND
 from tests.cli_run import wait_for
-from tests.live_helpers import HTTP_CONTAINER, POD_PORT, LiveLab, curl_keepalive, live_run, run_once
+from tests.live_helpers import HTTP_CONTAINER, POD_PORT, LiveLab, curl_keepalive, live_lab, live_run, run_once
 from tests.mesh_pods import LINKERD_INIT, LINKERD_PROXY, PROBE_PATH, istio_sidecar_spec
 from tests.netlab.lab import REPO, NsRecorder, contents, without_probe
 from tests.netlab.netns import Netns
@@ -41,13 +41,8 @@ TLS_POD_PORT = 443
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[LiveLab]:
-    fc = FakeCluster(tmp_path)
-    fc.start()
-    fc.tap_start_delay = 0.05
-    try:
-        yield LiveLab(fc, tmp_path)
-    finally:
-        fc.stop()
+    with live_lab(tmp_path) as lab:
+        yield lab
 
 
 @pytest.fixture

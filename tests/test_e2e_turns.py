@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.apiserver import FakeCluster
-from tests.live_helpers import POD_PORT, LiveLab, curl_keepalive, live_run
+from tests.live_helpers import POD_PORT, LiveLab, curl_keepalive, live_lab, live_run
 from tests.netlab.capture import Capture
 from tests.netlab.lab import REPO, CliOutput, run_cli
 from tests.netlab.netns import Link, veth_lab
@@ -255,13 +254,8 @@ def test_keep_alive_bytes_stay_exact(pcaps: dict[str, Path]) -> None:
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[LiveLab]:
     """The test cluster of tests/test_e2e_live.py, its pods real namespaces serving HTTP."""
-    fc = FakeCluster(tmp_path)
-    fc.start()
-    fc.tap_start_delay = 0.05
-    try:
-        yield LiveLab(fc, tmp_path)
-    finally:
-        fc.stop()
+    with live_lab(tmp_path) as lab:
+        yield lab
 
 
 @pytest.mark.netns

@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
-from tests.apiserver import FakeCluster
 from tests.cli_run import Finished, cli_env, wait_for
 from tests.live_helpers import (
     HTTP_CONTAINER,
     POD_PORT,
     LiveLab,
     assert_one_line_error,
+    live_lab,
     live_run,
     raw_connection,
     run_once,
@@ -68,13 +68,8 @@ FORBIDDEN_LINE = re.compile(r"^error: forbidden(?: \(as [^)]*\))?: cannot (?P<ve
 
 @pytest.fixture
 def lab(tmp_path: Path, stack: contextlib.ExitStack) -> Iterator[LiveLab]:
-    fc = FakeCluster(tmp_path, token=TOKEN)
-    fc.start()
-    fc.tap_start_delay = 0.05
-    try:
-        yield LiveLab(fc, tmp_path)
-    finally:
-        fc.stop()  # before `stack` removes the pods' namespaces: kills whatever a failed run left exec'd
+    with live_lab(tmp_path, token=TOKEN) as lab:
+        yield lab
 
 
 def serve_workloads(lab: LiveLab, stack: contextlib.ExitStack, namespace: str = "default") -> None:
