@@ -6,6 +6,7 @@ tshark children (the fault tests check that none outlives the run).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -95,8 +96,9 @@ class CliRun:
         self._mirroring.set()  # EOF: the run ended before (or without) the line; wait_mirroring reports it
 
     def _read_out(self) -> None:
-        assert self.proc.stdout is not None
-        for chunk in iter(lambda: self.proc.stdout.read1(65536) if self.proc.stdout else b"", b""):
+        stdout = self.proc.stdout
+        assert isinstance(stdout, io.BufferedReader)  # a binary, buffered pipe (Popen's default bufsize)
+        for chunk in iter(lambda: stdout.read1(65536), b""):
             with self._lock:
                 self._out += chunk
 

@@ -16,15 +16,17 @@ import urllib.parse
 from collections.abc import Iterator
 from http.client import HTTPSConnection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import websocket
 from kubernetes import client, config, watch
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from kubernetes.stream import stream
 
 from tests.apiserver import FakeCluster, PodNetns
+
+T = TypeVar("T")
 
 Obj = dict[str, Any]
 KUBECTL = shutil.which("kubectl")
@@ -35,7 +37,7 @@ TAP = {
     "targetContainerName": "web",
     "securityContext": {"capabilities": {"add": ["NET_RAW"]}},
 }
-WEB = [{"name": "web", "image": "nginx:1.27", "ports": [{"name": "http", "containerPort": 80}]}]
+WEB: list[dict[str, Any]] = [{"name": "web", "image": "nginx:1.27", "ports": [{"name": "http", "containerPort": 80}]}]
 
 
 @pytest.fixture
@@ -72,7 +74,14 @@ def raw(fc: FakeCluster, method: str, path: str, body: Any = None, token: str = 
 
 
 def api_error(exc: ApiException) -> Obj:
+    assert exc.body is not None, "the server sent no Status body"
     return json.loads(exc.body)  # type: ignore[no-any-return]
+
+
+def given(value: T | None) -> T:
+    """The client models type every field Optional; a field the test expects the server to fill must be there."""
+    assert value is not None
+    return value
 
 
 def add_ephemeral(core: client.CoreV1Api, ns: str, pod: str, container: Obj) -> Obj:
@@ -138,7 +147,7 @@ def test_list_and_get_pods_with_selectors(fc: FakeCluster, core: client.CoreV1Ap
     fc.add_pod("other", "web-9", labels={"app": "web"})
 
     def names(**kw: Any) -> list[str]:
-        return sorted(p.metadata.name for p in core.list_namespaced_pod("default", **kw).items)
+        return sorted(given(given(p.metadata).name) for p in core.list_namespaced_pod("default", **kw).items)
 
     assert names() == ["api-1", "web-1", "web-2"]
     assert names(label_selector="app=web") == ["web-1", "web-2"]
@@ -147,17 +156,19 @@ def test_list_and_get_pods_with_selectors(fc: FakeCluster, core: client.CoreV1Ap
     assert names(label_selector="!tier,app notin (api)") == ["web-2"]
     assert names(field_selector="status.phase=Running") == ["api-1", "web-1"]
     assert names(field_selector="metadata.name=web-2") == ["web-2"]
-    assert sorted(p.metadata.name for p in core.list_pod_for_all_namespaces(label_selector="app=web").items) == [
-        "web-1", "web-2", "web-9"]
+    everywhere = core.list_pod_for_all_namespaces(label_selector="app=web").items
+    assert sorted(given(given(p.metadata).name) for p in everywhere) == ["web-1", "web-2", "web-9"]
 
     pod = core.read_namespaced_pod("web-1", "default")
-    assert pod.metadata.uid and pod.metadata.resource_version
-    assert pod.spec.containers[0].ports[0].container_port == 80 and pod.spec.node_name
-    assert pod.status.phase == "Running" and pod.status.pod_ip
-    assert [c.status for c in pod.status.conditions if c.type == "Ready"] == ["True"]
-    assert pod.status.container_statuses[0].ready is True
+    meta, spec, status = given(pod.metadata), given(pod.spec), given(pod.status)
+    assert meta.uid and meta.resource_version
+    assert given(spec.containers[0].ports)[0].container_port == 80 and spec.node_name
+    assert status.phase == "Running" and status.pod_ip
+    assert [c.status for c in given(status.conditions) if c.type == "Ready"] == ["True"]
+    assert given(status.container_statuses)[0].ready is True
     pending = core.read_namespaced_pod("web-2", "default")
-    assert pending.status.container_statuses[0].state.waiting.reason == "ContainerCreating"
+    waiting = given(given(given(given(pending.status).container_statuses)[0].state).waiting)
+    assert waiting.reason == "ContainerCreating"
 
     with pytest.raises(ApiException) as err:
         core.read_namespaced_pod("nope", "default")
@@ -188,17 +199,20 @@ def test_workloads_own_their_pods(fc: FakeCluster) -> None:
     deploy = apps.read_namespaced_deployment("web", "default")
     assert deploy.spec.selector.match_labels == {"app": "web"} and deploy.spec.replicas == 2
     (rs,) = apps.list_namespaced_replica_set("default").items
-    assert rs.metadata.owner_references[0].kind == "Deployment"
-    assert rs.metadata.owner_references[0].uid == deploy.metadata.uid
+    rs_meta = given(rs.metadata)
+    assert given(rs_meta.owner_references)[0].kind == "Deployment"
+    assert given(rs_meta.owner_references)[0].uid == given(deploy.metadata).uid
     for name in ("web-1", "web-2"):
         pod = fc.get_pod("default", name)
         (ref,) = pod["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
-            "ReplicaSet", rs.metadata.name, rs.metadata.uid, True)
-        assert pod["metadata"]["labels"]["pod-template-hash"] == rs.spec.selector.match_labels["pod-template-hash"]
+            "ReplicaSet", rs_meta.name, rs_meta.uid, True)
+        rs_labels = given(given(given(rs.spec).selector).match_labels)
+        assert pod["metadata"]["labels"]["pod-template-hash"] == rs_labels["pod-template-hash"]
     sts = apps.read_namespaced_stateful_set("db", "default")
-    assert fc.get_pod("default", "db-0")["metadata"]["ownerReferences"][0]["uid"] == sts.metadata.uid
-    assert batch.read_namespaced_job("once", "default").spec.selector.match_labels == {"job": "once"}
+    assert fc.get_pod("default", "db-0")["metadata"]["ownerReferences"][0]["uid"] == given(sts.metadata).uid
+    job = batch.read_namespaced_job("once", "default")
+    assert given(given(job.spec).selector).match_labels == {"job": "once"}
     with pytest.raises(ApiException) as err:
         apps.read_namespaced_daemon_set("web", "default")
     assert api_error(err.value)["message"] == 'daemonsets.apps "web" not found'
@@ -209,11 +223,13 @@ def test_services_and_namespaces(fc: FakeCluster, core: client.CoreV1Api) -> Non
     fc.add_service("shop", "web", selector={"app": "web"},
                    ports=[{"name": "http", "port": 80, "targetPort": "http"}, {"name": "m", "port": 9090}])
     svc = core.read_namespaced_service("web", "shop")
-    assert svc.spec.selector == {"app": "web"}
-    assert [(p.name, p.port, p.target_port) for p in svc.spec.ports] == [("http", 80, "http"), ("m", 9090, 9090)]
-    ns = core.read_namespace("shop")
-    assert ns.metadata.labels["pod-security.kubernetes.io/enforce"] == "baseline"
-    assert ns.metadata.labels["kubernetes.io/metadata.name"] == "shop"
+    svc_spec = given(svc.spec)
+    assert svc_spec.selector == {"app": "web"}
+    assert [(p.name, p.port, p.target_port) for p in given(svc_spec.ports)] == [
+        ("http", 80, "http"), ("m", 9090, 9090)]
+    ns_labels = given(given(core.read_namespace("shop").metadata).labels)
+    assert ns_labels["pod-security.kubernetes.io/enforce"] == "baseline"
+    assert ns_labels["kubernetes.io/metadata.name"] == "shop"
 
 
 def test_watch_streams_added_then_modified(fc: FakeCluster, core: client.CoreV1Api) -> None:
@@ -294,8 +310,8 @@ def test_add_ephemeral_container_then_kubelet_runs_it(fc: FakeCluster, core: cli
         if states and states[-1] == "running":
             w.stop()
     assert states == ["ContainerCreating", "running"]
-    assert core.read_namespaced_pod_ephemeralcontainers("web-1", "default").spec.ephemeral_containers[0].name == (
-        "mirror-tap")
+    tapped = given(core.read_namespaced_pod_ephemeralcontainers("web-1", "default").spec)
+    assert given(tapped.ephemeral_containers)[0].name == "mirror-tap"
 
 
 def test_ephemeral_validation_is_422(fc: FakeCluster, core: client.CoreV1Api) -> None:
@@ -333,7 +349,7 @@ def test_json_patch_and_merge_patch_add(fc: FakeCluster, core: client.CoreV1Api)
     fc.add_pod("default", "web-1", containers=WEB)
     pod = core.patch_namespaced_pod_ephemeralcontainers(
         "web-1", "default", [{"op": "add", "path": "/spec/ephemeralContainers", "value": [TAP]}])
-    assert [c.name for c in pod.spec.ephemeral_containers] == ["mirror-tap"]
+    assert [c.name for c in given(given(pod.spec).ephemeral_containers)] == ["mirror-tap"]
     second = {**TAP, "name": "tap-2"}
     current = fc.get_pod("default", "web-1")["spec"]["ephemeralContainers"]
     code, body = raw(fc, "PATCH", "/api/v1/namespaces/default/pods/web-1/ephemeralcontainers",
@@ -370,7 +386,7 @@ def test_rbac_forbidden_message(fc: FakeCluster, core: client.CoreV1Api) -> None
         "message": 'pods "web-1" is forbidden: User "alice" cannot patch resource "pods/ephemeralcontainers" in API '
                    'group "" in the namespace "default"',
         "reason": "Forbidden", "details": {"name": "web-1", "kind": "pods"}, "code": 403}
-    assert core.read_namespaced_pod("web-1", "default").spec.ephemeral_containers is None
+    assert given(core.read_namespaced_pod("web-1", "default").spec).ephemeral_containers is None
 
 
 def test_rbac_allow_list(fc: FakeCluster, core: client.CoreV1Api) -> None:
@@ -598,7 +614,7 @@ def test_exec_container_errors(fc: FakeCluster, core: client.CoreV1Api, netpod: 
     with pytest.raises(websocket.WebSocketBadStatusException) as bad:
         ws_exec(fc, "default", "web-1", ["true"], container="nope")
     assert bad.value.status_code == 400
-    assert json.loads(bad.value.resp_body)["message"] == "container nope is not valid for pod web-1"
+    assert json.loads(given(bad.value.resp_body))["message"] == "container nope is not valid for pod web-1"
     fc.tap_start_delay = 5.0
     add_ephemeral(core, "default", "web-1", TAP)
     with pytest.raises(websocket.WebSocketBadStatusException) as waiting:
@@ -608,7 +624,7 @@ def test_exec_container_errors(fc: FakeCluster, core: client.CoreV1Api, netpod: 
     fc.add_pod("default", "ghost", containers=WEB, netns=None)
     with pytest.raises(websocket.WebSocketBadStatusException) as ghost:
         ws_exec(fc, "default", "ghost", ["true"])
-    assert json.loads(ghost.value.resp_body)["message"].startswith("error dialing backend")
+    assert json.loads(given(ghost.value.resp_body))["message"].startswith("error dialing backend")
 
 
 @pytest.mark.netns
@@ -920,7 +936,8 @@ def test_restart_keeps_port_store_and_exec_processes(fc: FakeCluster, core: clie
     assert code == 200
     assert (pod_after["metadata"], pod_after["spec"], pod_after["status"]) == (
         pod_before["metadata"], pod_before["spec"], pod_before["status"])
-    assert core.read_namespaced_pod("web-1", "default").spec.ephemeral_containers[0].name == "mirror-tap"
+    after_spec = given(core.read_namespaced_pod("web-1", "default").spec)
+    assert given(after_spec.ephemeral_containers)[0].name == "mirror-tap"
     # The process started before the restart is still there and, told to write, gets to the end.
     assert pid in [p for p, _ in fc.exec_processes()]
     go.touch()

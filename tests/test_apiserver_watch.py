@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client, config, watch
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from tests.apiserver import FakeCluster
 from tests.apiserver.resources import BY_KIND
@@ -58,7 +58,9 @@ def stream_lines(fc: FakeCluster, query: str, *, until: int | None = None, timeo
 
 def list_rv(fc: FakeCluster) -> str:
     core = client.CoreV1Api(config.new_client_from_config(config_file=str(fc.kubeconfig)))
-    return str(core.list_namespaced_pod("default").metadata.resource_version)
+    meta = core.list_namespaced_pod("default").metadata
+    assert meta is not None
+    return str(meta.resource_version)
 
 
 def test_compacted_resource_version_is_an_expired_error_event(fc: FakeCluster) -> None:

@@ -315,8 +315,8 @@ def test_cluster_failures(lab: LiveLab, local: Recorder, case: str, ref: str, wo
     if case == "restricted":
         lab.fc.add_namespace(ns, labels={PSA_ENFORCE: "restricted"})
     # These all fail before any exec: the pods need no namespace of their own.
-    phase = {"phase": "Pending", "ready": False} if case == "no-running-pod" else {}
-    lab.fc.add_pod(ns, POD_A, labels={"app": "web"}, containers=[dict(HTTP_CONTAINER)], **phase)
+    phase, ready = ("Pending", False) if case == "no-running-pod" else ("Running", True)
+    lab.fc.add_pod(ns, POD_A, labels={"app": "web"}, containers=[dict(HTTP_CONTAINER)], phase=phase, ready=ready)
     lab.fc.add_deployment(ns, "web", {"app": "web"}, replicas=1, containers=[dict(HTTP_CONTAINER)])
     if case == "rbac":
         lab.fc.fail_forbidden(verb="patch", resource="pods", subresource="ephemeralcontainers")

@@ -130,7 +130,8 @@ def add_istio_pod(lab: LiveLab, stack: contextlib.ExitStack, ca: trustme.CA) -> 
     agent = subprocess.Popen(ns.argv([sys.executable, "-m", "tests.netlab.probe_agent", "--port", str(AGENT_PORT),
                                       "--app", f"{netns.ip}:{POD_PORT}", "--path", f"{PROBE_PATH}=/healthz"]),
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stack.callback(lambda: (agent.send_signal(signal.SIGTERM), agent.communicate(timeout=10)))
+    stack.callback(agent.communicate, timeout=10)  # callbacks run last in, first out: SIGTERM, then reap
+    stack.callback(agent.send_signal, signal.SIGTERM)
     assert agent.stdout is not None and agent.stdout.readline().startswith("listening")
     register(lab, netns, *istio_sidecar_spec(dict(HTTP_CONTAINER)))
     return netns, app, sidecar

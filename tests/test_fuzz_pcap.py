@@ -219,7 +219,7 @@ class Counting(io.BytesIO):
         super().__init__(data)
         self.reads = 0
 
-    def read1(self, size: int = -1) -> bytes:
+    def read1(self, size: int | None = -1) -> bytes:
         self.reads += 1
         return super().read1(size)
 
@@ -436,7 +436,7 @@ def test_compressed_captures_damaged_or_cut_keep_the_whole_records_before_it(
     damaged = bytearray(packed[:cut] if truncate else packed)
     if not truncate:
         damaged[cut] ^= data.draw(st.integers(1, 255), label="xor")
-    got: list[bytes] = []
+    got = []
     error = None
     with time_limit(10.0):
         try:

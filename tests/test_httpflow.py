@@ -641,4 +641,5 @@ def test_other_actions_pass_and_do_not_end_the_flow() -> None:
         out = hl.process(actions)
         assert reply in out and sent(out) == GET + GET2 and hl.stats.requests == 2
     sampled_out = layer(sample=0.0)
-    assert sampled_out.process([*script(GET, end="none"), reply]) == []
+    with_reply: list[Any] = [*script(GET, end="none"), reply]
+    assert sampled_out.process(with_reply) == []

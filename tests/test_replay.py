@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import socket
@@ -415,7 +416,7 @@ def test_global_cap_drops_the_largest_queue(targets: list[Target]) -> None:
     with Replayer(target.dest, fast(flow_buffer=64 << 20, max_buffer=cap)) as r:
         for flow in sizes:
             r.execute([opened(flow)])
-            pump(r, lambda flow=flow: target.peer_count() == flow, "accepted")
+            pump(r, functools.partial(lambda n: target.peer_count() == n, flow), "accepted")
 
         def fill() -> None:
             for flow, size in sizes.items():

@@ -15,7 +15,7 @@ from kubectl_mirror.status import TapRow, render_rows, tap_rows
 from kubectl_mirror.tap import ensure_tap
 from kubectl_mirror.target import PodTarget
 from tests.apiserver import FakeCluster, PodNetns
-from tests.test_execstream import connection
+from tests.kube_fixtures import connection
 
 pytestmark = pytest.mark.netns
 SCRIPT = Path(__file__).resolve().parent.parent / "kubectl-mirror"

@@ -126,7 +126,7 @@ def test_container_and_port_choice(fc: FakeCluster, conn: Connection) -> None:
 
 
 def test_default_container_annotation(fc: FakeCluster, conn: Connection) -> None:
-    containers = [{"name": "sidecar", "image": "envoy"},
+    containers: list[dict[str, Any]] = [{"name": "sidecar", "image": "envoy"},
                   {"name": "app", "image": "x", "ports": [{"name": "http", "containerPort": 80}]}]
     pod = fc.add_pod("default", "web-1", containers=containers)
     pod["metadata"]["annotations"] = {"kubectl.kubernetes.io/default-container": "app"}

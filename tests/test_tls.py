@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from kubectl_mirror.model import Abort, AbortReason, Close, Endpoint, Open, Reply, Send, Turn
+from kubectl_mirror.model import Abort, AbortReason, Action, Close, Endpoint, Open, Reply, Send, Turn
 from kubectl_mirror.tlsgate import TlsGate, client_hello
 from tests.netlab.capture import Capture
 from tests.netlab.lab import REPO, NsRecorder, run_cli
@@ -93,7 +93,7 @@ def test_gate_drops_a_tls_flow_and_names_it() -> None:
 def test_gate_releases_plain_flows_in_order_and_decides_on_split_bytes() -> None:
     gate = TlsGate()
     hello = real_client_hello()
-    actions = [opened(1), opened(2), Send(2, hello[:2], 1.0), Send(1, b"GET / HTTP/1.1\r\n", 1.0)]
+    actions: list[Action] = [opened(1), opened(2), Send(2, hello[:2], 1.0), Send(1, b"GET / HTTP/1.1\r\n", 1.0)]
     out = gate.process(actions, 2)
     assert out == [opened(1), Send(1, b"GET / HTTP/1.1\r\n", 1.0)]
     assert gate.holding == 1  # flow 2 has sent two bytes that a ClientHello also starts with
@@ -255,7 +255,8 @@ KUBELET = b"GET /healthz HTTP/1.1\r\nHost: 10.0.0.2:80\r\nUser-Agent: kube-probe
 def test_kubelet_probes_are_named_and_still_released() -> None:
     gate = TlsGate()
     browser = b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8.5.0\r\n\r\n"
-    actions = [opened(1), Send(1, KUBELET, 1.0), opened(2), Send(2, browser, 1.0), opened(3), Send(3, b"G", 1.0)]
+    actions: list[Action] = [
+        opened(1), Send(1, KUBELET, 1.0), opened(2), Send(2, browser, 1.0), opened(3), Send(3, b"G", 1.0)]
     assert gate.process(actions, 3) == actions
     assert gate.pop_probes() == [1] and gate.pop_probes() == []
     # A flow decided the slow way (held, then not TLS) is looked at too.
@@ -266,6 +267,6 @@ def test_kubelet_probes_are_named_and_still_released() -> None:
 def test_passthrough_gate_releases_tls_in_order() -> None:
     gate = TlsGate(drop_tls=False)
     hello = real_client_hello()
-    actions = [opened(1), Send(1, hello[:3], 1.0), Send(1, hello[3:], 1.1), Close(1, 1.2)]
+    actions: list[Action] = [opened(1), Send(1, hello[:3], 1.0), Send(1, hello[3:], 1.1), Close(1, 1.2)]
     assert gate.process(actions, 1) == actions
     assert gate.pop_tls() == [] and gate.holding == 0

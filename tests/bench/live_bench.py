@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import random
@@ -30,6 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -277,8 +279,9 @@ class PluginRun:
         self.mirroring.set()  # EOF: ended without the line; the caller looks at returncode
 
     def _drain_out(self) -> None:
-        assert self.proc.stdout is not None
-        for _ in iter(lambda: self.proc.stdout.read1(65536) if self.proc.stdout else b"", b""):
+        stdout = self.proc.stdout
+        assert isinstance(stdout, io.BufferedReader)  # a binary, buffered pipe (Popen's default bufsize)
+        for _ in iter(lambda: stdout.read1(65536), b""):
             pass
 
     def tail(self, n: int = 15) -> str:
@@ -360,7 +363,7 @@ def _run_latency(res: LatencyResult, rec: Receiver, pod_ip: str, kubeconfig: Pat
                               check=False)
         res.send_seconds = time.monotonic() - t_send
         out = done.stdout.strip().splitlines()
-        report = json.loads(out[-1]) if out else {"sent": 0, "errors": [done.stderr[-500:]]}
+        report: dict[str, Any] = json.loads(out[-1]) if out else {"sent": 0, "errors": [done.stderr[-500:]]}
         res.sent = int(report["sent"])
         if report["errors"]:
             res.error = f"client: {report['errors'][:3]}"

@@ -352,9 +352,9 @@ def main() -> int:
     ap.add_argument("--skip-turns", action="store_true", help="leave out turn-taking into a slow Node.js server")
     args = ap.parse_args()
     if args.only_http:
-        http_path = http_bench.ensure_http_capture(CACHE, args.regenerate, log)
+        only_path = http_bench.ensure_http_capture(CACHE, args.regenerate, log)
         with discard_server() as port:
-            http_bench.report(http_bench.measure(http_path, port, args.runs, timed, CLI, log), REPO)
+            http_bench.report(http_bench.measure(only_path, port, args.runs, timed, CLI, log), REPO)
         return 0
     t_begin = time.monotonic()
 

@@ -195,6 +195,6 @@ def run(cfg: FlowConfig, ops: list[Op]) -> None:
     records = table.pop_finished()
     assert len(records) == table.stats.flows == len({r.flow for r in records}), "one record per flow"
     for rec in records:
-        log = flows.get(rec.flow)
-        if log is not None:
-            assert rec.bytes_delivered == len(log.data)
+        seen = flows.get(rec.flow)
+        if seen is not None:
+            assert rec.bytes_delivered == len(seen.data)

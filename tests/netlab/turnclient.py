@@ -22,9 +22,8 @@ def _request(i: int, j: int, host: str) -> bytes:
 
 def _one(a: argparse.Namespace, i: int, errors: list[str]) -> None:
     try:
-        family = socket.AF_INET6 if ":" in a.host else socket.AF_INET
-        sock = socket.create_connection((a.host, a.port), timeout=a.timeout) if family == socket.AF_INET else \
-            socket.create_connection((a.host, a.port, 0, 0), timeout=a.timeout)
+        # create_connection resolves an IPv6 literal itself (getaddrinfo); it takes (host, port) for both families.
+        sock = socket.create_connection((a.host, a.port), timeout=a.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if a.mode == "line":
             buf = b""

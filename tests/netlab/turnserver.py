@@ -140,7 +140,7 @@ class TurnServer:
     @staticmethod
     def _http(parser: h11.Connection, data: bytes) -> list[bytes]:
         parser.receive_data(data)
-        out = []
+        out: list[bytes] = []
         while True:
             event = parser.next_event()
             if event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
