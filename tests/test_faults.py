@@ -185,7 +185,11 @@ def test_replay_target_that_never_reads_drops_and_stays_bounded(tmp_path: Path) 
     assert good_got == sorted(g.payload for g in good)
     assert all(r.end == "eof" for r in records if bytes(r.data).startswith(b"good"))
     stalled = [r for r in records if bytes(r.data).startswith(b"stall")]
-    assert len(stalled) == 3 and all(r.end == "stalled" for r in stalled), [(len(r.data), r.end) for r in records]
+    # A stalled connection the plugin dropped before the target's own thread (starved on a busy box) accepted it
+    # and read its head: the reset discards what the kernel held for it, so the target sees a reset with no bytes.
+    unread = [r for r in t.received if not r.data and r.end == "reset"]
+    assert stalled and len(stalled) + len(unread) == 3, [(len(r.data), r.end) for r in t.received]
+    assert all(r.end == "stalled" for r in stalled), [(len(r.data), r.end) for r in records]
     # The same replay to a target that reads everything: what the plugin holds anyway (interpreter, paced
     # segments). Whether the dissector's read-ahead window is full at the peak depends on which process a busy CPU
     # serves, not on the target, so the bound grants it explicitly (window and one batch) on top of --max-buffer
