@@ -279,3 +279,73 @@ def test_a_multiplexed_answer_counts_in_totals() -> None:
     # first answer is still to come (a multiplexed protocol answers both at once).
     assert play(t, LocalData(1, b"y" * 10, 0.03)) == []
     assert play(t, LocalData(1, b"z" * 4, 0.031)) == [close]
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+SETTINGS, SETTINGS_ACK = frame(4, 0, 0, b"\x00\x03\x00\x00\x00\x64"), frame(4, 1, 0)
+PING = frame(6, 0, 0, b"12345678")
+
+
+def h2_request(stream: int) -> bytes:
+    return frame(1, 0x4 | 0x1, stream, b"\x82\x86\x84")  # HEADERS, END_HEADERS | END_STREAM
+
+
+def h2_response(stream: int) -> bytes:
+    return frame(1, 0x4, stream, b"\x88") + frame(0, 0x1, stream, b"body")
+
+
+def test_http2_credits_answers_the_local_server_sent_ahead() -> None:
+    # grpc-core answers the client's SETTINGS with its own SETTINGS and the ACK in one write; production sent the
+    # ACK only after the client's own ACK, so the capture shows a turn that the local server has already answered.
+    t = TurnTaker(TurnOptions(quiet=0.02))
+    hello, ack, req = Send(1, H2_PREFACE + SETTINGS, 0.0), Send(1, SETTINGS_ACK, 0.0), Send(1, h2_request(1), 0.0)
+    assert play(t, Tick(0.0), opened(), hello, turn(answer_bytes=len(SETTINGS)), ack,
+                turn(answer_bytes=len(SETTINGS_ACK)), req) == [opened(), hello]
+    assert play(t, LocalData(1, SETTINGS + SETTINGS_ACK, 0.001)) == [ack, req]
+    assert (t.stats.answered, t.stats.unanswered) == (2, 0)
+
+
+def test_http2_a_turn_with_every_finished_stream_answered_ends_with_quiet() -> None:
+    # Production also sent a PING the local server never sends: the totals fall short, yet nothing is open.
+    t = TurnTaker(TurnOptions(quiet=0.02))
+    hello, ack, req = Send(1, H2_PREFACE + SETTINGS, 0.0), Send(1, SETTINGS_ACK, 0.0), Send(1, h2_request(1), 0.0)
+    assert play(t, Tick(0.0), opened(), hello, turn(answer_bytes=len(SETTINGS + PING), answer_time=0.0), ack,
+                turn(answer_bytes=len(SETTINGS_ACK), answer_time=0.0), req) == [opened(), hello]
+    assert play(t, LocalData(1, SETTINGS + SETTINGS_ACK, 0.001)) == []
+    assert play(t, Tick(0.021)) == [ack]  # short, then quiet
+    assert play(t, Tick(0.03)) == []  # no byte since the ACK went out: quiet counts from when it went
+    assert play(t, Tick(0.042)) == [req]
+    assert (t.stats.answered, t.stats.unanswered) == (2, 0)
+
+
+def test_http2_a_stream_the_local_server_has_not_ended_keeps_the_turn_waiting() -> None:
+    t = TurnTaker(TurnOptions(quiet=0.02))
+    reqs, more = Send(1, H2_PREFACE + SETTINGS + h2_request(1) + h2_request(3), 0.0), Send(1, h2_request(5), 0.0)
+    answer = len(SETTINGS + SETTINGS_ACK + h2_response(1) + h2_response(3))
+    assert play(t, Tick(0.0), opened(), reqs, turn(answer_bytes=answer + 100, answer_time=0.0), more) == [
+        opened(), reqs]
+    assert play(t, LocalData(1, SETTINGS + SETTINGS_ACK + h2_response(3)[:12], 0.001), Tick(0.5)) == []
+    assert play(t, LocalData(1, h2_response(3)[12:], 0.6), Tick(0.65)) == []  # stream 1 is still open
+    assert play(t, LocalData(1, h2_response(1), 0.7), Tick(0.71)) == []
+    assert play(t, Tick(0.721)) == [more]
+    assert (t.stats.answered, t.stats.unanswered) == (1, 0)
+
+
+def test_http2_is_told_by_a_preface_split_over_sends_and_http1_by_a_start_that_is_not() -> None:
+    t = TurnTaker(TurnOptions(quiet=0.02))
+    a, b, more = Send(1, H2_PREFACE[:3], 0.0), Send(1, H2_PREFACE[3:] + SETTINGS, 0.0), Send(1, h2_request(1), 0.0)
+    assert play(t, Tick(0.0), opened(), a, b, turn(answer_bytes=len(SETTINGS), answer_time=0.0), more) == [
+        opened(), a, b]
+    assert play(t, LocalData(1, SETTINGS + SETTINGS_ACK, 0.001)) == [more]
+    # "P" could begin the preface; "POST" cannot: the request is still counted as HTTP/1.x.
+    post = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    p1, p2, close = Send(2, post[:1], 0.0), Send(2, post[1:], 0.0), Close(2, 0.0)
+    assert play(t, opened(2), p1, p2, turn(2), close) == [opened(2), p1, p2]
+    assert play(t, LocalData(2, RESP, 0.01)) == [close]
+    assert t.stats.requests_answered == 1

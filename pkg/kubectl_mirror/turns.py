@@ -6,9 +6,14 @@ follows a Turn until the local service has answered too:
 
 * HTTP/1.x (told by the request parser, in byte mode too): every request delivered so far has a complete
   response from the local service.
+* HTTP/2 (told by the client's connection preface): the local service has sent, in all, as many bytes as
+  production had by the end of this turn; or it has ended every stream the client has finished sending (END_STREAM
+  or RST_STREAM) and then fell quiet. A multiplexed server answers one turn's requests during the next, and its
+  SETTINGS, ACKs, PINGs and WINDOW_UPDATEs come and go with timing, so a turn is not tied to the bytes that
+  arrive after it: the local server often answers the client's SETTINGS ACK before the client sent it.
 * Anything else: the local service sent bytes since the client's last ones, and either as many as production
   did or then fell quiet for `quiet` seconds (or for as long as production took to answer, up to a second: a
-  slow handler behind a quick acknowledgement, as HTTP/2 servers send, is not over yet).
+  slow handler behind a quick acknowledgement is not over yet).
 
 Bytes the captured client sent without waiting (a pipelining client) go out together, as captured. Every wait is
 bounded by `max(floor, factor x production's answer time)`, counted from when the client's previous bytes went
@@ -35,6 +40,10 @@ from .model import Abort, AbortReason, Action, Close, GiveUp, Open, Send, Turn
 
 # Samples kept for the answer-time percentiles: enough for stable p99s, bounded for endless live runs.
 _MAX_SAMPLES = 50_000
+# What an HTTP/2 client sends first (RFC 9113, 3.4): the connection is HTTP/2 with prior knowledge.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_H2_DATA, _H2_HEADERS, _H2_RST_STREAM = 0, 1, 3
+_H2_END_STREAM = 0x1
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +130,67 @@ class TurnStats:
 class _Proto(enum.Enum):
     UNKNOWN = "unknown"  # no client byte delivered yet
     HTTP = "http"
+    H2 = "h2"
     OPAQUE = "opaque"
+
+
+class _H2Ends:
+    """Walks the frame headers of one direction of an HTTP/2 connection for the streams its frames end.
+
+    Only the 9-byte headers are read; payloads are skipped, so a large DATA frame costs nothing.
+    """
+
+    __slots__ = ("_head", "_skip")
+
+    def __init__(self) -> None:
+        self._head = b""
+        self._skip = 0
+
+    def feed(self, data: bytes) -> list[int]:
+        ended: list[int] = []
+        i, n = 0, len(data)
+        while i < n:
+            if self._skip:
+                step = min(self._skip, n - i)
+                self._skip -= step
+                i += step
+                continue
+            need = 9 - len(self._head)
+            self._head += data[i:i + need]
+            i += need
+            if len(self._head) < 9:
+                break
+            head, self._head = self._head, b""
+            kind, flags = head[3], head[4]
+            stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+            if stream and (kind == _H2_RST_STREAM or (kind in (_H2_DATA, _H2_HEADERS) and flags & _H2_END_STREAM)):
+                ended.append(stream)
+            self._skip = int.from_bytes(head[0:3], "big")
+        return ended
+
+
+@dataclass(eq=False, slots=True)
+class _H2State:
+    """Which streams the client has finished sending and the local service has not yet ended."""
+
+    client: _H2Ends = field(default_factory=_H2Ends)
+    local: _H2Ends = field(default_factory=_H2Ends)
+    waiting: set[int] = field(default_factory=set)  # client ended, local not yet
+    ended_first: set[int] = field(default_factory=set)  # local ended before the client did (an early error)
+
+    def client_sent(self, data: bytes) -> None:
+        for stream in self.client.feed(data):
+            if stream in self.ended_first:
+                self.ended_first.discard(stream)
+            else:
+                self.waiting.add(stream)
+
+    def local_sent(self, data: bytes) -> None:
+        for stream in self.local.feed(data):
+            if stream in self.waiting:
+                self.waiting.discard(stream)
+            else:
+                self.ended_first.add(stream)
 
 
 @dataclass(eq=False, slots=True)
@@ -133,6 +202,8 @@ class _Conn:
     proto: _Proto = _Proto.UNKNOWN
     splitter: _Splitter | None = None
     parser: ResponseParser | None = None
+    h2: _H2State | None = None
+    first: bytes = b""  # the client's first bytes while they may still be the HTTP/2 preface
     requests: int = 0  # whole HTTP requests delivered
     responses: int = 0  # complete local responses
     released_at: float = 0.0  # when the client's latest bytes went out (or the connection opened)
@@ -279,6 +350,8 @@ class TurnTaker:
                 c.proto = _Proto.OPAQUE
             c.responses += done
             self.stats.requests_answered += done
+        elif c.h2 is not None:
+            c.h2.local_sent(data)
         if c.held and type(c.held[0]) is Turn:
             self._pump(c, at, out)
 
@@ -313,7 +386,7 @@ class TurnTaker:
     def _forget(self, c: _Conn) -> None:
         c.token = 0
         c.held.clear()
-        c.parser = c.splitter = None
+        c.parser = c.splitter = c.h2 = None
         self._conns.pop(c.flow, None)
 
     # -- releasing held actions ------------------------------------------------------------------------------
@@ -336,13 +409,14 @@ class TurnTaker:
                     limit = c.released_at + self.options.limit(action.answer_time)
                     if now < limit:
                         wake = limit
-                        if c.proto is not _Proto.HTTP and c.local_bytes:
-                            wake = min(wake, c.local_at + self.options.silence(action.answer_time))
+                        quiet_from = self._quiet_from(c)
+                        if quiet_from is not None:
+                            wake = min(wake, quiet_from + self.options.silence(action.answer_time))
                         self._arm(c, max(wake, now))
                         return
                     stats.unanswered += 1
                     c.stopped_waiting = True
-                    c.parser = c.splitter = None
+                    c.parser = c.splitter = c.h2 = None
                 held.popleft()
                 c.production_total += action.answer_bytes
                 continue
@@ -370,19 +444,47 @@ class TurnTaker:
     def _answered(self, c: _Conn, turn: Turn, now: float) -> bool:
         if c.proto is _Proto.HTTP:
             return c.local_bytes > 0 and c.responses >= c.requests
-        if c.local_bytes >= turn.answer_bytes and c.local_total >= c.production_total + turn.answer_bytes:
+        if c.local_total >= c.production_total + turn.answer_bytes and (
+                c.h2 is not None or c.local_bytes >= turn.answer_bytes):
             return True
         # The same sum as the wake-up time in _pump: a timer that fires at it must find the turn answered.
-        return c.local_bytes > 0 and now >= c.local_at + self.options.silence(turn.answer_time)
+        quiet_from = self._quiet_from(c)
+        return quiet_from is not None and now >= quiet_from + self.options.silence(turn.answer_time)
+
+    @staticmethod
+    def _quiet_from(c: _Conn) -> float | None:
+        """Since when a silent local service would have answered the head turn; None while it must still speak."""
+        if c.proto is _Proto.HTTP:
+            return None
+        if c.h2 is not None:
+            # Every finished request answered: what is left (ACKs, WINDOW_UPDATEs) may already have come.
+            return None if c.h2.waiting else max(c.local_at, c.released_at)
+        return c.local_at if c.local_bytes else None
 
     def _sent(self, c: _Conn, data: bytes) -> None:
         """Follow the client's requests in what goes out, so responses can be counted against them."""
         if c.proto is _Proto.OPAQUE or c.stopped_waiting or c.local_closed:
             return
+        if c.proto is _Proto.H2:
+            assert c.h2 is not None
+            c.h2.client_sent(data)
+            return
         if c.proto is _Proto.UNKNOWN:
             if c.partial:
                 c.proto = _Proto.OPAQUE
                 return
+            seen = c.first + data
+            n = min(len(seen), len(_H2_PREFACE))
+            if seen[:n] == _H2_PREFACE[:n]:
+                if n < len(_H2_PREFACE):
+                    c.first = seen
+                    return
+                c.first = b""
+                c.proto = _Proto.H2
+                c.h2 = _H2State()
+                c.h2.client_sent(seen[n:])
+                return
+            data, c.first = seen, b""
             c.proto = _Proto.HTTP
             c.splitter = _Splitter(False)
             c.parser = ResponseParser(c.flow, max_body=0)
