@@ -198,7 +198,8 @@ def test_interleaved_lossy_flows_each_get_a_prefix_and_the_right_end(
         if 0 <= first_missing < t.extent:
             assert isinstance(end, Abort), "Close over a hole"
             assert end.reason is AbortReason.HOLE or t.rst
-    assert not table._flows and not table._index and not table._holes and not table._tombs
+    left = table.tracking()
+    assert not left.flows and not left.index and not left.holes and not left.tombstones
     assert table.open_flows == 0
 
 
@@ -227,4 +228,5 @@ def test_every_flag_combination_on_one_connection(segs: list[tuple[int, int, int
     for fid in open_ids:
         ends = [a for a in acts if isinstance(a, Close | Abort) and a.flow == fid]
         assert len(ends) == 1
-    assert not table._flows and not table._index and not table._tombs
+    left = table.tracking()
+    assert not left.flows and not left.index and not left.tombstones

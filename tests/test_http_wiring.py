@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kubectl_mirror.httpflow import HttpOptions, RequestRecord
-from kubectl_mirror.model import Close, Endpoint, EndReason, FlowRecord, Open, Outcome, Send
+from kubectl_mirror.httpflow import HttpOptions
+from kubectl_mirror.model import Close, Endpoint, EndReason, FlowRecord, Open, Outcome, RequestRecord, Send
 from kubectl_mirror.replay import Delivery, ReplayConfig, Replayer, parse_to
 from kubectl_mirror.shadow import RequestResult, Shadow, ShadowOptions
 from kubectl_mirror.summary import CompareSummary, HttpSummary, Summary, SummaryBuilder, render_json, render_text
@@ -139,7 +139,7 @@ def test_without_compare_nothing_is_held_after_the_answer() -> None:
     sh.local(4, OK, time.monotonic())
     assert results[0].status == 200 and results[0].latency_ms is not None
     sh.local_end(4, time.monotonic())
-    assert sh._conns == {}
+    assert sh.tracked_flows == 0
 
 
 # ---- the replayer's response hook ----------------------------------------------------------------------------

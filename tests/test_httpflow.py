@@ -414,14 +414,14 @@ def test_abort_from_the_flow_table_passes_and_flow_state_is_freed() -> None:
     hl = layer(match_method=ALL)
     out = hl.process(script(GET2 + GET[:30], end="abort"))
     assert kinds(out) == ["Open", "Send", "Abort"]
-    assert hl._flows == {}
+    assert hl.tracked_flows == 0
 
 
 def test_forget_drops_the_state_of_a_given_up_flow() -> None:
     hl = layer(match_method=ALL)
     hl.process(script(GET[:10], end="none"))
     hl.forget(1)
-    assert hl._flows == {}
+    assert hl.tracked_flows == 0
 
 
 # ---- options ---------------------------------------------------------------------------------------------

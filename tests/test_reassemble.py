@@ -464,7 +464,7 @@ def test_late_retransmission_after_close_opens_nothing() -> None:
     assert t.tick(50.0) == []
     assert feed(t, c.sack(3, 55.0)) == []  # strays keep the tombstone alive
     t.tick(114.0)
-    assert len(t._tombs) == 1
+    assert t.tracking().tombstones == 1
     t.tick(115.0)
     assert feed(t, c.data(3, b"new", 120.0)) == [Open(2, CLIENT, SERVER, True, 120.0), Send(2, b"new", 120.0)]
 
@@ -474,7 +474,7 @@ def test_tombstones_are_bounded_by_count() -> None:
     conns = [Conn(client=Endpoint("10.0.0.1", 40000 + i)) for i in range(3)]
     for c in conns:
         feed(t, c.syn(), c.fin(0))
-    assert len(t._tombs) == 2
+    assert t.tracking().tombstones == 2
     # The oldest tombstone was dropped: its stray opens a partial flow again; the newest still absorbs.
     assert kinds(feed(t, conns[0].data(1, b"x"))) == ["Open", "Send"]
     assert feed(t, conns[2].data(1, b"x")) == []
@@ -490,7 +490,7 @@ def test_give_up() -> None:
     assert (rec.end, rec.outcome, rec.bytes_delivered) == (EndReason.GAVE_UP, Outcome.COMPLETE, 2)
     assert feed(t, c.data(2, b"cd"), c.data(10, b"gap"), c.sack(100), c.fin(13)) == []
     assert t.pop_finished() == []
-    assert len(t._flows) == 0
+    assert t.tracking().flows == 0
     assert feed(t, c.data(13, b"late")) == []  # still buried after its end
     t.give_up(1)  # unknown by now: harmless
     t.give_up(12345)
@@ -601,10 +601,10 @@ def test_memory_returns_to_empty_after_many_short_connections() -> None:
             feed(t, c.data(10, b"late", ts), c.sack(14, ts), c.sack(14, ts + 2 * ACK_GRACE))
         if i % 100 == 0:
             t.tick(ts)
-        assert len(t._index) == 0 and len(t._flows) == 0 and len(t._holes) == 0
-    assert len(t._tombs) <= 100
+        assert t.tracking().index == 0 and t.tracking().flows == 0 and t.tracking().holes == 0
+    assert t.tracking().tombstones <= 100
     t.tick(1000.0)
-    assert len(t._tombs) == 0
+    assert t.tracking().tombstones == 0
     assert len(t.pop_finished()) == 2000
     assert t.pop_finished() == []
     assert t.stats.flows == 2000
@@ -634,4 +634,4 @@ def test_rst_and_server_data_of_unknown_connections_open_nothing() -> None:
     c = Conn()
     assert feed(t, c.rst(0), c.srst(), c.sack(0, payload=b"response bytes")) == []
     assert t.stats.ignored == 3
-    assert len(t._flows) == 0
+    assert t.tracking().flows == 0

@@ -116,7 +116,7 @@ def test_any_complete_capture_is_delivered_exactly_then_closed(
     assert acts[-1] == Close(1, acts[-1].ts)
     assert all(isinstance(a, Send) for a in acts[1:-1])
     assert all(a.data for a in acts if isinstance(a, Send))
-    assert len(table._flows) == 0 and len(table._index) == 0
+    assert table.tracking().flows == 0 and table.tracking().index == 0
 
 
 @settings(max_examples=250, deadline=None)

@@ -126,7 +126,7 @@ def test_request_and_response() -> None:
         Outcome.COMPLETE, EndReason.FIN, 18, True
     )
     assert rec.last_ts == 0.5
-    assert len(t._index) == 0 and len(t._draining) == 0
+    assert t.tracking().index == 0 and t.tracking().draining == 0
 
 
 def test_without_server_stream_server_bytes_emit_nothing() -> None:
@@ -255,9 +255,9 @@ def test_server_hole_timeout_stops_replies_but_not_the_client() -> None:
     acts = feed(t, c.req(0, b"r1", 0.0), c.resp(0, b"ab", 0.1, ack=2), c.resp(4, b"ef", 0.5, ack=2))
     assert acts == [Send(1, b"r1", 0.0), Reply(1, b"ab", 0.1)]
     assert t.tick(2.0) == []
-    assert len(t._reply_holes) == 1
+    assert t.tracking().reply_holes == 1
     assert t.tick(2.5) == []  # no action: the Replies just stop
-    assert len(t._reply_holes) == 0
+    assert t.tracking().reply_holes == 0
     acts = feed(t, c.resp(2, b"cd", 2.6, ack=2), c.resp(6, b"gh", 2.7, ack=2), c.req(2, b"r2", 2.8, ack=2))
     assert acts == [Send(1, b"r2", 2.8)]
     assert t.open_flows == 1
@@ -274,9 +274,9 @@ def test_server_hole_timeout_is_also_checked_by_later_server_segments() -> None:
     c = Conn()
     handshake(t, c)
     assert feed(t, c.resp(4, b"ef", 1.0), c.resp(6, b"gh", 2.9)) == []
-    assert len(t._reply_holes) == 1
+    assert t.tracking().reply_holes == 1
     assert feed(t, c.resp(8, b"ij", 3.0)) == []
-    assert len(t._reply_holes) == 0
+    assert t.tracking().reply_holes == 0
     assert feed(t, c.resp(0, b"abcd", 3.1)) == []  # too late: the stream stays stopped
 
 
@@ -345,7 +345,7 @@ def test_client_reset_ends_a_draining_flow_silently() -> None:
     rec = one_record(t)
     assert (rec.end, rec.outcome, rec.reply_complete, rec.last_ts) == (EndReason.FIN, Outcome.COMPLETE, True, 0.7)
     assert feed(t, c.resp(7, b"late")) == []
-    assert len(t._index) == 0 and len(t._draining) == 0
+    assert t.tracking().index == 0 and t.tracking().draining == 0
 
 
 def test_half_closed_client_still_gets_the_whole_answer() -> None:
@@ -372,7 +372,7 @@ def test_draining_flow_client_ack_beyond_ends_it() -> None:
     assert feed(t, c.resp(0, b"ab", 0.2, ack=1), c.cack(4, 0.3, off=1)) == [Reply(1, b"ab", 0.2)]
     rec = one_record(t)
     assert (rec.end, rec.reply_complete) == (EndReason.FIN, False)
-    assert len(t._index) == 0 and len(t._draining) == 0 and len(t._reply_holes) == 0
+    assert t.tracking().index == 0 and t.tracking().draining == 0 and t.tracking().reply_holes == 0
 
 
 def test_draining_flow_hole_timeout_ends_it() -> None:
@@ -384,7 +384,7 @@ def test_draining_flow_hole_timeout_ends_it() -> None:
     assert t.pop_finished() == []
     assert t.tick(2.2) == []
     assert one_record(t).reply_complete is False
-    assert len(t._index) == 0 and len(t._draining) == 0 and len(t._reply_holes) == 0
+    assert t.tracking().index == 0 and t.tracking().draining == 0 and t.tracking().reply_holes == 0
 
 
 def test_draining_flow_idle_finish_and_interrupt() -> None:
@@ -400,7 +400,7 @@ def test_draining_flow_idle_finish_and_interrupt() -> None:
     assert [(r.flow, r.reply_complete) for r in t.pop_finished()] == [(3, False)]
     assert t.finish() == []
     assert sorted((r.flow, r.reply_complete) for r in t.pop_finished()) == [(2, True), (4, True)]
-    assert len(t._index) == 0 and len(t._draining) == 0
+    assert t.tracking().index == 0 and t.tracking().draining == 0
 
 
 def test_interrupt_marks_open_flows_replies_incomplete() -> None:
@@ -439,7 +439,7 @@ def test_give_up_stops_replies() -> None:
     t.give_up(1)
     assert one_record(t).reply_complete is False
     assert feed(t, c.resp(0, b"ab"), c.resp(5, b"more")) == []
-    assert len(t._reply_holes) == 0
+    assert t.tracking().reply_holes == 0
 
 
 def test_skipped_partial_flows_get_no_replies() -> None:
@@ -523,7 +523,8 @@ def run(segments: list[Segment], server_stream: bool) -> tuple[list[Action], lis
     for s in segments:
         out += t.feed(s)
     out += t.finish()
-    assert len(t._flows) == 0 and len(t._index) == 0 and len(t._draining) == 0 and len(t._reply_holes) == 0
+    left = t.tracking()
+    assert left.flows == 0 and left.index == 0 and left.draining == 0 and left.reply_holes == 0
     return out, t.pop_finished()
 
 

@@ -35,6 +35,7 @@ from kubectl_mirror.turns import (
     TurnTaker,
     percentile,
 )
+from tests.playbook import play
 from tests.test_reassemble import CLIENT, SERVER, Conn
 
 REQ1 = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -53,13 +54,6 @@ def opened(flow: int = 1, partial: bool = False) -> Open:
 
 def turn(flow: int = 1, answer_bytes: int = len(RESP), answer_time: float = 0.01) -> Turn:
     return Turn(flow, answer_bytes, answer_time, 0.0)
-
-
-def play(layer: TurnTaker, *events: Event) -> list[object]:
-    out: list[object] = []
-    for e in events:
-        out += layer.handle(e)
-    return out
 
 
 def test_http_next_request_waits_for_a_whole_response() -> None:

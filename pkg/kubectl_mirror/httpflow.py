@@ -43,7 +43,18 @@ from dataclasses import dataclass, field
 import h11
 
 from .errors import UsageError
-from .model import Abort, AbortReason, Action, Close, Open, Send
+from .model import (
+    Abort,
+    AbortReason,
+    Action,
+    BrokenOff,
+    Close,
+    DeliveryFailed,
+    Open,
+    RequestRecord,
+    Send,
+    Suppressed,
+)
 
 # ---- options ------------------------------------------------------------------------------------------
 
@@ -166,20 +177,6 @@ class HttpStats:
     non_http_connections: int = 0  # first bytes could not start an HTTP/1.x request
     parse_errors: int = 0  # connections that stopped parsing after a request started
     skipped_bytes: int = 0  # bytes not sent because they preceded a mid-stream connection's first request
-
-
-@dataclass(frozen=True, slots=True)
-class RequestRecord:
-    flow: int
-    index: int  # position among this connection's captured requests, 0-based (pairs with production responses)
-    method: str
-    target: str  # as captured (path and query, or absolute form)
-    host: str | None  # the captured Host header
-    ts: float  # capture time of the segment that completed the request head
-    forwarded: bool
-    # Position among the requests actually sent on the local connection (pairs with ResponseParser's index).
-    sent_index: int | None = None
-    upgrade: bool = False  # Upgrade or CONNECT: what follows on the connection is not HTTP/1.x any more
 
 
 # ---- splitting a client byte stream into requests ------------------------------------------------------
@@ -432,12 +429,16 @@ class _FlowState:
     sent: int = 0  # requests forwarded so far
 
 
+HttpEvent = Action | DeliveryFailed
+HttpCommand = Action | RequestRecord | Suppressed | BrokenOff
+
+
 class HttpLayer:
     """Per-connection HTTP/1.x request handling between the flow table and the replayer (see the module doc).
 
-    Feed it every action of the flow table, in order, and give the replayer what `process` returns. Call
-    `forget(flow)` when the replayer gives a flow up (the flow table then emits nothing more for it), and pop
-    `pop_requests()` / `pop_suppressed()` / `pop_aborted()` regularly: they grow until popped.
+    Feed it every action of the flow table, in order, through `handle` (or `handle_all` for a batch), and
+    DeliveryFailed when the replayer gives a flow up; give the replayer the actions it returns, and the records
+    after them to whoever counts. (`process`, `forget` and the `pop_*` queues are what `handle` runs on.)
     """
 
     def __init__(self, options: HttpOptions, clock: Callable[[], float]) -> None:
@@ -458,7 +459,38 @@ class HttpLayer:
         self._suppressed: list[int] = []
         self._aborted: list[int] = []
 
-    # -- public -------------------------------------------------------------------------------------------
+    # -- the interface -------------------------------------------------------------------------------------
+
+    def handle(self, event: HttpEvent) -> list[HttpCommand]:
+        """One event: an action of the layer below, or DeliveryFailed (the flow table then ends it silently)."""
+        if type(event) is DeliveryFailed:
+            self._flows.pop(event.flow, None)
+            return []
+        assert not isinstance(event, DeliveryFailed)
+        return self.handle_all([event])
+
+    def handle_all(self, actions: list[Action]) -> list[HttpCommand]:
+        """`handle` over a batch of actions, in order: the actions for delivery, then what was learnt on the way.
+
+        The commands after the actions are, in this order: a RequestRecord for every request parsed (before
+        delivery sends its bytes, so a fast local answer finds it expected), `Suppressed` for each ended flow that
+        delivery never heard of, and `BrokenOff` for each flow aborted because a request broke off.
+        """
+        out: list[HttpCommand] = list(self.process(actions))
+        if self._requests:
+            out += self.pop_requests()
+        if self._suppressed:
+            out += [Suppressed(flow) for flow in self.pop_suppressed()]
+        if self._aborted:
+            out += [BrokenOff(flow) for flow in self.pop_aborted()]
+        return out
+
+    @property
+    def tracked_flows(self) -> int:
+        """Connections the layer keeps state for (bounded by the open ones)."""
+        return len(self._flows)
+
+    # -- the older entry points, which handle() runs on ----------------------------------------------------
 
     def process(self, actions: list[Action]) -> list[Action]:
         if not self._active:

@@ -7,6 +7,7 @@ Nothing here does I/O.
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass
 
 # Log level below DEBUG for payload bytes: only `-v=9` shows them (captured traffic holds secrets).
@@ -135,12 +136,6 @@ class Turn:
 Action = Open | Send | Close | Abort | Reply | Turn
 
 
-@dataclass(slots=True)
-class GiveUp:
-    """A command for delivery from a layer above the flow table: stop delivering the flow (reset it, DROPPED)."""
-
-    flow: int
-    reason: str
 
 
 class EndReason(str, enum.Enum):
@@ -170,3 +165,98 @@ class FlowRecord:
     # server_stream only: no server byte the capture showed to exist went missing before the Replies ended.
     # Always True without server_stream.
     reply_complete: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One HTTP request a layer parsed from a connection's client bytes (a command: "request seen")."""
+
+    flow: int
+    index: int  # position among this connection's captured requests, 0-based (pairs with production responses)
+    method: str
+    target: str  # as captured (path and query, or absolute form)
+    host: str | None  # the captured Host header
+    ts: float  # capture time of the segment that completed the request head
+    forwarded: bool
+    # Position among the requests actually sent on the local connection (pairs with ResponseParser's index).
+    sent_index: int | None = None
+    upgrade: bool = False  # Upgrade or CONNECT: what follows on the connection is not HTTP/1.x any more
+
+
+# ---- the layers' protocol ------------------------------------------------------------------------------------
+# Every layer of the core (flow table, TLS gate, HTTP layer, shadow compare, turn-taking) is sans-I/O with one
+# entry point, `handle(event) -> list[command]`: the events below (and `Segment`s, and the actions of the layer
+# before it) go in, the actions for the next layer and the commands below come out. Time enters only as an event.
+
+
+@dataclass(slots=True)
+class Tick:
+    """The clock moved: timers up to `now` fire (capture time for the flow table, wall time for delivery)."""
+
+    now: float
+
+
+@dataclass(slots=True)
+class EndOfInput:
+    """The input is over: every flow still open ends now."""
+
+
+@dataclass(slots=True)
+class Interrupt:
+    """The capture stream had a gap at `now`: open flows (of these server addresses; None: all) cannot be trusted."""
+
+    now: float
+    servers: Collection[str] | None = None
+
+
+@dataclass(slots=True)
+class DeliveryFailed:
+    """Delivery gave the flow up (target failed or too slow): the layers send nothing more for it."""
+
+    flow: int
+
+
+@dataclass(slots=True)
+class Delivered:
+    """Delivery of the flow is over (the local connection is closed): nothing more will come for it."""
+
+    flow: int
+
+
+@dataclass(slots=True)
+class LocalData:
+    """The local service sent these bytes on the flow's connection."""
+
+    flow: int
+    data: bytes
+    at: float
+
+
+@dataclass(slots=True)
+class LocalClosed:
+    """The local service closed its side of the flow's connection."""
+
+    flow: int
+    at: float
+
+
+@dataclass(slots=True)
+class GiveUp:
+    """A command for delivery from a layer above the flow table: stop delivering the flow (reset it, DROPPED)."""
+
+    flow: int
+    reason: str
+
+
+@dataclass(slots=True)
+class Suppressed:
+    """A command: the flow ended without delivery ever hearing of it (sampled out, or nothing of it matched)."""
+
+    flow: int
+
+
+@dataclass(slots=True)
+class BrokenOff:
+    """A command: a layer aborted the flow because a request broke off mid-stream while filtering (incomplete)."""
+
+    flow: int

@@ -22,9 +22,9 @@ from __future__ import annotations
 import enum
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from .model import (
     ACK,
@@ -35,14 +35,18 @@ from .model import (
     AbortReason,
     Action,
     Close,
+    DeliveryFailed,
+    EndOfInput,
     Endpoint,
     EndReason,
     FlowRecord,
+    Interrupt,
     Open,
     Outcome,
     Reply,
     Segment,
     Send,
+    Tick,
     Turn,
 )
 
@@ -85,6 +89,22 @@ class ReassemblyStats:
     ooo_segments: int = 0  # client segments that arrived ahead of a gap and were buffered
     reused_tuples: int = 0  # a new SYN on a 4-tuple that already had a flow
     flows: int = 0  # flows created (mirrored, skipped or later given up)
+
+
+@dataclass(frozen=True, slots=True)
+class Tracking:
+    """What a FlowTable holds: every figure is bounded (by open connections, or by max_tombstones)."""
+
+    flows: int  # connections being followed (mirrored, skipped or given up)
+    index: int  # direction keys of those: two per connection, one per draining one
+    holes: int  # flows with a client-side gap pending
+    tombstones: int  # ended connections still absorbing their strays
+    reply_holes: int = 0  # server_stream: flows with a server-side gap pending
+    draining: int = 0  # server_stream: client-closed flows whose server side is still followed
+
+
+TableEvent = Segment | Tick | Interrupt | EndOfInput | DeliveryFailed
+TableCommand = Action | FlowRecord
 
 
 class _Mode(enum.Enum):
@@ -283,7 +303,12 @@ def _sequence(s: _Stream, seq: int, data: bytes, flags: int, whole: bool, stats:
 
 
 class FlowTable:
-    """Every TCP connection of one capture: `feed` segments, execute the returned actions in order."""
+    """Every TCP connection of one capture: `handle` events (segments, ticks, gaps, the end, delivery failures),
+    execute the returned actions in order and count the records.
+
+    `feed`, `tick`, `interrupt`, `finish`, `give_up` and `pop_finished` are what `handle` runs on; `feed` is also
+    the per-segment hot path (`handle_all` runs it over a batch), chosen once per table by FlowConfig.
+    """
 
     def __init__(self, config: FlowConfig) -> None:
         self._cfg = config
@@ -304,7 +329,52 @@ class FlowTable:
             # Chosen once here rather than tested per packet: without the option, feed() stays exactly as fast.
             self.feed = self._feed_replies  # type: ignore[method-assign]
 
-    # ---- public API ---------------------------------------------------------------------------------
+    # ---- the interface ------------------------------------------------------------------------------
+
+    def handle(self, event: TableEvent) -> list[TableCommand]:
+        """One event in, the commands out: the actions for the layers above, then a FlowRecord for every flow
+        that ended during the event (records always come last, so a caller finds them from the end)."""
+        actions: list[Action]
+        if isinstance(event, Segment):
+            actions = self.feed(event)
+        elif isinstance(event, Tick):
+            actions = self.tick(event.now)
+        elif isinstance(event, Interrupt):
+            actions = self.interrupt(event.now, event.servers)
+        elif isinstance(event, EndOfInput):
+            actions = self.finish()
+        elif isinstance(event, DeliveryFailed):
+            self.give_up(event.flow)
+            actions = []
+        else:
+            raise TypeError(f"the flow table takes no {type(event).__name__}")
+        if self._finished:
+            return [*actions, *self.pop_finished()]
+        return cast(list[TableCommand], actions)  # a list of actions is a list of commands; no copy
+
+    def handle_all(self, segments: Iterable[Segment]) -> list[TableCommand]:
+        """`handle` over a batch of segments: the same commands as one call per segment, records moved last.
+
+        The hot path: one bound `feed` per segment and nothing else, so a batch costs what bare `feed` calls do.
+        """
+        feed = self.feed
+        out: list[TableCommand] = []
+        for seg in segments:
+            actions = feed(seg)
+            if actions:
+                out += actions
+        if self._finished:
+            out += self.pop_finished()
+        return out
+
+    def tracking(self) -> Tracking:
+        """How much the table holds right now: what the memory bounds are checked on."""
+        return Tracking(
+            flows=len(self._flows), index=len(self._index), holes=len(self._holes), tombstones=len(self._tombs),
+            reply_holes=len(self._reply_holes), draining=len(self._draining),
+        )
+
+    # ---- the entry points handle() runs on ----------------------------------------------------------
 
     @property
     def open_flows(self) -> int:
@@ -881,4 +951,4 @@ class FlowTable:
         )
 
 
-__all__ = ["FlowConfig", "FlowTable", "ReassemblyStats"]
+__all__ = ["FlowConfig", "FlowTable", "ReassemblyStats", "TableCommand", "TableEvent", "Tracking"]

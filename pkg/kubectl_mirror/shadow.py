@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from .errors import UsageError
-from .httpflow import HttpOptions, JsonPath, RequestRecord, ResponseParser, ResponseRecord, compare
+from .httpflow import HttpOptions, JsonPath, ResponseParser, ResponseRecord, compare
+from .model import RequestRecord
 
 
 @dataclass
@@ -86,6 +87,11 @@ class Shadow:
         self._report: TextIO | None = None
         if options.report is not None:
             self._report = _open_report(options.report)
+
+    @property
+    def tracked_flows(self) -> int:
+        """Connections with requests still waiting for an answer (bounded by what is in flight)."""
+        return len(self._conns)
 
     # -- the engine's calls -----------------------------------------------------------------------------------
 

@@ -36,7 +36,21 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .httpflow import ResponseParser, _Kind, _Splitter
-from .model import Abort, AbortReason, Action, Close, GiveUp, Open, Send, Turn
+from .model import (
+    Abort,
+    AbortReason,
+    Action,
+    Close,
+    Delivered,
+    DeliveryFailed,
+    GiveUp,
+    LocalClosed,
+    LocalData,
+    Open,
+    Send,
+    Tick,
+    Turn,
+)
 
 # Samples kept for the answer-time percentiles: enough for stable p99s, bounded for endless live runs.
 _MAX_SAMPLES = 50_000
@@ -60,45 +74,6 @@ class TurnOptions:
     def limit(self, production: float) -> float:
         # A long poll that took production minutes gets its own time and one more minute, not ten times it.
         return max(self.floor, min(self.factor * production, production + 60.0))
-
-
-# ---- events that are not flow-table actions ---------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class LocalData:
-    """The local service sent these bytes on the flow's connection."""
-
-    flow: int
-    data: bytes
-    at: float
-
-
-@dataclass(slots=True)
-class LocalClosed:
-    """The local service closed its side of the flow's connection."""
-
-    flow: int
-    at: float
-
-
-@dataclass(slots=True)
-class Delivered:
-    """Delivery of the flow is over (the local connection is closed): nothing more will come for it."""
-
-    flow: int
-
-
-@dataclass(slots=True)
-class DeliveryFailed:
-    """Delivery gave the flow up; the flow table sends nothing more for it."""
-
-    flow: int
-
-
-@dataclass(slots=True)
-class Tick:
-    now: float
 
 
 Event = Action | LocalData | LocalClosed | Delivered | DeliveryFailed | Tick

@@ -191,7 +191,8 @@ def run(cfg: FlowConfig, ops: list[Op]) -> None:
                 f"flow {fid} delivered bytes that are not its stream"
             )
     assert table.open_flows == 0
-    assert not table._flows and not table._index and not table._holes and not table._tombs, "memory left after finish"
+    left = table.tracking()
+    assert not left.flows and not left.index and not left.holes and not left.tombstones, "memory left after finish"
     records = table.pop_finished()
     assert len(records) == table.stats.flows == len({r.flow for r in records}), "one record per flow"
     for rec in records:
