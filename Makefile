@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PKGS := tshark tcpdump tcpflow iproute2 nftables curl zstd lz4
+SYSTEM_PKGS := tshark tcpdump tcpflow iproute2 nftables curl zstd lz4 nghttp2-client nghttp2-server
 # Commands the packages above provide; apt-get runs only when one is missing.
-SYSTEM_CMDS := tshark editcap tcpdump tcpflow ip nft curl zstd lz4
+SYSTEM_CMDS := tshark editcap tcpdump tcpflow ip nft curl zstd lz4 h2load nghttpd
 
 .PHONY: all system-deps venv lint unit test demo bench soak fuzz clean
 

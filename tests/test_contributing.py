@@ -27,7 +27,7 @@ def package_imports(pkg_dir: Path) -> dict[str, set[str]]:
 
 def module_map(text: str) -> dict[str, set[str]]:
     section = text.split("## Module map", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `([a-z_]+)` \|[^|]*\|[^|]*\|([^|]*)\|$", section, re.M)
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \|[^|]*\|[^|]*\|([^|]*)\|$", section, re.M)
     return {name: set(imports.split()) for name, imports in rows}
 
 

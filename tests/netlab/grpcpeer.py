@@ -38,19 +38,27 @@ class Counts:
             self.values[name] += 1
 
 
-def make_server(port: int, delay: float, counts: Counts, host: str = "127.0.0.1") -> tuple[grpc.Server, int]:
+def make_server(port: int, delay: float, counts: Counts, host: str = "127.0.0.1",
+                variant: bool = False) -> tuple[grpc.Server, int]:
+    """`variant`: a server that answers differently (shadow comparison): every tenth Get's answer differs, Get of
+    b"13" fails with NOT_FOUND, and the last message of List differs."""
+
     def get(request: bytes, context: grpc.ServicerContext) -> bytes:
         time.sleep(delay)
         if not context.is_active():
             counts.add("get_cancelled")
             return b""
         counts.add("get_done")
+        if variant and request == b"13":
+            context.abort(grpc.StatusCode.NOT_FOUND, "no item 13")
+        if variant and request.endswith(b"0"):
+            return b"ITEM:" + request
         return b"item:" + request
 
     def list_(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         for i in range(5):
             time.sleep(delay / 5)
-            yield b"%s-%d" % (request, i)
+            yield b"%s-%d%s" % (request, i, b"!" if variant and i == 4 else b"")
         counts.add("list")
 
     def put(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
@@ -79,13 +87,20 @@ def make_server(port: int, delay: float, counts: Counts, host: str = "127.0.0.1"
     return server, bound
 
 
-def run_client(host: str, port: int) -> list[str]:
+def run_client(host: str, port: int, metadata: bool = False) -> list[str]:
+    """`metadata`: each unary call carries its own 120-byte `x-call` value, so the HPACK dynamic tables (4 KiB)
+    evict entries many times over."""
     errors: list[str] = []
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     with grpc.insecure_channel(target) as channel:
         get = channel.unary_unary(f"/{SERVICE}/Get")
+
+        def call(i: int) -> bytes:
+            extra = [("x-call", f"{i:04d}-" + "v" * 115)] if metadata else None
+            return get(b"%d" % i, timeout=30, metadata=extra)  # type: ignore[no-any-return]
+
         with futures.ThreadPoolExecutor(max_workers=100) as pool:
-            results = list(pool.map(lambda i: get(b"%d" % i, timeout=30), range(UNARY_CALLS)))
+            results = list(pool.map(call, range(UNARY_CALLS)))
         if results != [b"item:%d" % i for i in range(UNARY_CALLS)]:
             errors.append("unary answers differ")
         listed = list(channel.unary_stream(f"/{SERVICE}/List")(b"l", timeout=30))
@@ -105,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--metadata", action="store_true", help="client: distinct metadata per call (HPACK eviction)")
+    p.add_argument("--variant", action="store_true", help="server: answer some calls differently")
     a = p.parse_args(argv)
     if a.role == "client":
-        errors = run_client(a.host, a.port)
+        errors = run_client(a.host, a.port, a.metadata)
         print(json.dumps({"errors": errors}), flush=True)
         return 1 if errors else 0
     counts = Counts()
-    server, port = make_server(a.port, a.delay, counts, a.host)
+    server, port = make_server(a.port, a.delay, counts, a.host, a.variant)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"listening {port}", flush=True)
