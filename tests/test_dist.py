@@ -228,6 +228,18 @@ def test_version_and_help_with_a_bare_environment(binary: Path, home: Path) -> N
     assert "Traceback" not in helped.stderr
 
 
+def test_finds_tshark_off_path_through_pyshark(binary: Path, home: Path, tmp_path: Path) -> None:
+    # pyshark ships in the binary for this: PATH has no tshark, pyshark's config.ini (read from the current
+    # directory) names the real one.
+    (tmp_path / "config.ini").write_text(f"[tshark]\ntshark_path = {shutil.which('tshark')}\n")
+    (tmp_path / "empty").mkdir()
+    done = subprocess.run([*clean_env(home, path=str(tmp_path / "empty")), str(binary), "--version"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    tshark = [line for line in version_lines(done.stdout) if line.startswith("tshark")]
+    assert tshark and "not found" not in tshark[0] and tshark[0][len("tshark "):][:1].isdigit(), done.stdout
+
+
 def test_help_starts_quickly(binary: Path, home: Path) -> None:
     # One-file binaries unpack themselves on every start: this catches the bundle growing until start-up hurts.
     # The bound is ten times what it takes on an idle 2-core machine, so a busy one does not fail it.

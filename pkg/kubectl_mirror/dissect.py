@@ -30,6 +30,7 @@ from typing import IO, BinaryIO
 from .errors import InputError, ToolError
 from .model import Endpoint, Segment
 from .pcap import FAST_LINKTYPES, PcapReader, PcapWriter, Record, linktype_name
+from .tshark_locate import locate_tshark
 
 MIN_VERSION = (3, 4, 0)  # LINUX_SLL2 (tcpdump -i any on current kernels) needs 3.4
 log = logging.getLogger(__name__)
@@ -81,8 +82,8 @@ class TsharkInfo:
 
 
 def find_tshark(path: str | None = None) -> TsharkInfo:
-    """Locate tshark (PATH, or the given path) and check its version."""
-    exe = shutil.which(path) if path else shutil.which("tshark")
+    """Locate tshark (the given path; else PATH, then where pyshark looks) and check its version."""
+    exe = shutil.which(path) if path else locate_tshark()
     if exe is None:
         where = f" at {path}" if path else ""
         raise ToolError(f"tshark not found{where}: {INSTALL_HINT}")
