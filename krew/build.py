@@ -136,6 +136,10 @@ def pyinstaller(workdir: Path, distdir: Path) -> Path:
     env = dict(os.environ)
     # Fixed hash seed: PyInstaller's own docs name it as what makes its output reproducible.
     env["PYTHONHASHSEED"] = "0"
+    # PyInstaller keeps a binary cache per user (~/.cache/pyinstaller) and `--clean` empties it: a build in another
+    # checkout at the same time (a second CI job, `make bench` beside `make test`) lost libssl.so.3 mid-build. The
+    # lock above is per checkout, so the cache is too.
+    env["PYINSTALLER_CONFIG_DIR"] = str(REPO / "build" / "pyinstaller-cache")
     cmd = [sys.executable, "-m", "PyInstaller", "--noconfirm", "--clean", "--log-level", "WARN",
            "--workpath", str(workdir), "--distpath", str(distdir), str(SPEC)]
     print("building the one-file binary with PyInstaller (about a minute)...", file=sys.stderr)
