@@ -24,7 +24,7 @@ from kubectl_mirror.httpflow import (
     parse_set_header,
 )
 from kubectl_mirror.model import Abort, AbortReason, Action, Close, Endpoint, Open, Send
-from kubectl_mirror.pipeline import coalesce
+from kubectl_mirror.stack import coalesce
 
 CLIENT = Endpoint("10.0.0.1", 40000)
 SERVER = Endpoint("10.0.0.2", 8080)

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kubectl_mirror.model import Abort, AbortReason, Action, Close, Endpoint, Open, Send
-from kubectl_mirror.pipeline import coalesce
+from kubectl_mirror.stack import coalesce
 
 C, S = Endpoint("10.0.0.1", 4000), Endpoint("10.0.0.2", 80)
 

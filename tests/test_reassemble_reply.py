@@ -32,8 +32,8 @@ from kubectl_mirror.model import (
     Segment,
     Send,
 )
-from kubectl_mirror.pipeline import coalesce
 from kubectl_mirror.reassemble import FlowConfig, FlowTable
+from kubectl_mirror.stack import coalesce
 from tests.test_reassemble import CLIENT, MASK, SERVER, feed, one_record, sent
 from tests.test_reassemble_props import Piece, transmissions
 

@@ -51,6 +51,7 @@ from .model import (
     Close,
     DeliveryFailed,
     Open,
+    Reply,
     RequestRecord,
     Send,
     Suppressed,
@@ -510,9 +511,11 @@ class HttpLayer:
                 self._open(action, out)
             elif type(action) is Close or type(action) is Abort:
                 self._end(action, out)
+            elif type(action) is Reply:
+                out.append(action)  # production's answer: for the shadow layer after this one, whatever the fate
             else:
-                # Anything else (server->client bytes, for comparison) is not the client's: it goes on as it
-                # is, except for a connection left out entirely.
+                # Anything else (a Turn) is not the client's bytes: it goes on as it is, except for a connection
+                # left out entirely.
                 st = self._flows.get(action.flow)
                 if st is None or not st.dropped or st.opened:
                     out.append(action)
@@ -647,7 +650,7 @@ class HttpLayer:
         self._requests.append(
             RequestRecord(
                 flow, st.index, request.method.decode("latin-1"), request.target.decode("latin-1"), host, ts,
-                forwarded, st.sent if forwarded else None, upgrade,
+                forwarded, st.sent if forwarded else None, upgrade, st.open is not None and st.open.partial,
             )
         )
         st.index += 1

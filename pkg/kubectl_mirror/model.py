@@ -181,6 +181,7 @@ class RequestRecord:
     # Position among the requests actually sent on the local connection (pairs with ResponseParser's index).
     sent_index: int | None = None
     upgrade: bool = False  # Upgrade or CONNECT: what follows on the connection is not HTTP/1.x any more
+    partial: bool = False  # the connection was joined mid-stream: production's answers cannot be lined up
 
 
 # ---- the layers' protocol ------------------------------------------------------------------------------------

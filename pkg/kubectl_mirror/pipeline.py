@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import FrameType
@@ -26,13 +26,14 @@ from typing import BinaryIO
 from .capture import Gap
 from .dissect import HANDOVER_EVERY, Dissector, TsharkInfo, TsharkProcess
 from .errors import EXIT_INTERRUPTED, InputError, MirrorError
-from .httpflow import HttpLayer, HttpOptions
-from .model import PAYLOAD, Abort, Action, Close, Open, Reply, Segment, Send, Turn
+from .httpflow import HttpOptions
+from .model import DeliveryFailed, EndOfInput, Interrupt, LocalClosed, LocalData, Segment, Tick
 from .pcap import PcapWriter
 from .progress import StatusLine
-from .reassemble import FlowConfig, FlowTable
+from .reassemble import FlowConfig
 from .replay import Destination, ReplayConfig, Replayer
-from .shadow import RequestResult, Shadow, ShadowOptions
+from .shadow import RequestResult, ShadowOptions
+from .stack import Command, DeliveryOver, Stack, StackOptions
 from .summary import (
     CompareSummary,
     HttpSummary,
@@ -44,8 +45,7 @@ from .summary import (
     render_json,
     render_text,
 )
-from .tlsgate import TlsGate
-from .turns import Command, Delivered, DeliveryFailed, LocalClosed, LocalData, Tick, TurnOptions, TurnTaker, percentile
+from .turns import TurnOptions, percentile
 
 log = logging.getLogger(__name__)
 
@@ -162,26 +162,17 @@ class Engine:
 
     def __init__(self, options: EngineOptions, source_name: str) -> None:
         self.options = options
-        self.table = FlowTable(options.flow)
-        self.http: HttpLayer | None = None
-        self.shadow: Shadow | None = None
-        replay = options.replay
-        if options.http is not None:
-            self.http = HttpLayer(options.http.http, time.monotonic)
-            self.shadow = Shadow(options.http)
-            replay = dataclasses.replace(replay, on_response=self.shadow.local)
-        self.turns: TurnTaker | None = None
-        # The local service's bytes and closes, as the replayer reads them: events for the turn layer.
-        self._local_events: list[tuple[int, bytes, float]] = []
-        if options.flow.turns:
-            turn_options = options.turns or TurnOptions(max_held=replay.flow_buffer)
-            self.turns = TurnTaker(turn_options)
-            replay = dataclasses.replace(replay, on_response=self._local_reader(replay.on_response))
-        self._comparing = self.shadow is not None and self.shadow.comparing
-        self.tls = TlsGate(drop_tls=not options.tls_passthrough)
-        self._tls_named = False
-        self.replayer = Replayer(options.dest, replay)
         self.builder = SummaryBuilder(source=source_name, target=str(options.dest), exact=options.http is None)
+        self.stack = Stack(
+            StackOptions(options.flow, options.http, options.tls_passthrough, options.turns, str(options.dest)),
+            self.builder, time.monotonic, options.notice, flow_buffer=options.replay.flow_buffer,
+        )
+        replay = options.replay
+        # The local service's bytes and closes, as the replayer reads them: events for the layers that wait on them.
+        self._local_events: list[LocalData | LocalClosed] = []
+        if self.stack.wants_local_data:
+            replay = dataclasses.replace(replay, on_response=self._local_reader())
+        self.replayer = Replayer(options.dest, replay)
         self.stop = options.stop if options.stop is not None else StopFlag()
         self._pacer = _Pacer(options.speed)
         self._last_ts: float | None = None
@@ -196,19 +187,14 @@ class Engine:
         self._input_error: MirrorError | None = None
         self._fatal: MirrorError | None = None
         self._pending_gaps: list[Gap] = []
-        # Checked once: logging per packet must cost nothing unless asked for.
-        self._trace = log.isEnabledFor(logging.DEBUG)
-        self._payload = log.isEnabledFor(PAYLOAD)
         self._gap_seen_at = 0.0
 
-    def _local_reader(self, then: Callable[[int, bytes, float], None] | None) -> Callable[[int, bytes, float], None]:
+    def _local_reader(self) -> Callable[[int, bytes, float], None]:
         events = self._local_events
 
         def on_response(flow: int, data: bytes, at: float) -> None:
-            # Called inside the replayer's poll: only noted here, handled once the poll is over.
-            events.append((flow, data, at))
-            if then is not None:
-                then(flow, data, at)
+            # Called inside the replayer's poll: only noted here, handed to the layers once the poll is over.
+            events.append(LocalData(flow, data, at) if data else LocalClosed(flow, at))
 
         return on_response
 
@@ -221,7 +207,7 @@ class Engine:
                 for index, source in enumerate(sources):
                     if index > 0:
                         self._gaps += 1
-                        self._execute(self.table.interrupt(self._capture_now()))
+                        self._execute(self.stack.handle(Interrupt(self._capture_now())))
                     self._run_stream(source)
                     if self.stop.requested or self._input_error is not None:
                         break
@@ -230,20 +216,19 @@ class Engine:
             if self._cut_short():
                 # The rest of these connections exists (in the file, or in the cluster past a failure) but will
                 # not be delivered: a clean FIN would tell the local service they ended. Reset them instead.
-                self._execute(self.table.interrupt(self._capture_now()))
+                self._execute(self.stack.handle(Interrupt(self._capture_now())))
             self._apply_late_gaps()
-            self._execute(self.table.finish())
+            self._execute(self.stack.handle(EndOfInput()))
             self._collect()
             self._settle()
             self.replayer.drain(self.options.replay.drain_timeout)
             self._collect()
-            if self.shadow is not None:
-                self.shadow.finish(time.monotonic())
+            self.stack.handle(DeliveryOver())
         finally:
             self.stop.uninstall()
             self.replayer.close()
-            if self.shadow is not None:
-                self.shadow.close()
+            if self.stack.shadow is not None:
+                self.stack.shadow.close()
         return self.summary()
 
     def _cut_short(self) -> bool:
@@ -277,16 +262,16 @@ class Engine:
             stream_gaps=self._gaps,
             duration_seconds=time.monotonic() - self._started,
             interrupted=stats is None and self.stop.interrupted,
-            open_flows=self.table.open_flows if stats is not None else None,
+            open_flows=self.stack.table.open_flows if stats is not None else None,
             http=self._http_summary(),
             compare=self._compare_summary(),
             turns=self._turn_summary(),
         )
 
     def _turn_summary(self) -> TurnSummary | None:
-        if self.turns is None:
+        if self.stack.turns is None:
             return None
-        s = self.turns.stats
+        s = self.stack.turns.stats
 
         def ms(values: list[float], q: float) -> float | None:
             p = percentile(values, q)
@@ -301,9 +286,9 @@ class Engine:
         )
 
     def _http_summary(self) -> HttpSummary | None:
-        if self.http is None:
+        if self.stack.http is None:
             return None
-        s = self.http.stats
+        s = self.stack.http.stats
         return HttpSummary(
             requests=s.requests, forwarded=s.forwarded, filtered=s.filtered, rate_limited=s.rate_limited,
             sampled_out_connections=s.sampled_out_connections, non_http_connections=s.non_http_connections,
@@ -311,7 +296,7 @@ class Engine:
         )
 
     def _compare_summary(self) -> CompareSummary | None:
-        sh = self.shadow
+        sh = self.stack.shadow
         if sh is None or not sh.comparing:
             return None
         return CompareSummary(same=sh.same, different=sh.different, unpaired=sh.unpaired)
@@ -364,79 +349,40 @@ class Engine:
             self._segments_before += stats.tcp_segments
 
     def _release(self, held: deque[Segment]) -> None:
-        """Feed held segments to the flow table, as fast as --speed allows."""
-        if self._pacer.speed <= 0:
-            self._release_all(held)
-        else:
-            self._release_paced(held)
-        self._last_seg_wall = time.monotonic()
-        self._timers()
+        """Feed held segments to the layers, as fast as --speed allows.
 
-    def _release_all(self, held: deque[Segment]) -> None:
-        """As fast as possible: the batch's actions go out together, one send per flow instead of per segment."""
-        feed = self.table.feed
+        As fast as possible, the segments up to the next gap go as one batch, whose Sends merge per flow (one
+        send() per flow instead of per segment); paced, each segment goes once the capture's clock allows.
+        """
+        paced = self._pacer.speed > 0
         gaps = self._pending_gaps
-        batch: list[Action] = []
-        while held:
-            seg = held.popleft()
-            if gaps and seg.frame > gaps[0].after_frame:
-                # Everything the pod sent before its stream dropped has been fed: end its flows now.
-                batch = self._through_tls(batch)
-                if self.http is not None:
-                    batch = self._through_http(batch)
-                self._deliver(coalesce(batch))
-                batch = []
-                self._apply_gap(gaps.pop(0))
-            self._last_ts = seg.ts
-            actions = feed(seg)
-            if actions:
-                batch += actions
-        if batch:
-            batch = self._through_tls(batch)
-            if self.http is not None:
-                # Before coalescing: the layer cuts requests at their own boundaries, whatever the segments.
-                batch = self._through_http(batch)
-            if self._trace:
-                self._log_actions(batch)
-            self._deliver(coalesce(batch))
-
-    def _release_paced(self, held: deque[Segment]) -> None:
-        feed, execute = self.table.feed, self._deliver
-        gaps = self._pending_gaps
+        batch: list[Segment] = []
         while held:
             seg = held[0]
             if gaps and seg.frame > gaps[0].after_frame:
+                # Everything the pod sent before its stream dropped has been fed: end its flows now.
+                self._deliver(batch)
+                batch = []
                 self._apply_gap(gaps.pop(0))
-            wait = self._pacer.due(seg.ts) - time.monotonic()
-            if wait > 0:
-                # Keep serving sockets while the capture's clock catches up.
-                self._poll(min(wait, IDLE_WAIT))
-                return
+            if paced:
+                wait = self._pacer.due(seg.ts) - time.monotonic()
+                if wait > 0:
+                    # Keep serving sockets while the capture's clock catches up.
+                    self._poll(min(wait, IDLE_WAIT))
+                    return
             held.popleft()
             self._last_ts = seg.ts
-            actions = feed(seg)
-            if actions:
-                actions = self._through_tls(actions)
-                if self.http is not None:
-                    actions = self._through_http(actions)
-                if self._trace:
-                    self._log_actions(actions)
-                execute(actions)
+            batch.append(seg)
+            if paced:
+                self._deliver(batch)
+                batch = []
+        self._deliver(batch)
+        self._last_seg_wall = time.monotonic()
+        self._timers()
 
-    def _log_actions(self, actions: list[Action]) -> None:
-        """-v=4: every flow's open and end; -v=9 also a preview of the bytes (secrets: never below 9)."""
-        for a in actions:
-            if isinstance(a, Open):
-                log.debug("flow %d: open %s -> %s%s", a.flow, a.client, a.server, " (joined mid-stream)" * a.partial)
-            elif isinstance(a, Close):
-                log.debug("flow %d: client finished (FIN)", a.flow)
-            elif isinstance(a, Abort):
-                log.debug("flow %d: abort (%s)", a.flow, a.reason.value)
-            elif isinstance(a, Turn):
-                log.debug("flow %d: production answered %d bytes in %.1f ms: a turn", a.flow, a.answer_bytes,
-                          a.answer_time * 1000)
-            elif isinstance(a, Send) and self._payload:
-                log.log(PAYLOAD, "flow %d: %d bytes %r", a.flow, len(a.data), a.data[:64])
+    def _deliver(self, segments: list[Segment]) -> None:
+        if segments:
+            self._execute(self.stack.segments(segments, batch=self._pacer.speed <= 0))
 
     def _apply_gap(self, gap: Gap) -> None:
         if gap.dropped:
@@ -448,7 +394,7 @@ class Engine:
         else:
             log.info("%s: %s: flows still open may have lost their end, so they end as incomplete", gap.pod,
                      gap.reason)
-        self._execute(self.table.interrupt(self._capture_now(), gap.servers or None))
+        self._execute(self.stack.handle(Interrupt(self._capture_now(), gap.servers or None)))
 
     def _apply_late_gaps(self) -> None:
         """Gaps told after the last segment (a loss tcpdump reported as it exited): they follow everything."""
@@ -490,185 +436,61 @@ class Engine:
         return self._last_ts
 
     def _timers(self) -> None:
-        gave_up = self.replayer.pop_gave_up()
-        for flow in gave_up:
-            self.table.give_up(flow)
-            if self.http is not None:
-                self.http.forget(flow)
-            if self.turns is not None:
-                self.turns.handle(DeliveryFailed(flow))
+        for flow in self.replayer.pop_gave_up():
+            self.stack.handle(DeliveryFailed(flow))
         now = self._capture_now()
         if now - self._last_tick_ts >= TICK_EVERY:
             self._last_tick_ts = now
-            self._execute(self.table.tick(now))
+            self._execute(self.stack.handle(Tick(now)))
         self._collect()
 
-    def _execute(self, actions: Sequence[Action]) -> None:
-        if actions:
-            actions = self._through_tls(list(actions))
-            if self.http is not None:
-                # Ends (Close, Abort) too: the layer may owe the target held bytes, or must forget the flow.
-                actions = self._through_http(list(actions))
-            self._deliver(actions)
-
-    # ---- turn-taking between the flow table and the replayer --------------------------------------
-
-    def _deliver(self, actions: Sequence[Action]) -> None:
-        turns = self.turns
-        if turns is None:
-            self.replayer.execute(actions)
-            return
-        out = turns.handle(Tick(time.monotonic()))
-        out += turns.handle_all(list(actions))
-        self.replayer.execute(out)
+    def _execute(self, commands: list[Command]) -> None:
+        if commands:
+            self.replayer.execute(commands)
 
     def _poll(self, timeout: float, fd: int | None = None) -> None:
         """One round of the replayer's sockets, no longer than the next turn's deadline; then their answers."""
-        turns = self.turns
-        if turns is None:
-            self.replayer.poll(timeout, fd)
-            return
-        deadline = turns.next_deadline()
+        deadline = self.stack.next_deadline()
         if deadline is not None:
             timeout = max(0.0, min(timeout, deadline - time.monotonic()))
         self.replayer.poll(timeout, fd)
-        self._answers()
+        if self.stack.turns is not None:
+            self._answers()
 
     def _answers(self) -> None:
-        """Hand what the local service sent (and closed) to the turn layer; execute what it releases."""
-        turns = self.turns
-        assert turns is not None
-        out: list[Command] = []
+        """Hand what the local service sent (and closed) to the layers; execute what they release."""
+        out = self._local()
+        out += self.stack.tick()
+        self._execute(out)
+
+    def _local(self) -> list[Command]:
         events = self._local_events
+        out: list[Command] = []
         if events:
             batch = events[:]
             events.clear()
-            for flow, data, at in batch:
-                out += turns.handle(LocalData(flow, data, at) if data else LocalClosed(flow, at))
-        out += turns.handle(Tick(time.monotonic()))
-        if out:
-            self.replayer.execute(out)
+            for event in batch:
+                out += self.stack.handle(event)
+        return out
 
     def _settle(self) -> None:
         """The input is over: let every connection still waiting for an answer finish its turns (each bounded)."""
-        turns = self.turns
-        if turns is None:
+        if self.stack.turns is None:
             return
         # Offline, Ctrl-C has reset every open flow by now (nothing is held); live, the capture has ended and these
         # last turns still deserve their answers. Each wait is bounded; a second Ctrl-C leaves at once.
-        while turns.holding:
+        while self.stack.holding:
             self._poll(IDLE_WAIT)
             self._collect()
-        self.replayer.execute(turns.flush())
-
-    def _through_tls(self, actions: list[Action]) -> list[Action]:
-        """Hold each new flow until its first bytes show whether it is TLS; TLS flows are not replayed."""
-        gate = self.tls
-        out = gate.process(actions, self.table.stats.flows)
-        probes = gate.pop_probes()
-        if probes:
-            self.builder.add_probes(len(probes))
-        found = gate.pop_tls()
-        if found:
-            flows = [t.flow for t in found]
-            self.builder.add_tls(flows)  # before their records: _collect pairs them afterwards
-            for flow in flows:
-                self.table.give_up(flow)  # nothing more from the flow table, however long the connection lasts
-            gate.forget(flows)
-            if not self._tls_named:
-                self._tls_named = True
-                first = found[0]
-                message = (f"{first.client} -> {first.server} opened with a TLS ClientHello: connections like it "
-                           f"are not replayed to the plaintext --to {self.options.dest} (counted as tls); mirror "
-                           "the plaintext port (in a mesh, the sidecar's hop to the app), or pass --tls-passthrough "
-                           "if --to is a TLS server")
-                log.info("%s", message)
-                if self.options.notice is not None:
-                    self.options.notice(message)
-        return out
-
-    def _through_http(self, actions: list[Action]) -> list[Action]:
-        """The HTTP layer's verdict on actions bound for the replayer; requests are noted before they go out."""
-        http, shadow = self.http, self.shadow
-        assert http is not None and shadow is not None
-        replies: list[Reply] = []
-        if self._comparing:
-            kept: list[Action] = []
-            for a in actions:
-                if type(a) is Reply:
-                    replies.append(a)  # production's answer: compared here, nothing for the replayer
-                    continue
-                if type(a) is Open:
-                    shadow.opened(a.flow, a.partial)
-                kept.append(a)
-            actions = kept
-        out = http.process(actions)
-        requests = http.pop_requests()
-        if requests:
-            # Before execute() sends them: a fast local answer must find its request expected.
-            shadow.requests(requests, time.monotonic())
-        for r in replies:
-            shadow.reply(r.flow, r.data, r.ts)
-        return out
+        self._execute(self.stack.flush())
 
     def _collect(self) -> None:
         # A flow can end in the table while its bytes are still queued for the target, so records and
-        # deliveries arrive separately; the builder pairs them by flow id.
-        http, shadow = self.http, self.shadow
-        if http is not None and shadow is not None:
-            suppressed = http.pop_suppressed()
-            if suppressed:
-                self.builder.add_suppressed(suppressed)
-                now = time.monotonic()
-                for flow in suppressed:
-                    shadow.local_end(flow, now)
-            aborted = http.pop_aborted()
-            if aborted:
-                self.builder.add_aborted(aborted)
-        records = self.table.pop_finished()
-        if records:
-            self.builder.add_records(records)
-            if self._comparing and shadow is not None:
-                for record in records:
-                    shadow.prod_end(record.flow, record.last_ts, record.reply_complete and not record.partial)
-        deliveries = self.replayer.pop_finished()
-        if deliveries:
-            self.builder.add_deliveries(deliveries)
-            if self.turns is not None:
-                for delivery in deliveries:
-                    self.turns.handle(Delivered(delivery.flow))
-            if shadow is not None:
-                now = time.monotonic()
-                for delivery in deliveries:
-                    shadow.local_end(delivery.flow, now)
-
-
-def coalesce(actions: list[Action]) -> list[Action]:
-    """Merge each flow's consecutive Sends into one, so a batch costs one send() per flow, not per segment.
-
-    Only Sends with nothing else of the same flow between them merge; other flows' actions may sit between,
-    since every flow has its own socket. The bytes and their order per flow stay exactly the same.
-    """
-    out: list[Action] = []
-    open_send: dict[int, list[bytes]] = {}  # flow -> data parts of its latest Send, while nothing else came
-    merged: list[tuple[int, list[bytes]]] = []
-    for action in actions:
-        if isinstance(action, Send):
-            parts = open_send.get(action.flow)
-            if parts is not None:
-                parts.append(action.data)
-                continue
-            parts = [action.data]
-            open_send[action.flow] = parts
-            merged.append((len(out), parts))
-        else:
-            open_send.pop(action.flow, None)
-        out.append(action)
-    for index, parts in merged:
-        if len(parts) > 1:
-            first = out[index]
-            out[index] = Send(first.flow, b"".join(parts), first.ts)
-    return out
+        # deliveries arrive separately; the summary pairs them by flow id. The local service's last bytes of a
+        # flow go to the layers before its delivery's end.
+        self._execute(self._local())
+        for delivery in self.replayer.pop_finished():
+            self.stack.handle(delivery)
 
 
 # ---- `kubectl mirror replay` -----------------------------------------------------------------------

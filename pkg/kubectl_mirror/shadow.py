@@ -1,7 +1,10 @@
-"""HTTP mode's bookkeeping beside the engine: each request's fate, the local answers, and shadow comparison.
+"""HTTP mode's layer after the HTTP layer: each request's fate, the local answers, and shadow comparison.
 
-The engine owns the sockets and the HttpLayer; this keeps, per mirrored connection, what is needed to pair
-requests with responses and nothing more, so memory stays bounded by what is in flight:
+Sans-I/O like the layers before it: `Shadow.handle(event)` (or `handle_all` for a batch) takes the HTTP layer's
+commands (actions, RequestRecords, production's Replies), the flow table's FlowRecords, and what delivery tells
+(`LocalData`, `LocalClosed`, `Delivered`, `Suppressed`, `EndOfInput`); it returns the actions for delivery, with
+production's Replies taken out. Wall time comes from the injected clock. It keeps, per mirrored connection,
+what is needed to pair requests with responses and nothing more, so memory stays bounded by what is in flight:
 
 * `requests()` takes the layer's RequestRecords right before their bytes go out. Local response k of a
   connection answers the request with sent_index k (the local service only saw the forwarded ones).
@@ -16,13 +19,27 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
 from .errors import UsageError
 from .httpflow import HttpOptions, JsonPath, ResponseParser, ResponseRecord, compare
-from .model import RequestRecord
+from .model import (
+    Action,
+    Delivered,
+    EndOfInput,
+    FlowRecord,
+    LocalClosed,
+    LocalData,
+    Open,
+    Reply,
+    RequestRecord,
+    Suppressed,
+)
+
+ShadowEvent = Action | RequestRecord | FlowRecord | LocalData | LocalClosed | Delivered | Suppressed | EndOfInput
 
 
 @dataclass
@@ -76,8 +93,11 @@ class _Conn:
 
 
 class Shadow:
-    def __init__(self, options: ShadowOptions) -> None:
+    """See the module doc. Feed it through `handle` / `handle_all`; the other public methods are what they run on."""
+
+    def __init__(self, options: ShadowOptions, clock: Callable[[], float] = time.monotonic) -> None:
         self.options = options
+        self._clock = clock
         self.comparing = options.compare
         self.same = 0
         self.different = 0
@@ -87,6 +107,54 @@ class Shadow:
         self._report: TextIO | None = None
         if options.report is not None:
             self._report = _open_report(options.report)
+
+    # -- the interface ------------------------------------------------------------------------------------------
+
+    def handle(self, event: ShadowEvent) -> list[Action]:
+        return self.handle_all([event])
+
+    def handle_all(self, events: list[ShadowEvent]) -> list[Action]:
+        """A batch of the HTTP layer's commands (and the other events) in order: the actions for delivery.
+
+        Production's Replies are compared here and go no further. Within a batch every request is noted before
+        any Reply is read, and before delivery sends its bytes: a fast local answer must find it expected.
+        """
+        comparing = self.comparing
+        out: list[Action] = []
+        records: list[RequestRecord] = []
+        replies: list[Reply] = []
+        for e in events:
+            kind = type(e)
+            if kind is RequestRecord:
+                records.append(e)  # type: ignore[arg-type]
+            elif kind is Reply:
+                if comparing:
+                    replies.append(e)  # type: ignore[arg-type]
+                else:
+                    out.append(e)  # type: ignore[arg-type]
+            elif kind is FlowRecord:
+                assert isinstance(e, FlowRecord)
+                if comparing:
+                    self.prod_end(e.flow, e.last_ts, e.reply_complete and not e.partial)
+            elif kind is Delivered or kind is Suppressed:
+                self.local_end(e.flow, self._clock())  # type: ignore[union-attr]
+            elif kind is LocalData:
+                assert isinstance(e, LocalData)
+                self.local(e.flow, e.data, e.at)
+            elif kind is LocalClosed:
+                assert isinstance(e, LocalClosed)
+                self.local(e.flow, b"", e.at)
+            elif kind is EndOfInput:
+                self.finish(self._clock())
+            else:
+                if kind is Open and comparing:
+                    self.opened(e.flow, e.partial)  # type: ignore[union-attr]
+                out.append(e)  # type: ignore[arg-type]
+        if records:
+            self.requests(records, self._clock())
+        for r in replies:
+            self.reply(r.flow, r.data, r.ts)
+        return out
 
     @property
     def tracked_flows(self) -> int:
@@ -105,7 +173,7 @@ class Shadow:
         for r in records:
             c = self._conns.get(r.flow)
             if c is None:
-                c = self._conns[r.flow] = _Conn(partial=r.flow in self._partial)
+                c = self._conns[r.flow] = _Conn(partial=r.partial or r.flow in self._partial)
             if self.comparing and not c.partial:
                 if c.prod is None:
                     c.prod = ResponseParser(r.flow)

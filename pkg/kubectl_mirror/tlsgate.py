@@ -53,6 +53,15 @@ class TlsFlow:
     server: Endpoint
 
 
+@dataclass(slots=True)
+class KubeletProbe:
+    """A command: this flow opened with a kubelet probe (counted in the summary)."""
+
+    flow: int
+
+
+TlsCommand = Action | TlsFlow | KubeletProbe
+
 _PROBE_AGENT = b"\r\nuser-agent: kube-probe/"
 _PROBE_HEAD = 2048  # a probe's request head is a few hundred bytes, in the connection's first segment
 
@@ -89,12 +98,32 @@ class TlsGate:
         """Flows whose Open is held until their first bytes arrive."""
         return len(self._held)
 
-    def process(self, actions: list[Action], flows_created: int = -1) -> list[Action]:
+    def handle(self, event: Action) -> list[TlsCommand]:
+        return self.handle_all([event])
+
+    def handle_all(self, actions: list[Action], flows_created: int | None = None) -> list[TlsCommand]:
+        """A batch of the flow table's actions: the actions to execute, then a `KubeletProbe` for each flow that
+        opened with a kubelet probe and a `TlsFlow` for each flow held back as TLS. The flow table must be told
+        to give those up (it would go on emitting for them); the gate itself forgets them.
+
+        `flows_created` (the flow table's running count) lets a batch without a new flow and with nothing held
+        pass untouched, at no per-action cost; None: look at every action.
+        """
+        out: list[TlsCommand] = self.process(actions, flows_created)  # type: ignore[assignment]
+        if self._probes or self._found:
+            found = self.pop_tls()
+            self.forget([t.flow for t in found])
+            out = [*out, *(KubeletProbe(flow) for flow in self.pop_probes()), *found]
+        return out
+
+    def process(self, actions: list[Action], flows_created: int | None = None) -> list[Action]:
         """The actions to execute. `flows_created` (the flow table's running count) lets a batch without a new
         flow and with nothing held pass untouched, at no per-action cost."""
         held, dropping = self._held, self._dropping
-        if flows_created == self._flows_seen and not held and not dropping:
+        if flows_created is not None and flows_created == self._flows_seen and not held and not dropping:
             return actions
+        if flows_created is None:
+            flows_created = self._flows_seen
         self._flows_seen = flows_created
         out: list[Action] = []
         emit = out.append
@@ -173,4 +202,4 @@ class TlsGate:
             self._held.pop(flow, None)
 
 
-__all__ = ["DECIDING_BYTES", "TlsFlow", "TlsGate", "client_hello", "kubelet_probe"]
+__all__ = ["DECIDING_BYTES", "KubeletProbe", "TlsCommand", "TlsFlow", "TlsGate", "client_hello", "kubelet_probe"]
