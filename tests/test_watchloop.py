@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from kubectl_mirror.cluster import watch_lines
 from kubectl_mirror.errors import MirrorError
-from kubectl_mirror.kubeconfig import Connection, watch_lines
+from kubectl_mirror.kubeconfig import Connection
 from kubectl_mirror.podwatch import Change, PodWatch
 from kubectl_mirror.target import select_pods
 from kubectl_mirror.watchloop import WatchLoop, selection_query

@@ -8,16 +8,16 @@ Any failure, or running out of time, gives no candidates: completion has no plac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
 from collections.abc import Callable
 
+from .cluster import call
 from .completion import DEBUG_ENV, NO_FILE_COMP, NO_SPACE, Answer, Want, Words, matching, subcommands
 from .errors import UsageError
 from .flags import parse_request_timeout
-from .kubeconfig import Connection, ConnectionFlags, api_errors, api_request, connect
+from .kubeconfig import Connection, ConnectionFlags, connect
 from .target import KINDS, Kind, Pod, Service, kind_for, select_pods
 
 TIMEOUT = 3.0  # seconds for a whole lookup; --request-timeout shortens it
@@ -57,8 +57,7 @@ def bounded(lookup: Callable[[Connection], Pairs], state: Words) -> Pairs:
         try:
             conn = connect(args)
             try:
-                with api_errors(conn):  # one-line messages for KUBECTL_MIRROR_COMPLETION_DEBUG
-                    box.append(lookup(conn))
+                box.append(lookup(conn))  # cluster.call's errors are one line, for KUBECTL_MIRROR_COMPLETION_DEBUG
             finally:
                 conn.close()
         except Exception as exc:  # unreachable, forbidden, no kubeconfig: no candidates, and nothing to say
@@ -76,8 +75,8 @@ def bounded(lookup: Callable[[Connection], Pairs], state: Words) -> Pairs:
 def _names(conn: Connection, kind: Kind) -> list[str]:
     """The names of `kind`'s objects in the connection's namespace (the list path is the object path's parent)."""
     path = kind.path.rsplit("/", 1)[0]
-    resp = api_request(conn, "GET", path, {"namespace": conn.namespace})
-    return [str((item.get("metadata") or {}).get("name", "")) for item in json.loads(resp.data).get("items") or []]
+    listed = call(conn, "GET", path, {"namespace": conn.namespace})
+    return [str((item.get("metadata") or {}).get("name", "")) for item in listed.get("items") or []]
 
 
 def type_prefixes(prefix: str) -> Pairs:
@@ -107,8 +106,8 @@ def refs(state: Words, want: Want) -> Answer:
 
 def namespaces(state: Words, want: Want) -> Answer:
     def lookup(conn: Connection) -> Pairs:
-        resp = api_request(conn, "GET", "/api/v1/namespaces")
-        return [(str(i["metadata"]["name"]), "") for i in json.loads(resp.data).get("items") or []]
+        listed = call(conn, "GET", "/api/v1/namespaces")
+        return [(str(i["metadata"]["name"]), "") for i in listed.get("items") or []]
 
     return Answer(matching(bounded(lookup, state), want.prefix, want.emit), NO_FILE_COMP)
 

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import ssl
 import subprocess
 import time
 from collections import deque
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import websocket
 
-from .errors import ClusterError, MirrorError, UsageError
-from .kubeconfig import Connection, connection_error
+from .cluster import Call, status_error, transport_error
+from .errors import ClusterError, MirrorError, NotFound, UsageError
+from .kubeconfig import Connection
 from .tap import Tap
 from .target import PodTarget
 from .tcpdump_failure import diagnose, failure
@@ -85,32 +86,24 @@ def _sslopt(cfg: Any) -> dict[str, Any]:
     return opts
 
 
-def _status_message(body: bytes | None, fallback: str) -> str:
-    try:
-        doc = json.loads(body or b"")
-        if isinstance(doc, dict) and doc.get("message"):
-            return str(doc["message"]).splitlines()[0]
-    except ValueError:
-        pass
-    return fallback
-
-
 def _handshake_error(exc: Any, namespace: str, pod: str, container: str, conn: Connection) -> MirrorError:
+    """The refused WebSocket upgrade as the boundary types it (401, RBAC on pods/exec, ...); exec's own wording
+    for the rest. Kubernetes 1.31+ authorizes the upgrade as "create", older servers as "get": the Forbidden names
+    the verb the server itself says it denied."""
     code = int(getattr(exc, "status_code", 0) or 0)
-    message = _status_message(getattr(exc, "resp_body", None), f"HTTP {code}")
-    if code == 401:
-        return ClusterError(f"the API server rejected your credentials (context {conn.context}); log in again")
-    if code == 403:
-        who = dict(conn.impersonation).get("Impersonate-User")
-        # Kubernetes 1.31+ authorizes the WebSocket upgrade as "create", older servers as "get": name the verb the
-        # server itself says it denied.
-        denied = re.search(r'cannot (\w+) resource "pods/exec"', message)
-        verb = denied.group(1) if denied else "create"
-        return ClusterError(f'forbidden{" (as " + who + ")" if who else ""}: cannot {verb} pods/exec in namespace '
-                            f'"{namespace}"; ask your cluster admin for RBAC "{verb}" on "pods/exec" ({message})')
-    if code == 404:
-        return ClusterError(f'cannot exec in pod "{pod}" (container {container}) in namespace "{namespace}": {message}')
-    return ClusterError(f"exec in pod {pod} (container {container}) failed: {message}")
+    try:
+        phrase = HTTPStatus(code).phrase
+    except ValueError:  # a code no standard names (or none: the proxy closed the connection)
+        phrase = ""
+    err = status_error(code, getattr(exc, "resp_body", None), Call("create", "pods/exec", namespace, pod),
+                       context=conn.context, as_user=dict(conn.impersonation).get("Impersonate-User"),
+                       http_reason=phrase)
+    if err.status in (401, 403):
+        return err
+    if isinstance(err, NotFound):
+        return ClusterError(f'cannot exec in pod "{pod}" (container {container}) in namespace "{namespace}": '
+                            f"{err.server_message}")
+    return ClusterError(f"exec in pod {pod} (container {container}) failed: {err.server_message}")
 
 
 class ExecStdout(io.BufferedIOBase):
@@ -360,7 +353,7 @@ def open_exec(conn: Connection, namespace: str, pod: str, container: str, argv: 
     except websocket.WebSocketBadStatusException as exc:
         raise _handshake_error(exc, namespace, pod, container, conn) from None
     except (websocket.WebSocketException, OSError) as exc:
-        err = connection_error(exc, cfg.host)
+        err = transport_error(exc, cfg.host)
         if err is None:
             raise ClusterError(f"cannot open an exec stream to pod {pod}: {str(exc).splitlines()[0]}") from None
         raise err from None

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import ssl
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import urllib3
 from kubernetes import client as k8s
-from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.config.kube_config import KubeConfigLoader
 from pydantic import BaseModel, ConfigDict
 
-from .errors import ClusterError, MirrorError, UsageError
+from .errors import UsageError
 from .flags import DEFAULT_NAMESPACE
 from .kubeconfig_files import first_line as _first_line
 from .kubeconfig_files import kubeconfig_paths, merge_kubeconfigs
@@ -196,123 +192,3 @@ def connect(args: argparse.Namespace, *, environ: Mapping[str, str] | None = Non
     api = _MirrorApiClient(configuration, impersonation, flags.request_timeout)
     return Connection(api_client=api, namespace=namespace, context=context_name,
                       request_timeout=flags.request_timeout, impersonation=impersonation)
-
-
-# ---- errors ---------------------------------------------------------------------------------------------
-
-
-def api_message(exc: ApiException) -> str:
-    """The Status message the server sent, else the HTTP reason."""
-    import json
-
-    try:
-        body = json.loads(exc.body or "")
-        if isinstance(body, dict) and body.get("message"):
-            return str(body["message"]).splitlines()[0]
-    except (TypeError, ValueError):
-        pass
-    return f"{exc.status} {exc.reason}"
-
-
-def connection_error(exc: BaseException, server: str) -> MirrorError | None:
-    """A one-line error for transport failures (unreachable, TLS), or None when `exc` is not one."""
-    cause: BaseException | None = exc
-    for _ in range(8):  # urllib3 wraps the socket error a few levels deep
-        if cause is None:
-            break
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return ClusterError(f"TLS failure talking to {server}: {cause.verify_message}; check the cluster's "
-                                "certificate-authority (or --tls-server-name) in your kubeconfig")
-        if isinstance(cause, ssl.SSLError):
-            return ClusterError(f"TLS failure talking to {server}: {_first_line(cause)}; "
-                                "check the server address and certificates in your kubeconfig")
-        if isinstance(cause, (ConnectionRefusedError, socket.gaierror, TimeoutError, socket.timeout)):
-            return ClusterError(f"cannot reach the Kubernetes API server at {server} ({_first_line(cause)}); "
-                                "check --server/--context and that the cluster is up")
-        if isinstance(cause, urllib3.exceptions.MaxRetryError) and cause.reason is not None:
-            cause = cause.reason
-            continue
-        if isinstance(cause, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
-                              urllib3.exceptions.ReadTimeoutError)):
-            nxt = cause.__cause__ or cause.__context__
-            if nxt is None:
-                return ClusterError(f"cannot reach the Kubernetes API server at {server} ({_first_line(cause)}); "
-                                    "check --server/--context and that the cluster is up")
-            cause = nxt
-            continue
-        if isinstance(cause, (urllib3.exceptions.ProtocolError, ConnectionError, OSError)):
-            return ClusterError(f"lost the connection to the Kubernetes API server at {server}: "
-                                f"{_first_line(cause)}")
-        cause = cause.__cause__ or cause.__context__
-    return None
-
-
-def api_request(conn: Connection, method: str, path: str, params: Mapping[str, str] | None = None, *,
-                query: Sequence[tuple[str, str]] = (), body: Any = None, content_type: str | None = None,
-                timeout: Any = None) -> Any:
-    """One REST call; returns the raw urllib3 response (callers parse the JSON themselves, or stream a watch).
-
-    `path` is a template such as /api/v1/namespaces/{namespace}/pods/{name}, filled from `params` (escaped by the
-    client). Goes through the client's auth, TLS and our impersonation headers; a non-2xx answer raises
-    ApiException, as the generated API classes do. Those classes are not used: importing CoreV1Api builds ~300
-    pydantic models, ~0.4 s of every live start, for responses read as plain JSON anyway.
-    """
-    client = conn.api_client
-    headers = {"Accept": "application/json"}
-    if content_type is not None:
-        headers["Content-Type"] = content_type
-    request = client.param_serialize(method=method, resource_path=path, path_params=dict(params or {}),
-                                     query_params=list(query), header_params=headers, body=body,
-                                     auth_settings=["BearerToken"])
-    resp: Any = client.call_api(*request, _request_timeout=timeout)
-    if not 200 <= resp.status <= 299:
-        resp.read()
-        raise ApiException.from_response(http_resp=resp, body=None, data=None)
-    return resp.response
-
-
-def watch_lines(resp: Any) -> Iterator[bytes]:
-    """The events of a watch response (from api_request), one JSON line each; chunks may split or join them."""
-    pending = b""
-    for chunk in resp.stream(65536, decode_content=False):
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()  # the part after the last newline: the start of a line still coming
-        yield from (line for line in lines if line.strip())
-    if pending.strip():
-        yield pending
-
-
-@contextmanager
-def api_errors(conn: Connection) -> Iterator[None]:
-    """Turn transport failures inside the block into one-line ClusterErrors (ApiExceptions pass through)."""
-    try:
-        yield
-    except ApiException:
-        raise
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        err = connection_error(exc, conn.api_client.configuration.host)
-        if err is None:
-            raise
-        raise err from None
-
-
-def forbidden(exc: ApiException, verb: str, resource: str, namespace: str, conn: Connection) -> ClusterError:
-    """RBAC said no: name exactly what to ask the cluster admin for."""
-    who = dict(conn.impersonation).get("Impersonate-User")
-    as_note = f" (as {who})" if who else ""
-    return ClusterError(f'forbidden{as_note}: cannot {verb} {resource} in namespace "{namespace}"; ask your cluster '
-                        f"admin for RBAC \"{verb}\" on \"{resource}\" ({api_message(exc)})")
-
-
-def api_failure(exc: ApiException, conn: Connection, *, verb: str, resource: str, namespace: str,
-                name: str | None = None) -> MirrorError:
-    """One-line error for an API answer that stops the run; `resource` as the server names it (deployments.apps)."""
-    if exc.status == 401:
-        return ClusterError(f"the API server rejected your credentials (context {conn.context}); "
-                            "log in again or check the user in your kubeconfig")
-    if exc.status == 403:
-        return forbidden(exc, verb, resource, namespace, conn)
-    if exc.status == 404 and name:
-        return ClusterError(f'{resource} "{name}" not found in namespace "{namespace}"')
-    return ClusterError(f"cannot {verb} {resource}{' ' + name if name else ''} in namespace \"{namespace}\": "
-                        f"{api_message(exc)}")

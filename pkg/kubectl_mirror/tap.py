@@ -9,15 +9,14 @@ was computed from, the loser gets 409 Conflict, re-reads and finds the winner's 
 from __future__ import annotations
 
 import json
-import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
-from .errors import ClusterError, UsageError
-from .kubeconfig import Connection, api_errors, api_failure, api_message, api_request, watch_lines
+from .cluster import call, watch
+from .errors import ApiError, ClusterError, Conflict, Forbidden, Invalid, NotFound, Unreachable, UsageError
+from .kubeconfig import Connection
 from .target import ContainerStatus, Pod, PodTarget
 
 # nicolaka/netshoot v0.11 pinned by digest: it ships tcpdump, sh, kill and sleep in one widely mirrored image
@@ -32,7 +31,6 @@ PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 MAX_NAMES = 20  # mirror-tap .. mirror-tap-20: past that, something keeps killing taps
 MAX_ATTEMPTS = 8  # 409 re-reads and the one Pod Security fallback
 _IMAGE_PULL = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable"}
-_PSA = re.compile(r'violates PodSecurity "(?P<level>[a-z]+):(?P<version>[^"]*)"')
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
 
 
@@ -164,12 +162,7 @@ POD_PATH = "/api/v1/namespaces/{namespace}/pods/{name}"
 
 
 def _read_pod(conn: Connection, namespace: str, pod: str) -> Pod:
-    try:
-        with api_errors(conn):
-            resp: Any = api_request(conn, "GET", POD_PATH, {"namespace": namespace, "name": pod})
-    except ApiException as exc:
-        raise api_failure(exc, conn, verb="get", resource="pods", namespace=namespace, name=pod) from None
-    return Pod.model_validate(json.loads(resp.data))
+    return Pod.model_validate(call(conn, "GET", POD_PATH, {"namespace": namespace, "name": pod}))
 
 
 def _patch(conn: Connection, pod: Pod, spec: dict[str, Any]) -> Pod:
@@ -178,20 +171,25 @@ def _patch(conn: Connection, pod: Pod, spec: dict[str, Any]) -> Pod:
         "metadata": {"resourceVersion": pod.metadata.resource_version},
         "spec": {"ephemeralContainers": [spec]},
     }
-    with api_errors(conn):
-        resp: Any = api_request(conn, "PATCH", POD_PATH + "/ephemeralcontainers",
-                                {"namespace": pod.metadata.namespace, "name": pod.metadata.name}, body=body,
-                                content_type="application/strategic-merge-patch+json")
-    return Pod.model_validate(json.loads(resp.data))
+    patched = call(conn, "PATCH", POD_PATH + "/ephemeralcontainers",
+                   {"namespace": pod.metadata.namespace, "name": pod.metadata.name}, body=body,
+                   content_type="application/strategic-merge-patch+json")
+    return Pod.model_validate(patched)
+
+
+def _lost_race(err: Invalid) -> bool:
+    """A 422 that says an ephemeral container already in the pod would change: a concurrent run added its tap
+    first on a server that ignored our resourceVersion. The API server reports it on the list as a whole
+    (spec.ephemeralContainers, FieldValueForbidden); a refused field of our own tap names its index."""
+    return any(c.reason == "FieldValueForbidden" and c.field == "spec.ephemeralContainers" for c in err.causes)
 
 
 def _namespace_label(conn: Connection, namespace: str) -> str | None:
     try:
-        with api_errors(conn):
-            resp: Any = api_request(conn, "GET", "/api/v1/namespaces/{name}", {"name": namespace})
-    except (ApiException, ClusterError):
+        ns = call(conn, "GET", "/api/v1/namespaces/{name}", {"name": namespace})
+    except ClusterError:
         return None  # reading namespaces is often not allowed: the admission message is enough
-    labels = (json.loads(resp.data).get("metadata") or {}).get("labels") or {}
+    labels = (ns.get("metadata") or {}).get("labels") or {}
     value = labels.get(PSA_ENFORCE)
     return str(value) if value else None
 
@@ -230,25 +228,24 @@ def ensure_tap(conn: Connection, target: PodTarget, *, image: str, pull_policy: 
         spec = tap_spec(tap_name, image, pull_policy, target.container, fallback=fallback)
         try:
             pod = _patch(conn, pod, spec)
-        except ApiException as exc:
-            message = api_message(exc)
-            if exc.status == 409:
-                continue  # another run changed the pod first: re-read, probably to find its tap
-            if exc.status == 422 and "may not be changed" in message:
+        except Conflict:
+            continue  # another run changed the pod first: re-read, probably to find its tap
+        except Invalid as err:
+            if _lost_race(err):
                 continue  # same race on a server that ignored resourceVersion
-            if exc.status == 404:
-                if "could not find the requested resource" in message:
-                    raise ClusterError("this cluster does not support ephemeral containers "
-                                       "(Kubernetes >= 1.23 needed)") from None
-                raise ClusterError(f'pod "{pod_name}" disappeared from namespace "{ns}" while adding the tap') from None
-            psa = _PSA.search(message) if exc.status == 403 else None
-            if psa is not None:
-                if psa.group("level") == "baseline" and not fallback:
-                    fallback = True
-                    continue
-                raise _restricted_error(conn, ns, psa.group("level")) from None
-            raise api_failure(exc, conn, verb="patch", resource="pods/ephemeralcontainers", namespace=ns,
-                              name=pod_name) from None
+            raise
+        except NotFound as err:
+            if not err.served:  # the server has no ephemeralcontainers subresource at all
+                raise ClusterError("this cluster does not support ephemeral containers "
+                                   "(Kubernetes >= 1.23 needed)") from None
+            raise ClusterError(f'pod "{pod_name}" disappeared from namespace "{ns}" while adding the tap') from None
+        except Forbidden as err:
+            if err.pod_security is None:
+                raise  # RBAC: its message names the verb and resource to ask for
+            if err.pod_security == "baseline" and not fallback:
+                fallback = True
+                continue
+            raise _restricted_error(conn, ns, err.pod_security) from None
         tap = Tap(ns, pod_name, tap_name, image, target.container, fallback, False)
         break
     if tap is None or pod is None:
@@ -296,51 +293,48 @@ def _wait_running(conn: Connection, tap: Tap, pod: Pod, deadline: float, timeout
         if remaining <= 0:
             break
         rv = last.metadata.resource_version if last is not None else ""
+        query = [("fieldSelector", f"metadata.name={tap.pod}"), ("watch", "true"),
+                 ("timeoutSeconds", str(max(1, int(remaining) + 1))), ("allowWatchBookmarks", "false")]
+        if rv:
+            query.append(("resourceVersion", rv))
         try:
-            with api_errors(conn):
-                query = [("fieldSelector", f"metadata.name={tap.pod}"), ("watch", "true"),
-                         ("timeoutSeconds", str(max(1, int(remaining) + 1))), ("allowWatchBookmarks", "false")]
-                if rv:
-                    query.append(("resourceVersion", rv))
-                resp: Any = api_request(conn, "GET", "/api/v1/namespaces/{namespace}/pods",
-                                        {"namespace": tap.namespace}, query=query,
-                                        timeout=(min(remaining, 30.0), remaining))
-        except ApiException as exc:
-            if exc.status == 410:
+            events = watch(conn, "/api/v1/namespaces/{namespace}/pods", {"namespace": tap.namespace}, query,
+                           timeout=(min(remaining, 30.0), remaining))
+        except ApiError as err:
+            if err.status == 410:  # the resourceVersion expired: read the pod again
                 last = _read_pod(conn, tap.namespace, tap.pod)
                 continue
-            raise api_failure(exc, conn, verb="watch", resource="pods", namespace=tap.namespace) from None
-        except ClusterError:
+            raise
+        except Unreachable:
             if time.monotonic() >= deadline:
                 break  # the read timed out: that is our deadline
             raise
         try:
-            last = _follow(conn, tap, resp, deadline)
+            last = _follow(tap, events.lines(), deadline)
         finally:
-            resp.release_conn()
+            events.close()
         if last is None:
             last = _read_pod(conn, tap.namespace, tap.pod)
     raise ClusterError(f"the tap in pod {tap.pod} did not start within {timeout:g}s ({_waiting_reason(tap, last)}); "
                        f"see kubectl describe pod {tap.pod} -n {tap.namespace}")
 
 
-def _follow(conn: Connection, tap: Tap, resp: Any, deadline: float) -> Pod | None:
+def _follow(tap: Tap, lines: Iterator[bytes], deadline: float) -> Pod | None:
     """Read watch events; return the last pod seen (None to re-read after an expired watch)."""
     last: Pod | None = None
     try:
-        with api_errors(conn):
-            for raw in watch_lines(resp):
-                event = json.loads(raw)
-                kind, obj = event.get("type"), event.get("object") or {}
-                if kind == "ERROR":
-                    return None  # usually 410 Gone: start over from a fresh read
-                if kind == "DELETED":
-                    raise ClusterError(f"pod {tap.pod} was deleted while waiting for the tap")
-                last = Pod.model_validate(obj)
-                if _check(tap, last):
-                    return last
-                if time.monotonic() >= deadline:
-                    return last
+        for raw in lines:
+            event = json.loads(raw)
+            kind, obj = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                return None  # usually 410 Gone: start over from a fresh read
+            if kind == "DELETED":
+                raise ClusterError(f"pod {tap.pod} was deleted while waiting for the tap")
+            last = Pod.model_validate(obj)
+            if _check(tap, last):
+                return last
+            if time.monotonic() >= deadline:
+                return last
     except ClusterError:
         if time.monotonic() >= deadline:
             return last
@@ -353,7 +347,7 @@ def tap_ended(conn: Connection, tap: Tap) -> str | None:
     """How the tap terminated ("exit code 137, Error"), or None while it has not (or the pod cannot be read)."""
     try:
         pod = _read_pod(conn, tap.namespace, tap.pod)
-    except (ClusterError, ApiException):
+    except ClusterError:
         return None
     status = _status_of(pod, tap.name)
     if status is None or status.state.terminated is None:

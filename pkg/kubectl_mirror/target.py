@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import ClusterError, UsageError
-from .kubeconfig import Connection, api_errors, api_failure, api_request
+from .cluster import call
+from .errors import ApiError, ClusterError, UsageError
+from .kubeconfig import Connection
 from .mesh import Mesh, detect
 
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
@@ -216,30 +215,14 @@ def parse_ref(ref: str) -> tuple[Kind, str]:
 # ---- I/O --------------------------------------------------------------------------------------------
 
 
-def _json(resp: Any) -> dict[str, Any]:
-    data = json.loads(resp.data)
-    if not isinstance(data, dict):
-        raise ClusterError("the API server sent something that is not a JSON object")
-    return data
-
-
 def _read(conn: Connection, kind: Kind, name: str, namespace: str) -> dict[str, Any]:
-    try:
-        with api_errors(conn):
-            return _json(api_request(conn, "GET", kind.path, {"namespace": namespace, "name": name}))
-    except ApiException as exc:
-        raise api_failure(exc, conn, verb="get", resource=kind.plural, namespace=namespace, name=name) from None
+    return call(conn, "GET", kind.path, {"namespace": namespace, "name": name})
 
 
 def list_pods(conn: Connection, namespace: str, selector: str) -> list[Pod]:
-    try:
-        with api_errors(conn):
-            resp = api_request(conn, "GET", "/api/v1/namespaces/{namespace}/pods", {"namespace": namespace},
-                               query=[("labelSelector", selector)] if selector else ())
-    except ApiException as exc:
-        raise api_failure(exc, conn, verb="list", resource="pods", namespace=namespace) from None
-    return sorted((Pod.model_validate(item) for item in _json(resp).get("items") or []),
-                  key=lambda p: p.metadata.name)
+    listed = call(conn, "GET", "/api/v1/namespaces/{namespace}/pods", {"namespace": namespace},
+                  query=[("labelSelector", selector)] if selector else ())
+    return sorted((Pod.model_validate(item) for item in listed.get("items") or []), key=lambda p: p.metadata.name)
 
 
 def _node_os(conn: Connection, pod: Pod) -> str | None:
@@ -248,9 +231,8 @@ def _node_os(conn: Connection, pod: Pod) -> str | None:
     if not pod.spec.node_name:
         return None
     try:
-        with api_errors(conn):
-            node = _json(api_request(conn, "GET", "/api/v1/nodes/{name}", {"name": pod.spec.node_name}))
-    except ApiException:
+        node = call(conn, "GET", "/api/v1/nodes/{name}", {"name": pod.spec.node_name})
+    except ApiError:
         return None  # many users may not read nodes: then only spec.os can tell
     labels = (node.get("metadata") or {}).get("labels") or {}
     return str(labels.get("kubernetes.io/os") or "") or None

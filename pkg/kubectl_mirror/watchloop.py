@@ -12,12 +12,10 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
-from .errors import MirrorError
-from .kubeconfig import Connection, api_errors, api_failure, api_request, watch_lines
+from .cluster import Watch, call, watch
+from .errors import ApiError, Forbidden, MirrorError
+from .kubeconfig import Connection
 from .podwatch import Change, ListPods, PodWatch, WatchFailed
 
 log = logging.getLogger(__name__)
@@ -47,7 +45,7 @@ class WatchLoop:
         self.on_changes, self.on_fatal = on_changes, on_fatal
         self.state = state or PodWatch()
         self._stop = threading.Event()
-        self._resp: Any = None
+        self._resp: Watch | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="pod watch", daemon=True)
         self.watches = 0  # watch requests made: resumes are the ones after the first
@@ -83,13 +81,12 @@ class WatchLoop:
                     # A watch that a proxy ends at once, again and again, must not turn into a busy loop.
                     self._stop.wait(BACKOFF_FIRST)
                 continue
-            except ApiException as exc:
-                if exc.status == 410:
+            except ApiError as err:
+                if err.status == 410:
                     log.info("pod watch: resourceVersion expired (410): listing again")
                     self.state.expired()
                     continue
-                err = api_failure(exc, self.conn, verb="watch", resource="pods", namespace=self.namespace)
-                if exc.status in (401, 403):
+                if isinstance(err, Forbidden) or err.status == 401:
                     self.on_fatal(err)
                     return
                 log.warning("pod watch: %s; retrying", err.message)
@@ -103,7 +100,7 @@ class WatchLoop:
                 self.drops += 1
                 log.info("pod watch dropped (%s); resuming from resourceVersion %s", exc.message,
                          self.state.resource_version or "(relist)")
-            except Exception as exc:  # urllib3's protocol errors on a cut stream, whatever the cause
+            except Exception as exc:  # a cut stream mid-line (not JSON), whatever else the boundary did not type
                 if self._stop.is_set():
                     return
                 self.drops += 1
@@ -114,10 +111,7 @@ class WatchLoop:
             delay = min(delay * 2, BACKOFF_MAX)
 
     def _list(self) -> None:
-        with api_errors(self.conn):
-            resp = api_request(self.conn, "GET", PODS_PATH, {"namespace": self.namespace}, query=self.query,
-                               timeout=60.0)
-        body = json.loads(resp.data)
+        body = call(self.conn, "GET", PODS_PATH, {"namespace": self.namespace}, query=self.query, timeout=60.0)
         rv = str((body.get("metadata") or {}).get("resourceVersion") or "")
         changes = self.state.listed(list(body.get("items") or []), rv)
         if not rv:
@@ -129,30 +123,27 @@ class WatchLoop:
         query = [*self.query, ("watch", "true"), ("resourceVersion", rv), ("allowWatchBookmarks", "true"),
                  ("timeoutSeconds", str(WATCH_SECONDS))]
         self.watches += 1
-        with api_errors(self.conn):
-            resp = api_request(self.conn, "GET", PODS_PATH, {"namespace": self.namespace}, query=query,
-                               timeout=(30.0, READ_TIMEOUT))
+        resp = watch(self.conn, PODS_PATH, {"namespace": self.namespace}, query, timeout=(30.0, READ_TIMEOUT))
         with self._lock:
             self._resp = resp
         log.debug("pod watch: watching from resourceVersion %s", rv)
         try:
             if self._stop.is_set():
                 return
-            with api_errors(self.conn):
-                for line in watch_lines(resp):
-                    if self._stop.is_set():
-                        return
-                    event = json.loads(line)
-                    log.debug("pod watch: %s %s", event.get("type"),
-                              ((event.get("object") or {}).get("metadata") or {}).get("name"))
-                    changes = self.state.event(event)
-                    if changes:
-                        self.on_changes(changes, self.state)
-                    if not self.state.resource_version:
-                        log.info("pod watch: resourceVersion expired (410): listing again")
-                        return
+            for line in resp.lines():
+                if self._stop.is_set():
+                    return
+                event = json.loads(line)
+                log.debug("pod watch: %s %s", event.get("type"),
+                          ((event.get("object") or {}).get("metadata") or {}).get("name"))
+                changes = self.state.event(event)
+                if changes:
+                    self.on_changes(changes, self.state)
+                if not self.state.resource_version:
+                    log.info("pod watch: resourceVersion expired (410): listing again")
+                    return
         finally:
             with self._lock:
                 self._resp = None
-            resp.release_conn()
+            resp.close()
 

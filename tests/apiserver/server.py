@@ -66,6 +66,10 @@ class ApiServer:
         try:
             if request.headers.get("Authorization", "") != f"Bearer {self.settings.token}":
                 raise unauthorized()
+            as_user = request.headers.get("Impersonate-User")
+            if as_user and not self.settings.allowed("impersonate", "users", ""):
+                # Impersonation is authorized before the request itself, as the authenticated user, cluster-wide.
+                raise rbac_forbidden(self.settings.user, "impersonate", "users", "", "", "", as_user)
             return await self.route(request)
         except ApiError as err:
             return respond(err.status(), err.code)

@@ -72,8 +72,8 @@ def rbac_forbidden(
 ) -> ApiError:
     full = f"{resource}/{subresource}" if subresource else resource
     text = f'User "{user}" cannot {verb} resource "{full}" in API group "{group}"'
-    if namespace:
-        text += f' in the namespace "{namespace}"'
+    # The API server's authorizer message (k8s.io/apiserver responsewriters.forbiddenMessage) names the scope.
+    text += f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
     return forbidden(resource, name, group, text)
 
 
