@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ class Finished(CliOutput):
 
     def error_lines(self) -> list[str]:
         return [ln for ln in self.stderr.splitlines() if ln.startswith("error:")]
+
+
+RUN_MARKER = "KUBECTL_MIRROR_TEST_RUN"
 
 
 def cli_env(path_first: Path | None = None) -> dict[str, str]:
@@ -67,8 +71,12 @@ class CliRun:
     def __init__(self, args: Sequence[str], *, argv0: Sequence[str] | None = None, env: dict[str, str] | None = None,
                  stdin: Any = subprocess.DEVNULL, stdout_binary: bool = False, watch: bool = False) -> None:
         argv = [*(argv0 if argv0 is not None else [sys.executable, str(CLI)]), *args]
+        # Inherited by every process the run starts: a test tells this run's tsharks from other test runs' ones.
+        self.marker = f"{RUN_MARKER}={uuid.uuid4().hex}"
+        env = dict(env if env is not None else cli_env())
+        env[RUN_MARKER] = self.marker.split("=", 1)[1]
         self.proc = subprocess.Popen(argv, cwd=REPO, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=env if env is not None else cli_env())
+                                     env=env)
         self.pid = self.proc.pid
         self.stdout_binary = stdout_binary
         self.peak_rss = 0

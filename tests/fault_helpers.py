@@ -201,14 +201,21 @@ def target(port: int = 0, policy: Policy = read_all) -> Iterator[Target]:
 # ---- processes ------------------------------------------------------------------------------------------
 
 
-def processes_named(comm: str) -> set[int]:
-    """Every process on the machine with this comm: to check that none of ours outlived a run."""
+def processes_of_run(comm: str, marker: str) -> set[int]:
+    """Processes with this comm that one CLI run started (its `CliRun.marker` is in their environment).
+
+    Other tests may run their own tsharks on the same machine at the same time; only this run's count.
+    """
     found: set[int] = set()
+    needle = marker.encode() + b"\0"
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() == comm:
+                    if f.read().strip() != comm:
+                        continue
+                with open(f"/proc/{entry}/environ", "rb") as env:
+                    if needle in env.read() + b"\0":
                         found.add(int(entry))
             except OSError:
                 continue

@@ -33,7 +33,7 @@ from tests.fault_helpers import (
     cli,
     gone,
     payload,
-    processes_named,
+    processes_of_run,
     target,
     write_pcap,
 )
@@ -539,19 +539,18 @@ def black_hole_kubeconfig(fc: FakeCluster, tmp_path: Path, port: int) -> Path:
     return path
 
 
-def assert_clean_interrupt(result: Finished, live: Live, tsharks_before: set[int]) -> None:
+def assert_clean_interrupt(result: Finished, live: Live, marker: str) -> None:
     assert_no_traceback(result)
     assert result.returncode in (0, 130), result.stderr
     assert not result.error_lines(), result.stderr
     assert wait_for(lambda: not live.tcpdumps(), 10.0), live.fc.exec_processes()
     assert gone(result.tshark_pids)
-    assert not (processes_named("tshark") - tsharks_before) or gone(processes_named("tshark") - tsharks_before)
+    assert gone(processes_of_run("tshark", marker))
 
 
 @pytest.mark.netns
 @pytest.mark.parametrize("phase", ["resolving", "waiting-for-tap", "capturing"])
 def test_live_ctrl_c(live: Live, tmp_path: Path, phase: str) -> None:
-    tsharks_before = processes_named("tshark")
     sent: list[bytes] = []
     with contextlib.ExitStack() as stack:
         args = live.args("--json", "-v")
@@ -572,9 +571,11 @@ def test_live_ctrl_c(live: Live, tmp_path: Path, phase: str) -> None:
                 assert run.wait_line("mirroring", 60.0), run.stderr
                 sent = live.send("cc", 5)
                 assert wait_for(lambda: len(live.local.records(0)) >= 5, 20.0), run.stderr
+                # The run's tsharks are found by its marker: the check after the run can see one left behind.
+                assert processes_of_run("tshark", run.marker), run.stderr
             run.interrupt()
             result = run.finish(40.0)
-    assert_clean_interrupt(result, live, tsharks_before)
+    assert_clean_interrupt(result, live, run.marker)
     if phase == "capturing":
         assert result.returncode == 0, result.stderr
         assert result.summary["interrupted"] is True
