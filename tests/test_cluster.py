@@ -166,6 +166,16 @@ def test_an_answer_that_is_not_a_status_keeps_the_http_reason() -> None:
     assert err.message == 'cannot list pods in namespace "default": 502 Bad Gateway'
 
 
+def test_the_clients_own_status_zero_is_a_transport_failure() -> None:
+    # The client's REST layer wraps an SSLError it meets first-hand as ApiException(status=0): no server answered.
+    exc = ApiException(status=0, reason="SSLError\n[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1000)")
+    err = api_error(exc, LIST_PODS, context="fake", server="https://10.0.0.1:6443")
+    assert type(err) is Unreachable and err.server == "https://10.0.0.1:6443"
+    assert err.message == ("cannot talk to the Kubernetes API server at https://10.0.0.1:6443 (SSLError [SSL: "
+                           "WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1000)); check the server address and "
+                           "certificates in your kubeconfig")
+
+
 @pytest.mark.parametrize(("method", "path", "params", "query", "expected"), [
     ("GET", "/api/v1/namespaces/{namespace}/pods/{name}", {"namespace": "ns", "name": "p"}, [],
      Call("get", "pods", "ns", "p")),

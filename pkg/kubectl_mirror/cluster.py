@@ -170,7 +170,8 @@ def api_error(exc: ApiException, what: Call, *, context: str, as_user: str | Non
     if code == 0:  # the client's own wrapping of a transport failure (SSLError), not an answer from the server
         found = transport_error(exc.__cause__ or exc.__context__ or exc, server)
         said = " ".join(str(exc.reason or "").split()) or type(exc).__name__
-        return found or Unreachable(f"cannot talk to the Kubernetes API server at {server}: {said}", server=server)
+        return found or Unreachable(f"cannot talk to the Kubernetes API server at {server} ({said}); check the "
+                                    "server address and certificates in your kubeconfig", server=server)
     return status_error(code, exc.body, what, context=context, as_user=as_user, http_reason=str(exc.reason or ""))
 
 
