@@ -79,10 +79,14 @@ def grpc_pcap(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # A capture made like `grpc_pcap` where production sent its SETTINGS ACK only after the client's own ACK, while the
 # local grpcio server sends both at once: the turn before the client's first request is answered ahead.
 GRPC_ACK_AHEAD = REPO / "tests/captures/grpc-ack-ahead.pcap"
+# Another such capture, where the local grpcio server sends more bytes (PINGs, WINDOW_UPDATEs) than production did:
+# by byte count the later turns look answered while the List and Chat calls are still running here.
+GRPC_LOCAL_AHEAD = REPO / "tests/captures/grpc-local-ahead.pcap"
+CAPTURES = {"ack-ahead": GRPC_ACK_AHEAD, "local-ahead": GRPC_LOCAL_AHEAD}
 
 
 @pytest.mark.parametrize("speed", ["0", "1"])
-@pytest.mark.parametrize("source", ["fresh", "ack-ahead"])
+@pytest.mark.parametrize("source", ["fresh", "ack-ahead", "local-ahead"])
 def test_a_grpc_server_completes_every_call(grpc_pcap: Path, source: str, speed: str) -> None:
     # Imported here: grpcio is a dev extra (make venv), and the other tests need none of it.
     from tests.netlab.grpcpeer import UNARY_CALLS, Counts, make_server
@@ -90,7 +94,7 @@ def test_a_grpc_server_completes_every_call(grpc_pcap: Path, source: str, speed:
     counts = Counts()
     server, port = make_server(0, 0.02, counts)
     try:
-        out = replay_to(grpc_pcap if source == "fresh" else GRPC_ACK_AHEAD, port, "--speed", speed)
+        out = replay_to(grpc_pcap if source == "fresh" else CAPTURES[source], port, "--speed", speed)
     finally:
         server.stop(grace=2.0).wait(5)
     assert_all_complete(out, 1)

@@ -343,3 +343,69 @@ def test_http2_is_told_by_a_preface_split_over_sends_and_http1_by_a_start_that_i
     assert play(t, opened(2), p1, p2, turn(2), close) == [opened(2), p1, p2]
     assert play(t, LocalData(2, RESP, 0.01)) == [close]
     assert t.stats.requests_answered == 1
+
+
+def h2_turn(answer_bytes: int, streams: tuple[int, ...] | None, answer_time: float = 0.0) -> Turn:
+    return Turn(1, answer_bytes, answer_time, 0.0, streams)
+
+
+@pytest.mark.parametrize("server_stream", [False, True])
+def test_the_flow_table_names_the_http2_streams_production_s_answer_ended(server_stream: bool) -> None:
+    table = FlowTable(FlowConfig(turns=True, server_stream=server_stream))
+    c = Talk()
+    hello, req1, req3 = H2_PREFACE + SETTINGS, h2_request(1), h2_request(3)
+    resp1 = h2_response(1)
+    out: list[Turn] = []
+    segs = [c.syn(0.0), c.synack(0.001), c.data(0, hello, 0.01), c.answer(len(hello), SETTINGS + SETTINGS_ACK, 0.02),
+            c.data(len(hello), req1 + req3, 0.03),
+            c.answer(len(hello) + 2 * len(req1), resp1[:7], 0.04),  # a frame header cut across two segments
+            c.answer(len(hello) + 2 * len(req1), resp1[7:] + PING, 0.05)]
+    again = segs[-1]  # retransmitted: its streams are not counted twice
+    segs += [Segment(0.055, again.src, again.dst, again.seq, again.ack, again.flags, again.payload),
+             c.data(len(hello) + 2 * len(req1), SETTINGS_ACK, 0.06)]
+    for seg in segs:
+        out += [a for a in table.feed(seg) if isinstance(a, Turn)]
+    assert out[0] == Turn(1, len(SETTINGS + SETTINGS_ACK), near(0.01), 0.03, ())
+    assert len(out) == 2 and out[1].answer_streams == (1,)
+
+
+def test_the_flow_table_stops_naming_streams_after_a_gap_in_the_server_s_bytes() -> None:
+    table = FlowTable(FlowConfig(turns=True))
+    c = Talk()
+    hello, req = H2_PREFACE + SETTINGS, h2_request(1)
+    settings = c.answer(len(hello), SETTINGS, 0.02)
+    c.answer(len(hello), h2_response(1), 0.03)  # lost: never in the capture
+    after_gap = c.answer(len(hello) + len(req), h2_response(3), 0.05)
+    out: list[Turn] = []
+    for seg in (c.syn(0.0), c.synack(0.001), c.data(0, hello, 0.01), settings, c.data(len(hello), req, 0.04),
+                after_gap, c.data(len(hello) + len(req), h2_request(5), 0.06)):
+        out += [a for a in table.feed(seg) if isinstance(a, Turn)]
+    assert [t.answer_streams for t in out] == [(), None]
+
+
+def test_http1_and_opaque_answers_name_no_streams() -> None:
+    table = FlowTable(FlowConfig(turns=True))
+    c = Talk()
+    out: list[Turn] = []
+    for seg in (c.syn(0.0), c.data(0, REQ1, 1.0), c.answer(len(REQ1), RESP, 1.1), c.data(len(REQ1), REQ2, 1.2)):
+        out += [a for a in table.feed(seg) if isinstance(a, Turn)]
+    assert [t.answer_streams for t in out] == [None]
+
+
+def test_http2_a_turn_waits_for_the_streams_production_ended_whatever_the_byte_count() -> None:
+    # The local server sent more bytes than production (PINGs of its own), so by count the turn looks answered;
+    # but the stream production ended before the client went on is still open here.
+    t = TurnTaker(TurnOptions(quiet=0.02))
+    reqs, close = Send(1, H2_PREFACE + SETTINGS + h2_request(1) + h2_request(3), 0.0), Close(1, 0.0)
+    assert play(t, Tick(0.0), opened(), reqs, h2_turn(len(h2_response(3)), (3,)), close) == [opened(), reqs]
+    assert play(t, LocalData(1, SETTINGS + SETTINGS_ACK + PING * 4 + h2_response(1), 0.01), Tick(0.5)) == []
+    assert play(t, LocalData(1, h2_response(3), 0.6)) == [close]  # as many bytes in all, and stream 3 is over
+    assert (t.stats.answered, t.stats.unanswered) == (1, 0)
+
+
+def test_http2_a_turn_whose_streams_are_over_ends_with_quiet_when_the_bytes_fall_short() -> None:
+    t = TurnTaker(TurnOptions(quiet=0.02))
+    req, more = Send(1, H2_PREFACE + SETTINGS + h2_request(1), 0.0), Send(1, h2_request(3), 0.0)
+    assert play(t, Tick(0.0), opened(), req, h2_turn(500, (1,)), more) == [opened(), req]
+    assert play(t, LocalData(1, h2_response(1), 0.01), Tick(0.029)) == []
+    assert play(t, Tick(0.031)) == [more]

@@ -131,6 +131,8 @@ class Turn:
     answer_bytes: int  # server payload bytes production sent since the client's previous bytes
     answer_time: float  # capture seconds from the client's previous bytes to production's last answer byte
     ts: float
+    # HTTP/2: the streams production's answer ended (END_STREAM, RST_STREAM); None when not HTTP/2 or not known.
+    answer_streams: tuple[int, ...] | None = None
 
 
 Action = Open | Send | Close | Abort | Reply | Turn

@@ -26,6 +26,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
+from .h2frames import CapturedStreamEnds, is_server_start
 from .model import (
     ACK,
     FIN,
@@ -219,6 +220,10 @@ class _Flow:
     ans: int = 0
     ans_ts: float = 0.0
     asked_ts: float = 0.0
+    # HTTP/2 (told by the server's first bytes): its frames followed for the streams an answer ends. None until
+    # the first server byte, False when not HTTP/2 or no longer followed in order.
+    h2: CapturedStreamEnds | bool | None = None
+    ans_streams: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -415,6 +420,8 @@ class FlowTable:
                         f.asked_ts = f.last_ts
                     f.ans += len(seg.payload)
                     f.ans_ts = seg.ts
+                    if f.h2 is not False:
+                        self._h2_answer(f, seg)
                 f.last_ts = seg.ts
                 return []
         if not from_client and seg.payload and not seg.flags & RST:
@@ -422,6 +429,8 @@ class FlowTable:
                 f.asked_ts = f.last_ts
             f.ans += len(seg.payload)
             f.ans_ts = seg.ts
+            if f.h2 is not False:
+                self._h2_answer(f, seg)
         f.last_ts = seg.ts
         if f.mode is not _Mode.ACTIVE:
             return self._passive(f, from_client, seg)
@@ -716,6 +725,8 @@ class FlowTable:
                 f.asked_ts = asked_ts
             f.ans += len(seg.payload)
             f.ans_ts = seg.ts
+            if f.h2 is not False:
+                self._h2_answer(f, seg)
         if not f.clean or flags & _CTRL or (flags & ACK and 0 < (seg.ack - f.nxt) & _MASK < _HALF):
             out = self._server(f, seg)
             if out:  # _server only ever returns the flow's end
@@ -920,9 +931,30 @@ class FlowTable:
         """`actions`, after a Turn when turn-taking is on; either way production's answer so far is used up."""
         n, f.ans = f.ans, 0
         first = actions[0]
+        streams: tuple[int, ...] | None = None
+        if f.h2:
+            streams = tuple(f.ans_streams)
+            f.ans_streams.clear()
         if not self._cfg.turns:
             return list(actions)
-        return [Turn(f.id, n, max(0.0, f.ans_ts - f.asked_ts), first.ts), *actions]
+        return [Turn(f.id, n, max(0.0, f.ans_ts - f.asked_ts), first.ts, streams), *actions]
+
+    @staticmethod
+    def _h2_answer(f: _Flow, seg: Segment) -> None:
+        """Follow an HTTP/2 server's frames: which streams production's answer ended (for turn-taking)."""
+        ends = f.h2
+        if ends is None:
+            if f.partial or not is_server_start(seg.payload):
+                f.h2 = False
+                return
+            ends = f.h2 = CapturedStreamEnds(seg.seq)
+        assert isinstance(ends, CapturedStreamEnds)
+        ended = ends.feed(seg.seq, seg.payload)
+        if ended is None:  # a gap in the server's bytes: its frames cannot be followed any more
+            f.h2 = False
+            f.ans_streams.clear()
+        elif ended:
+            f.ans_streams += ended
 
     def _bury(self, key: Key, isn: int | None, ts: float) -> None:
         cfg = self._cfg

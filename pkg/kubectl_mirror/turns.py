@@ -6,11 +6,13 @@ follows a Turn until the local service has answered too:
 
 * HTTP/1.x (told by the request parser, in byte mode too): every request delivered so far has a complete
   response from the local service.
-* HTTP/2 (told by the client's connection preface): the local service has sent, in all, as many bytes as
-  production had by the end of this turn; or it has ended every stream the client has finished sending (END_STREAM
-  or RST_STREAM) and then fell quiet. A multiplexed server answers one turn's requests during the next, and its
-  SETTINGS, ACKs, PINGs and WINDOW_UPDATEs come and go with timing, so a turn is not tied to the bytes that
-  arrive after it: the local server often answers the client's SETTINGS ACK before the client sent it.
+* HTTP/2 (told by the client's connection preface): the local service has ended every stream that production's
+  answer ended (the flow table reads them from the captured frames: `Turn.answer_streams`), and then has sent,
+  in all, as many bytes as production had by the end of this turn, or fell quiet. A multiplexed server answers
+  one turn's requests during the next, and its SETTINGS, ACKs, PINGs and WINDOW_UPDATEs come and go with timing,
+  so neither the bytes after a turn nor a byte count alone tell its answer: the local server often answers the
+  client's SETTINGS ACK before the client sent it, and sends PINGs production did not. Where production's frames
+  are unknown (a gap in its bytes), every stream the client has finished sending must be ended instead.
 * Anything else: the local service sent bytes since the client's last ones, and either as many as production
   did or then fell quiet for `quiet` seconds (or for as long as production took to answer, up to a second: a
   slow handler behind a quick acknowledgement is not over yet).
@@ -35,6 +37,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from .h2frames import PREFACE, StreamEnds
 from .httpflow import ResponseParser, _Kind, _Splitter
 from .model import (
     Abort,
@@ -54,10 +57,7 @@ from .model import (
 
 # Samples kept for the answer-time percentiles: enough for stable p99s, bounded for endless live runs.
 _MAX_SAMPLES = 50_000
-# What an HTTP/2 client sends first (RFC 9113, 3.4): the connection is HTTP/2 with prior knowledge.
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_H2_DATA, _H2_HEADERS, _H2_RST_STREAM = 0, 1, 3
-_H2_END_STREAM = 0x1
+_MAX_LOCAL_ENDED = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,49 +109,16 @@ class _Proto(enum.Enum):
     OPAQUE = "opaque"
 
 
-class _H2Ends:
-    """Walks the frame headers of one direction of an HTTP/2 connection for the streams its frames end.
-
-    Only the 9-byte headers are read; payloads are skipped, so a large DATA frame costs nothing.
-    """
-
-    __slots__ = ("_head", "_skip")
-
-    def __init__(self) -> None:
-        self._head = b""
-        self._skip = 0
-
-    def feed(self, data: bytes) -> list[int]:
-        ended: list[int] = []
-        i, n = 0, len(data)
-        while i < n:
-            if self._skip:
-                step = min(self._skip, n - i)
-                self._skip -= step
-                i += step
-                continue
-            need = 9 - len(self._head)
-            self._head += data[i:i + need]
-            i += need
-            if len(self._head) < 9:
-                break
-            head, self._head = self._head, b""
-            kind, flags = head[3], head[4]
-            stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
-            if stream and (kind == _H2_RST_STREAM or (kind in (_H2_DATA, _H2_HEADERS) and flags & _H2_END_STREAM)):
-                ended.append(stream)
-            self._skip = int.from_bytes(head[0:3], "big")
-        return ended
-
-
 @dataclass(eq=False, slots=True)
 class _H2State:
     """Which streams the client has finished sending and the local service has not yet ended."""
 
-    client: _H2Ends = field(default_factory=_H2Ends)
-    local: _H2Ends = field(default_factory=_H2Ends)
+    client: StreamEnds = field(default_factory=StreamEnds)
+    local: StreamEnds = field(default_factory=StreamEnds)
     waiting: set[int] = field(default_factory=set)  # client ended, local not yet
     ended_first: set[int] = field(default_factory=set)  # local ended before the client did (an early error)
+    # Streams the local service ended that no answered turn has asked for yet (insertion-ordered, bounded).
+    local_ended: dict[int, None] = field(default_factory=dict)
 
     def client_sent(self, data: bytes) -> None:
         for stream in self.client.feed(data):
@@ -166,6 +133,17 @@ class _H2State:
                 self.waiting.discard(stream)
             else:
                 self.ended_first.add(stream)
+            self.local_ended[stream] = None
+            if len(self.local_ended) > _MAX_LOCAL_ENDED:  # ended streams production never answered in a turn
+                del self.local_ended[next(iter(self.local_ended))]
+
+    def ended_all(self, streams: tuple[int, ...]) -> bool:
+        ended = self.local_ended
+        return all(s in ended for s in streams)
+
+    def forget(self, streams: tuple[int, ...]) -> None:
+        for s in streams:
+            self.local_ended.pop(s, None)
 
 
 @dataclass(eq=False, slots=True)
@@ -377,6 +355,8 @@ class TurnTaker:
                     stats.not_waited += 1
                 elif self._answered(c, action, now):
                     stats.answered += 1
+                    if c.h2 is not None and action.answer_streams:
+                        c.h2.forget(action.answer_streams)
                     if len(stats.local_times) < _MAX_SAMPLES:
                         stats.local_times.append(max(0.0, c.local_at - c.released_at))
                         stats.production_times.append(action.answer_time)
@@ -384,7 +364,7 @@ class TurnTaker:
                     limit = c.released_at + self.options.limit(action.answer_time)
                     if now < limit:
                         wake = limit
-                        quiet_from = self._quiet_from(c)
+                        quiet_from = self._quiet_from(c, action)
                         if quiet_from is not None:
                             wake = min(wake, quiet_from + self.options.silence(action.answer_time))
                         self._arm(c, max(wake, now))
@@ -419,21 +399,27 @@ class TurnTaker:
     def _answered(self, c: _Conn, turn: Turn, now: float) -> bool:
         if c.proto is _Proto.HTTP:
             return c.local_bytes > 0 and c.responses >= c.requests
+        h2 = c.h2
+        if h2 is not None and turn.answer_streams and not h2.ended_all(turn.answer_streams):
+            return False  # the streams production's answer ended are not all over here yet
         if c.local_total >= c.production_total + turn.answer_bytes and (
-                c.h2 is not None or c.local_bytes >= turn.answer_bytes):
+                h2 is not None or c.local_bytes >= turn.answer_bytes):
             return True
         # The same sum as the wake-up time in _pump: a timer that fires at it must find the turn answered.
-        quiet_from = self._quiet_from(c)
+        quiet_from = self._quiet_from(c, turn)
         return quiet_from is not None and now >= quiet_from + self.options.silence(turn.answer_time)
 
     @staticmethod
-    def _quiet_from(c: _Conn) -> float | None:
-        """Since when a silent local service would have answered the head turn; None while it must still speak."""
+    def _quiet_from(c: _Conn, turn: Turn) -> float | None:
+        """Since when a silent local service would have answered the turn; None while it must still speak."""
         if c.proto is _Proto.HTTP:
             return None
-        if c.h2 is not None:
-            # Every finished request answered: what is left (ACKs, WINDOW_UPDATEs) may already have come.
-            return None if c.h2.waiting else max(c.local_at, c.released_at)
+        h2 = c.h2
+        if h2 is not None:
+            # What is left once the streams are over (ACKs, WINDOW_UPDATEs) may already have come.
+            # Production's frames unknown: every request the client finished must be answered.
+            done = h2.ended_all(turn.answer_streams) if turn.answer_streams is not None else not h2.waiting
+            return max(c.local_at, c.released_at) if done else None
         return c.local_at if c.local_bytes else None
 
     def _sent(self, c: _Conn, data: bytes) -> None:
@@ -449,9 +435,9 @@ class TurnTaker:
                 c.proto = _Proto.OPAQUE
                 return
             seen = c.first + data
-            n = min(len(seen), len(_H2_PREFACE))
-            if seen[:n] == _H2_PREFACE[:n]:
-                if n < len(_H2_PREFACE):
+            n = min(len(seen), len(PREFACE))
+            if seen[:n] == PREFACE[:n]:
+                if n < len(PREFACE):
                     c.first = seen
                     return
                 c.first = b""
