@@ -21,6 +21,7 @@ from kubectl_mirror.dissect import Dissector, TsharkInfo, find_tshark, locate_pa
 from kubectl_mirror.errors import InputError, ToolError
 from kubectl_mirror.model import ACK, PSH, SYN, Endpoint, Segment
 from kubectl_mirror.pcap import PcapReader, PcapWriter, classic_header, classic_pcap, classic_record
+from kubectl_mirror.shard import deal
 from tests.dissect_helpers import (
     client_bytes,
     epb,
@@ -465,6 +466,7 @@ def test_real_capture_in_each_link_type_gives_the_same_bytes(
         assert {r.linktype for r in PcapReader(f)} == {linktype}
     segments, d = dissect(path, tshark)
     assert client_bytes(segments, port) == client_bytes(dissect(original, tshark)[0], port)
+    assert dissect(path, tshark, dissectors=3)[0] == segments  # dealt by connection, merged back in order
     assert list(client_bytes(segments, port).values()) == [b"".join(chunks)] * 2
     assert d.stats.tcp_segments == d.stats.packets and d.stats.warnings() == []
 
@@ -526,3 +528,71 @@ def test_locate_payload_never_raises_and_cuts_only_from_the_frame(linktype: int,
     out, found = locate_payload(linktype, frame, int.from_bytes(sig[:2], "big"), int.from_bytes(sig[2:4], "big"),
                                 int.from_bytes(sig[4:], "big"), tcp_len)
     assert out is None or (len(out) == tcp_len and frame.find(out) >= 0 and found)
+
+
+# ---- several dissectors ----------------------------------------------------------------------------------------
+
+
+def _interleaved_capture() -> bytes:
+    """60 connections whose segments interleave, answers among them, and UDP between: one Ethernet capture."""
+    packets: list[tuple[float, bytes]] = []
+    t = 0.0
+    for step in range(20):
+        for c in range(60):
+            sport = 30000 + 2 * c  # one parity, as Linux hands them out
+            t += 0.001
+            payload = b"c%02d-%02d" % (c, step)
+            packets.append((t, ethernet(tcp_ip("10.0.0.1", "10.0.0.2", sport, 8080, 1000 + 5 * step, 7, ACK | PSH,
+                                               payload))))
+            if c % 7 == 0:
+                packets.append((t, ethernet(tcp_ip("10.0.0.2", "10.0.0.1", 8080, sport, 7, 1005 + 5 * step, ACK,
+                                                   b""))))
+        packets.append((t, ethernet(ipv4("10.0.0.1", "10.0.0.9", bytes(8) + b"dns", proto=17))))
+    return classic_pcap(1, packets)
+
+
+@pytest.mark.parametrize("dissectors", [2, 3, 4])
+def test_several_dissectors_give_exactly_the_segments_of_one(tshark: TsharkInfo, dissectors: int) -> None:
+    data = _interleaved_capture()
+    one, d1 = dissect(data, tshark)
+    many, d = dissect(data, tshark, dissectors=dissectors, handover_every=300)
+    assert len(one) == 20 * (60 + 9)
+    assert many == one  # every field, frame numbers included: the capture's own order, across connections too
+    assert (d.stats.packets, d.stats.tcp_segments, d.stats.non_tcp) == (d1.stats.packets, len(one), 20)
+    assert len(d._instances) > dissectors  # each handed over on its own
+
+
+def test_a_tcp_record_tshark_prints_nothing_for_does_not_hold_the_others_back(tshark: TsharkInfo) -> None:
+    """An IPv4 length shorter than its header: the dealer sees TCP, tshark stops at IP. The merge waits for that
+    record's line, then gives it up once its tshark has read everything and sleeps (live: the pipe stays open)."""
+    bogus = bytearray(tcp_ip("10.0.0.1", "10.0.0.2", 41000, 8080, 1, 0, ACK, b"lost"))
+    bogus[2:4] = (10).to_bytes(2, "big")
+    mine = deal(101, bytes(bogus), 2)
+    assert mine >= 0
+    other = next(p for p in range(42000, 42100) if deal(101, tcp_ip("10.0.0.1", "10.0.0.2", p, 8080, 1, 0, ACK,
+                                                                      b""), 2) == 1 - mine)
+    rfd, wfd = os.pipe()
+    source = os.fdopen(rfd, "rb")
+    writer = os.fdopen(wfd, "wb", buffering=0)
+    d = Dissector(source, tshark, live=True, dissectors=2)
+    try:
+        d.start()
+        writer.write(classic_header(101) + classic_record(1.0, bytes(bogus)))
+        writer.write(b"".join(classic_record(2.0 + i, tcp_ip("10.0.0.1", "10.0.0.2", other, 8080, i, 0, ACK,
+                                                              b"next%d" % i)) for i in range(5)))
+        got: list[Segment] = []
+        with selectors.DefaultSelector() as sel:
+            deadline = time.monotonic() + 30  # bounded wait, not a timing assertion
+            while len(got) < 5 and time.monotonic() < deadline:
+                fd = d.fileno()
+                sel.register(fd, selectors.EVENT_READ)
+                sel.select(timeout=0.2)
+                sel.unregister(fd)
+                got += d.read_segments()
+                d.raise_if_failed()
+        assert [s.payload for s in got] == [b"next%d" % i for i in range(5)]
+        assert [s.frame for s in got] == [2, 3, 4, 5, 6]
+    finally:
+        writer.close()
+        d.close()
+        source.close()

@@ -75,6 +75,21 @@ def assert_replayed(result: ReplayResult, truth: list[ConnRecord]) -> None:
     assert result.summary["packets"] > 0
 
 
+# Every byte-exact replay runs with one tshark and with records dealt among 2 and 4 (--dissectors).
+SHARDS = (1, 2, 4)
+
+
+def assert_replayed_each(pcap: Path, truth: list[ConnRecord], extra: list[str] | None = None,
+                         **kwargs: object) -> list[ReplayResult]:
+    """The capture replayed with 1, 2 and 4 dissectors: each run byte-exact on its own."""
+    results = []
+    for n in SHARDS:
+        result = replay(pcap, [*(extra or []), "--dissectors", str(n)], **kwargs)  # type: ignore[arg-type]
+        assert_replayed(result, truth)
+        results.append(result)
+    return results
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess[str] | ReplayResult) -> None:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0
@@ -104,9 +119,8 @@ def test_curl_keepalive(veth: Link, tmp_path: Path) -> None:
 
     truth = capture(veth, pcap, drive)
     assert len(truth) == 1 and len(truth[0].requests) == 6
-    result = replay(pcap, expect_conns=1)
-    assert_replayed(result, truth)
-    assert result.records[0].requests == truth[0].requests
+    for result in assert_replayed_each(pcap, truth, expect_conns=1):
+        assert result.records[0].requests == truth[0].requests
 
 
 # VLAN tags: this kernel has no 802.1Q devices; test_dissect re-tags real frames instead.
@@ -131,7 +145,7 @@ def test_link_types(kind: str, tmp_path: Path) -> None:
     expected = {"veth-en10mb": LINKTYPE_EN10MB, "any-sll2": LINKTYPE_LINUX_SLL2, "any-sll": 113,
                 "tun-raw": LINKTYPE_RAW, "tun-rawip4": 228}[kind]
     assert pcap_linktype(pcap) == expected
-    assert_replayed(replay(pcap, expect_conns=len(truth)), truth)
+    assert_replayed_each(pcap, truth, expect_conns=len(truth))
 
 
 @pytest.mark.netns
@@ -143,7 +157,7 @@ def test_200_concurrent_short_connections(veth: Link, tmp_path: Path) -> None:
 
     truth = capture(veth, pcap, drive)
     assert contents(truth) == sorted(traffic.payload("many", i, 700) for i in range(200))
-    assert_replayed(replay(pcap, expect_conns=200, http=False), truth)
+    assert_replayed_each(pcap, truth, expect_conns=200, http=False)
 
 
 @pytest.mark.netns
@@ -157,9 +171,8 @@ def test_multi_megabyte_upload(veth: Link, tmp_path: Path) -> None:
 
     truth = capture(veth, pcap, drive)
     assert len(truth) == 1 and len(truth[0].data) > 8 << 20
-    result = replay(pcap, expect_conns=1)
-    assert_replayed(result, truth)
-    assert result.records[0].requests == ["PUT /upload"]
+    for result in assert_replayed_each(pcap, truth, expect_conns=1):
+        assert result.records[0].requests == ["PUT /upload"]
 
 
 @pytest.mark.netns
@@ -167,7 +180,7 @@ def test_ipv6(veth: Link, tmp_path: Path) -> None:
     pcap = tmp_path / "v6.pcap"
     truth = capture(veth, pcap, keepalive_and_raw(veth.server_ip6, "v6"))
     assert all(r.client.startswith("[fd00:") for r in truth)
-    assert_replayed(replay(pcap, expect_conns=len(truth)), truth)
+    assert_replayed_each(pcap, truth, expect_conns=len(truth))
 
 
 @pytest.mark.netns
@@ -186,7 +199,7 @@ def test_impaired_link_loss_reorder_duplication(tmp_path: Path) -> None:
     # Not vacuous: the capture really holds what the replay engine must clean up.
     assert tshark_count(pcap, "tcp.analysis.retransmission || tcp.analysis.fast_retransmission") > 0
     assert tshark_count(pcap, "tcp.analysis.out_of_order || tcp.analysis.lost_segment") > 0
-    assert_replayed(replay(pcap, expect_conns=len(truth)), truth)
+    assert_replayed_each(pcap, truth, expect_conns=len(truth))
 
 
 @pytest.mark.netns
@@ -207,17 +220,19 @@ def test_capture_started_mid_connection(veth: Link, tmp_path: Path) -> None:
     mid = sorted(bytes(r.data)[bytes(r.data).index(traffic.LATE):] for r in truth if traffic.LATE in r.data)
     assert len(fresh) == 2 and len(mid) == 4
 
-    result = replay(pcap, ["--port", str(PORT)], expect_conns=6, http=False)
-    assert result.returncode == 0, result.stderr
-    assert contents(result.records) == sorted(fresh + mid)
-    conns = result.connections
-    assert (conns["seen"], conns["partial"], conns["skipped"], conns["incomplete"]) == (6, 4, 0, 0), conns
+    for n in SHARDS:
+        shards = ["--dissectors", str(n)]
+        result = replay(pcap, ["--port", str(PORT), *shards], expect_conns=6, http=False)
+        assert result.returncode == 0, result.stderr
+        assert contents(result.records) == sorted(fresh + mid)
+        conns = result.connections
+        assert (conns["seen"], conns["partial"], conns["skipped"], conns["incomplete"]) == (6, 4, 0, 0), conns
 
-    skipped = replay(pcap, ["--port", str(PORT), "--skip-partial"], expect_conns=2, http=False)
-    assert skipped.returncode == 0, skipped.stderr
-    assert contents(skipped.records) == fresh
-    conns = skipped.connections
-    assert (conns["seen"], conns["partial"], conns["skipped"], conns["complete"]) == (6, 4, 4, 2), conns
+        skipped = replay(pcap, ["--port", str(PORT), "--skip-partial", *shards], expect_conns=2, http=False)
+        assert skipped.returncode == 0, skipped.stderr
+        assert contents(skipped.records) == fresh
+        conns = skipped.connections
+        assert (conns["seen"], conns["partial"], conns["skipped"], conns["complete"]) == (6, 4, 4, 2), conns
 
 
 def _data_frames(pcap: Path) -> list[tuple[int, int, int, int]]:
@@ -241,18 +256,19 @@ def test_segment_removed_from_capture_aborts_that_flow(veth: Link, tmp_path: Pat
     subprocess.run(["editcap", str(pcap), str(holed), str(frame)], capture_output=True, timeout=60, check=True)
     hole_at = seq - 1  # tshark's relative seq counts the SYN as 1
 
-    result = replay(holed, expect_conns=4, http=False)
-    assert "Traceback" not in result.stderr
-    conns = result.connections
-    assert (conns["seen"], conns["complete"], conns["incomplete"]) == (4, 3, 1), conns
-    originals = {bytes(r.data) for r in truth}
-    reset = [r for r in result.records if r.end == "reset"]
-    clean = [r for r in result.records if r.end == "eof"]
-    assert len(reset) == 1 and len(clean) == 3, [(r.end, len(r.data)) for r in result.records]
-    assert {bytes(r.data) for r in clean} <= originals
-    got = bytes(reset[0].data)
-    assert len(got) <= hole_at, "bytes after the hole reached the target"
-    assert any(o.startswith(got) and len(o) > hole_at for o in originals - {bytes(r.data) for r in clean})
+    for n in SHARDS:
+        result = replay(holed, ["--dissectors", str(n)], expect_conns=4, http=False)
+        assert "Traceback" not in result.stderr
+        conns = result.connections
+        assert (conns["seen"], conns["complete"], conns["incomplete"]) == (4, 3, 1), conns
+        originals = {bytes(r.data) for r in truth}
+        reset = [r for r in result.records if r.end == "reset"]
+        clean = [r for r in result.records if r.end == "eof"]
+        assert len(reset) == 1 and len(clean) == 3, [(r.end, len(r.data)) for r in result.records]
+        assert {bytes(r.data) for r in clean} <= originals
+        got = bytes(reset[0].data)
+        assert len(got) <= hole_at, "bytes after the hole reached the target"
+        assert any(o.startswith(got) and len(o) > hole_at for o in originals - {bytes(r.data) for r in clean})
 
 
 # ---- bad input through the CLI ------------------------------------------------------------------------------
@@ -286,7 +302,7 @@ def test_compressed_capture_replays_byte_exact(small_pcap: tuple[Path, list[Conn
     with open(packed, "wb") as out:
         subprocess.run([kind, "-c", str(source)], stdout=out, check=True, timeout=60)
     assert subprocess.run(["tshark", "-r", str(packed), "-c", "1"], capture_output=True, timeout=60).returncode == 0
-    result = replay(packed, expect_conns=len(truth), http=False, stdin=stdin)
+    result = replay(packed, ["--dissectors", "2"], expect_conns=len(truth), http=False, stdin=stdin)
     assert_replayed(result, truth)
     with open(source, "rb") as f:
         assert result.summary["packets"] == len(list(PcapReader(f)))

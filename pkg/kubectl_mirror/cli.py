@@ -125,6 +125,19 @@ def add_replay_flags(p: argparse.ArgumentParser, *, live: bool = False) -> None:
     o.add_argument("-v", "--v", dest="verbosity", nargs="?", const=1, default=0, type=parse_verbosity,
                    metavar="N", help="diagnostics on stderr: -v or -v=N (N up to 9; payload bytes only at 9)")
     o.add_argument("--tshark", metavar="PATH", help="tshark to use (default: found on PATH)")
+    o.add_argument("--dissectors", type=_positive_int, metavar="N",
+                   help="tshark processes dissecting side by side, each given whole connections (default: the "
+                        "cores this process may use; 1 for a capture file under 4 MB)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid whole number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -347,7 +360,7 @@ def start_replay(args: argparse.Namespace) -> int:
     """
     from contextlib import ExitStack
 
-    from .dissect import find_tshark, start_tshark
+    from .dissect import dissector_count, find_tshark, start_tshark
     from .pcap import open_capture
     from .replay import destination
 
@@ -358,8 +371,10 @@ def start_replay(args: argparse.Namespace) -> int:
     stack = ExitStack()
     with stack:
         source = open_capture(args.file, stack)
-        # A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on lines it has.
-        first = start_tshark(tshark, live=args.file == "-")
+        args.dissectors = dissector_count(args.dissectors, source)
+        # A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on lines it has. Several
+        # tsharks print every line at once too (the merge waits for lines).
+        first = start_tshark(tshark, live=args.file == "-" or args.dissectors > 1)
         stack.callback(first.close)  # the engine closes it too; this covers a failure before it runs
         from .pipeline import ReplayStart, run_replay
 

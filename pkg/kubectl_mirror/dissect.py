@@ -10,17 +10,22 @@ than a small fixed packet count.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import re
+import select
 import selectors
 import shutil
+import stat
 import struct
 import subprocess
 import tempfile
+import termios
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +35,7 @@ from typing import IO, BinaryIO
 from .errors import InputError, ToolError
 from .model import Endpoint, Segment
 from .pcap import FAST_LINKTYPES, PcapReader, PcapWriter, Record, linktype_name
+from .shard import Merger, deal
 from .tshark_locate import locate_tshark
 
 MIN_VERSION = (3, 4, 0)  # LINUX_SLL2 (tcpdump -i any on current kernels) needs 3.4
@@ -73,6 +79,39 @@ MAX_AHEAD_BYTES = 16 << 20
 # window and the plugin hold twice it (~30 MiB more); with it the caller holds at most this much more.
 MAX_BATCH_BYTES = 2 << 20
 READ_SIZE = 256 * 1024
+# With several tsharks the merge waits for a line for every TCP record. A record tshark prints nothing for after
+# all (a header it will not dissect) is given up once its tshark has been idle this long with nothing left to read.
+STALL_SECONDS = 0.5
+# Several tsharks print each line at once (-l): read as soon as one is there, the plugin would wake for every
+# line and take a line a read, twice the CPU of reading blocks (measured). At most one read round this often.
+READ_EVERY = 0.002
+
+
+# A capture file smaller than this gets one tshark unless --dissectors says otherwise: another tshark's start-up
+# (~0.2 s of CPU) costs more than sharing a few thousand packets saves.
+SMALL_CAPTURE = 4 << 20
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which containers and taskset narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
+def dissector_count(asked: int | None, source: BinaryIO | None = None) -> int:
+    """--dissectors, or by default the usable cores (one for a small capture file)."""
+    if asked is not None:
+        return asked
+    if source is not None:
+        try:
+            st = os.fstat(source.fileno())
+        except (OSError, ValueError, AttributeError):
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size < SMALL_CAPTURE:
+            return 1
+    return usable_cores()
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +355,8 @@ class TsharkProcess:
     retired: bool = False
     rss_checked: int = 0  # `written` when its memory was last read
     rss_high: bool = False  # near the limit: time to start a standby
+    flushes: bool = False  # started with -l: prints every line at once
+    last_frame: int = 0  # frame of the last record given to it
 
     def rss(self) -> int | None:
         """Resident memory in bytes, from /proc (None where there is no /proc, e.g. macOS)."""
@@ -324,6 +365,18 @@ class TsharkProcess:
                 return int(f.read().split()[1]) * PAGE_SIZE
         except (OSError, ValueError, IndexError):
             return None
+
+    def idle(self) -> bool:
+        """It has read all it was given, its output is all read, and it sleeps: it has nothing more to say."""
+        try:
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                if pipe is not None and not pipe.closed and _pipe_bytes(pipe.fileno()):
+                    return False
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
+            return False  # where there is no /proc it waits for its next line or its end
+        return state == b"S"
 
     def last_stderr(self) -> str:
         try:
@@ -368,7 +421,12 @@ def _spawn(tshark: TsharkInfo, live: bool) -> TsharkProcess:
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-    return TsharkProcess(proc, err)
+    return TsharkProcess(proc, err, flushes=live)
+
+
+def _pipe_bytes(fd: int) -> int:
+    """Bytes waiting in a pipe (either end)."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -381,13 +439,18 @@ class Dissector:
     """Feeds a pcap stream through tshark and yields Segments; built for a single-threaded selectors loop.
 
     A feeder thread reads the source and writes to tshark; the caller's thread only ever does non-blocking reads
-    of tshark's stdout (`fileno()`, `read_segments()`).
+    of tshark's stdout (`fileno()`, `read_segments()`). With `dissectors` > 1 the records are dealt by flow to
+    that many tsharks (shard.deal) and their segments merged back into capture order (shard.Merger); each of them
+    hands over on memory on its own.
     """
 
     def __init__(self, source: BinaryIO, tshark: TsharkInfo, *, handover_every: int = HANDOVER_EVERY,
-                 handover_rss: int = HANDOVER_RSS, tee: PcapWriter | None = None, live: bool = False) -> None:
+                 handover_rss: int = HANDOVER_RSS, tee: PcapWriter | None = None, live: bool = False,
+                 dissectors: int = 1) -> None:
         if handover_every < 1:
             raise ValueError("handover_every must be positive")
+        if dissectors < 1:
+            raise ValueError("dissectors must be positive")
         self._source = source
         self._tshark = tshark
         self._handover_every = handover_every
@@ -395,9 +458,16 @@ class Dissector:
         self._tee = tee
         self._live = live
         self.stats = DissectStats()
-        self._instances: list[TsharkProcess] = []  # appended by the feeder, read by the caller
-        self._standby: TsharkProcess | None = None
-        self._reading = 0  # index of the instance whose output is being read
+        # Several tsharks: each must print a line as soon as it has one (-l), or the merge would wait on lines
+        # sitting in one tshark's output block while the others' segments pile up behind them. Their output is
+        # then read at most every READ_EVERY, so each read still takes many lines (see read_segments).
+        flush = live or dissectors > 1
+        self._lanes = [_Lane(self, i, flush) for i in range(dissectors)]
+        self._next_read = 0.0
+        self._merger = Merger(dissectors) if dissectors > 1 else None
+        self._epoll: select.epoll | None = None
+        self._watched: dict[int, int] = {}  # lane -> fd registered in _epoll
+        self._stall: tuple[int, int, float] | None = None  # (lane, frame, since): the merge waiting on a lane
         self._cond = threading.Condition()
         self._stop = False
         self._feeder_done = False
@@ -412,13 +482,23 @@ class Dissector:
         self._thread: threading.Thread | None = None
         self._closed = False
 
+    @property
+    def _instances(self) -> list[TsharkProcess]:
+        """Every tshark started so far, all lanes (for tests and diagnostics)."""
+        return [inst for lane in self._lanes for inst in lane.instances]
+
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
     def start(self, first: TsharkProcess | None = None) -> None:
         """Start dissecting; `first`: a tshark already started for this stream (start_tshark), now owned here."""
-        if first is None:
-            first = _spawn(self._tshark, self._live)
-        self._instances.append(first)
+        for lane in self._lanes:
+            if first is not None and first.flushes != lane.flush:
+                first.close()  # started for one tshark offline: several need -l
+                first = None
+            lane.instances.append(first if first is not None else _spawn(self._tshark, lane.flush))
+            first = None
+        if len(self._lanes) > 1:
+            log.info("dissecting with %d tsharks, connections dealt among them", len(self._lanes))
         self._thread = threading.Thread(target=self._feed, name="dissect-feeder", daemon=True)
         self._thread.start()
 
@@ -429,9 +509,10 @@ class Dissector:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        everyone = list(self._instances) + ([self._standby] if self._standby is not None else [])
-        for inst in everyone:
-            inst.close()
+        for lane in self._lanes:
+            lane.close()
+        if self._epoll is not None:
+            self._epoll.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             # the feeder may sit in a read of a live source that never returns; it is a daemon thread
             self._thread.join(timeout=2)
@@ -474,34 +555,23 @@ class Dissector:
                     if self._tool_error is None:
                         self._tool_error = ToolError(f"cannot write the capture copy (-w): {exc.strerror or exc}; "
                                                      f"free some space or choose another path")
-            for inst in self._instances[-1:]:
-                self._close_stdin(inst)
-            standby, self._standby = self._standby, None
-            if standby is not None:
-                standby.proc.kill()  # never used: input ended before a handover needed it
-                standby.proc.wait()
-                standby.stderr.close()
-
-    @staticmethod
-    def _close_stdin(inst: TsharkProcess) -> None:
-        try:
-            if inst.proc.stdin is not None:
-                inst.proc.stdin.close()
-        except OSError:
-            pass
+            for lane in self._lanes:
+                lane.end_input()
 
     def _wait_for_room(self, records: int, size: int) -> bool:
+        merger = self._merger
         with self._cond:
             while not self._stop:
-                ahead = self._fed_records - self._used_records
-                held = self._fed_bytes - self._used_bytes
+                # Segments the merge holds back are read but not handed out yet: they count as ahead too.
+                ahead = self._fed_records - self._used_records + (merger.held if merger is not None else 0)
+                held = self._fed_bytes - self._used_bytes + (merger.held_bytes if merger is not None else 0)
                 if ahead == 0 or (ahead + records <= MAX_AHEAD_RECORDS and held + size <= MAX_AHEAD_BYTES):
                     return True
                 self._cond.wait(timeout=0.2)
         return False
 
     def _send(self, batch: list[Record]) -> bool:
-        """Write a batch to tshark, handing over to a fresh instance at the boundary. False to stop feeding."""
+        """Write a batch to the tshark(s), handing over to fresh instances at the boundary. False to stop feeding."""
         stats = self.stats
         stats.packets += len(batch)
         stats.bytes_captured += sum(r.orig_len for r in batch)
@@ -514,61 +584,30 @@ class Dissector:
             except OSError as exc:
                 raise ToolError(f"cannot write the capture copy (-w): {exc.strerror or exc}; free some space or "
                                 f"choose another path") from None
-        i = 0
-        while i < len(batch):
-            if self._stop:
-                return False  # closing: spawn and feed nothing more
-            inst = self._instances[-1]
-            if inst.written >= self._handover_every or self._memory_full(inst):
-                inst = self._handover(inst)
-            if self._standby is None and (self._live or inst.rss_high or inst.written >= self._handover_every // 2):
-                self._standby = _spawn(self._tshark, self._live)  # starts up while this one is still busy
-            take = batch[i : i + self._handover_every - inst.written]
-            i += len(take)
-            parts: list[bytes] = []
-            for rec in take:
-                if rec.header is not inst.header:
-                    old = inst.header
-                    parts.append(rec.header[len(old) :] if old is not None and rec.header.startswith(old)
-                                 else rec.header)
-                    inst.header = rec.header
-                parts.append(rec.raw)
-            size = sum(len(r.raw) for r in take)
-            if not self._wait_for_room(len(take), size):
-                return False
-            inst.records.extend(take)
-            inst.written += len(take)
-            with self._cond:
-                self._fed_records += len(take)
-                self._fed_bytes += size
-            assert inst.proc.stdin is not None
-            try:
-                _write_all(inst.proc.stdin.fileno(), b"".join(parts))
-            except (OSError, ValueError):
-                return False  # tshark died or we are closing: the reading side reports it
-        return True
-
-    def _memory_full(self, inst: TsharkProcess) -> bool:
-        """True once tshark's memory reached the limit; read every RSS_CHECK_EVERY records (a /proc read)."""
-        if inst.written - inst.rss_checked < RSS_CHECK_EVERY:
+        if self._stop:
             return False
-        inst.rss_checked = inst.written
-        rss = inst.rss()
-        if rss is None:
+        size = sum(len(r.raw) for r in batch)
+        if not self._wait_for_room(len(batch), size):
             return False
-        inst.rss_high = rss >= self._handover_rss * 0.85
-        return rss >= self._handover_rss
-
-    def _handover(self, old: TsharkProcess) -> TsharkProcess:
-        new = self._standby if self._standby is not None else _spawn(self._tshark, self._live)
-        self._standby = None
-        new.base = old.base + old.written
-        self._instances.append(new)
-        self.stats.tshark_restarts += 1
-        log.info("tshark hand-over after %d packets (memory %s MB)", old.written,
-                 f"{(old.rss() or 0) / 1e6:.0f}")
-        self._close_stdin(old)  # the old one finishes what it has and exits
-        return new
+        with self._cond:
+            self._fed_records += len(batch)
+            self._fed_bytes += size
+        merger = self._merger
+        if merger is None:
+            return self._lanes[0].write(batch)
+        # Every TCP record is announced to the merge before any of the batch reaches a tshark: a segment can
+        # then never leave ahead of a record dealt with it.
+        n = len(self._lanes)
+        dealt: list[list[Record]] = [[] for _ in range(n)]
+        expect = merger.expect
+        for rec in batch:
+            k = deal(rec.linktype, rec.data, n)
+            if k >= 0:
+                expect(k, rec.frame)
+                dealt[k].append(rec)
+            else:
+                dealt[-k - 1].append(rec)
+        return all(lane.write(records) for lane, records in zip(self._lanes, dealt, strict=True) if records)
 
     # ---- caller's thread --------------------------------------------------------------------------------------
 
@@ -577,24 +616,40 @@ class Dissector:
         """All input consumed and every tshark line read (or tshark failed)."""
         if self._tool_error is not None:
             return True
-        if not self._feeder_done or not self._instances:
+        if not self._feeder_done:
             return False
-        last = self._instances[-1]
-        return self._reading == len(self._instances) - 1 and last.retired
+        return all(lane.done for lane in self._lanes) and (self._merger is None or not self._merger.held)
 
     @property
     def lines_waiting(self) -> bool:
         """tshark lines already read but not parsed (a batch cut by its limits): no need to wait for the fd."""
-        inst = self._instances[self._reading] if self._instances else None
-        return inst is not None and inst.line_pos < len(inst.lines)
+        return any(lane.lines_waiting for lane in self._lanes)
 
     def fileno(self) -> int:
-        """tshark's stdout to wait on; changes after a handover, so ask again on every loop."""
-        inst = self._instances[self._reading]
-        if inst.eof and self._reading + 1 < len(self._instances):
-            inst = self._instances[self._reading + 1]
-        assert inst.proc.stdout is not None
-        return inst.proc.stdout.fileno()
+        """A descriptor that is readable when tshark output is: ask again on every loop (hand-overs change it).
+
+        With several tsharks, an epoll descriptor watching all of them (readable when any of theirs is)."""
+        if len(self._lanes) == 1:
+            return self._lanes[0].fileno()
+        if not hasattr(select, "epoll"):  # no epoll (macOS): the lane the merge waits on, else the first
+            waiting = self._merger.waiting_on() if self._merger is not None else None
+            lane = self._lanes[waiting if waiting is not None else 0]
+            return lane.fileno() if not lane.done else self._lanes[-1].fileno()
+        if self._epoll is None:
+            self._epoll = select.epoll()
+        for i, lane in enumerate(self._lanes):
+            fd = -1 if lane.done else lane.fileno()
+            old = self._watched.get(i, -1)
+            if fd == old:
+                continue
+            if old >= 0:
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(old)
+                del self._watched[i]
+            if fd >= 0:
+                self._epoll.register(fd, select.EPOLLIN)
+                self._watched[i] = fd
+        return self._epoll.fileno()
 
     def raise_if_failed(self) -> None:
         if self._tool_error is not None:
@@ -608,160 +663,40 @@ class Dissector:
 
     def read_segments(self, max_items: int = 4096, max_bytes: int = MAX_BATCH_BYTES) -> list[Segment]:
         """Segments available now, without blocking: at most max_items, and about max_bytes of capture records."""
-        out: list[Segment] = []
-        budget_end = self._used_bytes + max_bytes
-        while len(out) < max_items and self._used_bytes < budget_end and self._tool_error is None and self._instances:
-            inst = self._instances[self._reading]
-            if inst.line_pos < len(inst.lines):
-                self._parse(inst, out, max_items - len(out), budget_end - self._used_bytes)
-                continue
-            if inst.eof:
-                if not inst.retired:
-                    self._retire(inst)
-                if self._reading + 1 < len(self._instances):
-                    self._reading += 1
-                    continue
-                break
-            if not self._read_more(inst):
-                break
+        merger = self._merger
+        if merger is None:
+            out = self._lanes[0].read(max_items, max_bytes)
+        else:
+            wait = self._next_read - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)  # the feeder thread runs meanwhile; the tsharks' lines gather in their pipes
+            self._next_read = time.monotonic() + READ_EVERY
+            for i, lane in enumerate(self._lanes):
+                merger.add(i, lane.read(max_items, max_bytes))
+            out = merger.pop()
+            if merger.held:
+                self._unstall(merger)
         if out:
             with self._cond:
                 self._cond.notify_all()
         return out
 
-    def _read_more(self, inst: TsharkProcess) -> bool:
-        """One non-blocking read of tshark's output. False when nothing is available now."""
-        assert inst.proc.stdout is not None
-        try:
-            data = os.read(inst.proc.stdout.fileno(), READ_SIZE)
-        except BlockingIOError:
-            return False
-        except (OSError, ValueError):
-            data = b""
-        if data:
-            text = inst.partial + data
-            cut = text.rfind(b"\n") + 1
-            inst.partial = text[cut:]
-            inst.lines = text[:cut].decode("ascii", "replace").splitlines()
-            inst.line_pos = 0
-            return True
-        self._finish(inst)
-        return True
-
-    def _finish(self, inst: TsharkProcess) -> None:
-        inst.eof = True
-        try:
-            code = inst.proc.wait(timeout=5)  # stdout closed: tshark is exiting right now
-        except subprocess.TimeoutExpired:
-            inst.proc.kill()
-            code = inst.proc.wait()
-        stdin_closed = inst.proc.stdin is None or inst.proc.stdin.closed
-        if inst.header is None and stdin_closed:
-            code = 0  # it was given nothing at all (empty or unreadable input): its complaint adds nothing
-        if code != 0 or not stdin_closed:
-            if not self._closed:
-                detail = inst.last_stderr()
-                unknown = re.search(r"network type (\d+) unknown or unsupported", detail)
-                if unknown is not None:
-                    self._tool_error = InputError(
-                        f"link type {linktype_name(int(unknown.group(1)))} is not one kubectl-mirror or tshark "
-                        f"{'.'.join(map(str, self._tshark.version))} can read: capture on the pod's network "
-                        f"interface (tcpdump -i any or -i eth0)")
-                    return
-                self._tool_error = ToolError(
-                    f"tshark exited unexpectedly (code {code}): {detail or 'no message'}; "
-                    f"check that {self._tshark.path} works, or pass --tshark PATH"
-                )
+    def _unstall(self, merger: Merger) -> None:
+        """The merge waits on a lane's TCP record whose tshark has read all its input, printed all it had (-l) and
+        sleeps: after STALL_SECONDS of that, it said nothing for that record (a header it would not dissect), so
+        the merge stops waiting for it. Checked once per read round (3 syscalls and a /proc read)."""
+        k = merger.waiting_on()
+        frame = merger.expected_head(k) if k is not None else None
+        if k is None or frame is None or not self._lanes[k].idle(frame):
+            self._stall = None
             return
-        if inst.partial:  # a last line without its newline
-            inst.lines = [*inst.lines[inst.line_pos :], inst.partial.decode("ascii", "replace")]
-            inst.line_pos = 0
-            inst.partial = b""
-
-    def _retire(self, inst: TsharkProcess) -> None:
-        """Every line of a finished instance is parsed: whatever it never printed a line for was not TCP."""
-        left = len(inst.records)
-        self.stats.non_tcp += left
-        self._used_records += left
-        self._used_bytes += sum(len(r.raw) for r in inst.records)
-        inst.records.clear()
-        inst.popped += left
-        inst.retired = True
-        # Its output is read and its exit checked: release its descriptors now, not at close(), or every
-        # hand-over of a long run leaves two behind.
-        for f in (inst.proc.stdout, inst.stderr):
-            try:
-                if f is not None:
-                    f.close()
-            except OSError:
-                pass
-
-    def _parse(self, inst: TsharkProcess, out: list[Segment], limit: int, budget: int) -> None:
-        # One loop with everything in locals: this runs once per packet and is most of the caller's CPU.
-        lines = inst.lines
-        stop = min(len(lines), inst.line_pos + limit)
-        records = inst.records
-        popped, base = inst.popped, inst.base
-        endpoint = self._endpoint
-        stats = self.stats
-        used_records = used_bytes = non_tcp = tcp = 0
-        append = out.append
-        for k in range(inst.line_pos, stop):
-            if used_bytes >= budget:
-                stop = k  # the rest stays in inst.lines for the next call
-                break
-            f = lines[k].split("\t")
-            try:
-                number = int(f[0])
-            except ValueError:
-                continue
-            skip = number - popped - 1
-            if skip < 0 or skip >= len(records):
-                continue  # not a frame we sent (only if tshark misbehaves): ignore the line
-            for _ in range(skip):
-                used_bytes += len(records.popleft().raw)
-            rec = records.popleft()
-            used_bytes += len(rec.raw)
-            used_records += skip + 1
-            non_tcp += skip
-            popped = number
-            try:
-                seq, ack, tcp_len, flags = int(f[7]), int(f[8]), int(f[9]), int(f[10], 16)
-                src, dst = endpoint(f[1] or f[2], f[3]), endpoint(f[4] or f[5], f[6])
-            except (ValueError, IndexError):
-                non_tcp += 1  # a malformed TCP header: tshark could not read the fields
-                continue
-            payload = tcp_payload(rec.linktype, rec.data, tcp_len)
-            tcp += 1
-            if payload is None:
-                payload = self._slow_payload(rec, f, tcp_len)
-            if payload is None:
-                append(Segment(rec.ts, src, dst, seq, ack, flags, b"", False, base + number))
-            else:
-                append(Segment(rec.ts, src, dst, seq, ack, flags, payload, True, base + number))
-        inst.popped = popped
-        self._used_records += used_records
-        self._used_bytes += used_bytes
-        stats.non_tcp += non_tcp
-        stats.tcp_segments += tcp
-        inst.line_pos = stop
-        if stop >= len(lines):
-            inst.lines = []
-            inst.line_pos = 0
-
-    def _slow_payload(self, rec: Record, f: list[str], tcp_len: int) -> bytes | None:
-        """Off the hot path: only frames the fast path could not cut come here."""
-        lt = rec.linktype
-        stats = self.stats
-        try:
-            payload, found = locate_payload(lt, rec.data, int(f[3]), int(f[6]), int(f[7]), tcp_len)
-        except ValueError:
-            payload, found = None, False
-        if found:
-            stats.slow_tcp[lt] = stats.slow_tcp.get(lt, 0) + 1
-        else:
-            stats.not_understood[lt] = stats.not_understood.get(lt, 0) + 1
-        return payload
+        now = time.monotonic()
+        if self._stall is None or self._stall[:2] != (k, frame):
+            self._stall = (k, frame, now)
+        elif now - self._stall[2] >= STALL_SECONDS:
+            merger.skip(k)
+            self._stall = None
+            log.debug("dissector %d printed nothing for frame %s: not waiting for it any longer", k, frame)
 
     def _endpoint(self, host: str, port: str) -> Endpoint:
         key = (host, port)
@@ -787,6 +722,299 @@ class Dissector:
                 fd = self.fileno()
                 sel.register(fd, selectors.EVENT_READ)
                 try:
-                    sel.select(timeout=0.5)
+                    sel.select(timeout=0.05 if self._merger is not None and self._merger.held else 0.5)
                 finally:
                     sel.unregister(fd)
+
+
+class _Lane:
+    """One dissector of a Dissector: a tshark, then the fresh ones it hands over to, and the reading of their lines.
+
+    The feeder thread writes (`write`, `end_input`); the caller's thread reads (`read`). Frame numbers are the
+    records' own (their place in the whole input), whichever lane they were dealt to.
+    """
+
+    def __init__(self, owner: Dissector, index: int, flush: bool) -> None:
+        self._d = owner
+        self.index = index
+        self.flush = flush
+        self.instances: list[TsharkProcess] = []  # appended by the feeder, read by the caller
+        self.standby: TsharkProcess | None = None
+        self.reading = 0  # index of the instance whose output is being read
+        self.sent_frame = 0  # frame of the last record whose bytes are all in a tshark's pipe
+
+    # ---- feeder thread ----------------------------------------------------------------------------------------
+
+    def write(self, batch: list[Record]) -> bool:
+        """Write records to this lane's tshark, handing over at the boundary. False to stop feeding."""
+        d = self._d
+        i = 0
+        while i < len(batch):
+            if d._stop:
+                return False  # closing: spawn and feed nothing more
+            inst = self.instances[-1]
+            if inst.written >= d._handover_every or self._memory_full(inst):
+                inst = self._handover(inst)
+            # Live, one tshark keeps a standby ready at all times; several start theirs as their memory nears the
+            # limit, or a run would hold twice as many idle tsharks.
+            early = d._live and len(d._lanes) == 1
+            if self.standby is None and (early or inst.rss_high or inst.written >= d._handover_every // 2):
+                self.standby = _spawn(d._tshark, self.flush)  # starts up while this one is still busy
+            take = batch[i : i + d._handover_every - inst.written]
+            i += len(take)
+            parts: list[bytes] = []
+            for rec in take:
+                if rec.header is not inst.header:
+                    old = inst.header
+                    parts.append(rec.header[len(old) :] if old is not None and rec.header.startswith(old)
+                                 else rec.header)
+                    inst.header = rec.header
+                parts.append(rec.raw)
+            inst.records.extend(take)
+            inst.written += len(take)
+            inst.last_frame = take[-1].frame
+            assert inst.proc.stdin is not None
+            try:
+                _write_all(inst.proc.stdin.fileno(), b"".join(parts))
+            except (OSError, ValueError):
+                return False  # tshark died or we are closing: the reading side reports it
+            self.sent_frame = inst.last_frame
+        return True
+
+    def end_input(self) -> None:
+        """The input ended: the last tshark finishes what it has; a standby never used is stopped."""
+        for inst in self.instances[-1:]:
+            _close_stdin(inst)
+        standby, self.standby = self.standby, None
+        if standby is not None:
+            standby.proc.kill()  # never used: input ended before a handover needed it
+            standby.proc.wait()
+            standby.stderr.close()
+
+    def _memory_full(self, inst: TsharkProcess) -> bool:
+        """True once tshark's memory reached the limit; read every RSS_CHECK_EVERY records (a /proc read)."""
+        if inst.written - inst.rss_checked < RSS_CHECK_EVERY:
+            return False
+        inst.rss_checked = inst.written
+        rss = inst.rss()
+        if rss is None:
+            return False
+        limit = self._d._handover_rss
+        inst.rss_high = rss >= limit * 0.85
+        return rss >= limit
+
+    def _handover(self, old: TsharkProcess) -> TsharkProcess:
+        d = self._d
+        new = self.standby if self.standby is not None else _spawn(d._tshark, self.flush)
+        self.standby = None
+        new.base = old.base + old.written
+        self.instances.append(new)
+        d.stats.tshark_restarts += 1
+        log.info("tshark hand-over after %d packets (memory %s MB)", old.written,
+                 f"{(old.rss() or 0) / 1e6:.0f}")
+        _close_stdin(old)  # the old one finishes what it has and exits
+        return new
+
+    def close(self) -> None:
+        everyone = list(self.instances) + ([self.standby] if self.standby is not None else [])
+        for inst in everyone:
+            inst.close()
+
+    # ---- caller's thread --------------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """Its input ended and every line of its tsharks is read."""
+        if not self.instances:
+            return False
+        return self.reading == len(self.instances) - 1 and self.instances[-1].retired
+
+    @property
+    def lines_waiting(self) -> bool:
+        inst = self.instances[self.reading] if self.instances else None
+        return inst is not None and inst.line_pos < len(inst.lines)
+
+    def fileno(self) -> int:
+        inst = self.instances[self.reading]
+        if inst.eof and self.reading + 1 < len(self.instances):
+            inst = self.instances[self.reading + 1]
+        assert inst.proc.stdout is not None
+        return inst.proc.stdout.fileno()
+
+    def idle(self, frame: int) -> bool:
+        """The record of this frame is in a tshark's pipe, and every tshark of the lane has read all its input,
+        printed all it has (all read and parsed), and sleeps (a blocked read)."""
+        if frame > self.sent_frame or self.lines_waiting:
+            return False
+        return all(inst.idle() for inst in self.instances[self.reading :] if not inst.retired)
+
+    def read(self, max_items: int, max_bytes: int) -> list[Segment]:
+        d = self._d
+        out: list[Segment] = []
+        budget_end = d._used_bytes + max_bytes
+        while len(out) < max_items and d._used_bytes < budget_end and d._tool_error is None and self.instances:
+            inst = self.instances[self.reading]
+            if inst.line_pos < len(inst.lines):
+                self._parse(inst, out, max_items - len(out), budget_end - d._used_bytes)
+                continue
+            if inst.eof:
+                if not inst.retired:
+                    self._retire(inst)
+                if self.reading + 1 < len(self.instances):
+                    self.reading += 1
+                    continue
+                break
+            if not self._read_more(inst):
+                break
+        return out
+
+    def _read_more(self, inst: TsharkProcess) -> bool:
+        """One non-blocking read of tshark's output. False when nothing is available now."""
+        assert inst.proc.stdout is not None
+        try:
+            data = os.read(inst.proc.stdout.fileno(), READ_SIZE)
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            data = b""
+        if data:
+            text = inst.partial + data
+            cut = text.rfind(b"\n") + 1
+            inst.partial = text[cut:]
+            inst.lines = text[:cut].decode("ascii", "replace").splitlines()
+            inst.line_pos = 0
+            return True
+        self._finish(inst)
+        return True
+
+    def _finish(self, inst: TsharkProcess) -> None:
+        d = self._d
+        inst.eof = True
+        try:
+            code = inst.proc.wait(timeout=5)  # stdout closed: tshark is exiting right now
+        except subprocess.TimeoutExpired:
+            inst.proc.kill()
+            code = inst.proc.wait()
+        stdin_closed = inst.proc.stdin is None or inst.proc.stdin.closed
+        if inst.header is None and stdin_closed:
+            code = 0  # it was given nothing at all (empty or unreadable input): its complaint adds nothing
+        if code != 0 or not stdin_closed:
+            if not d._closed:
+                detail = inst.last_stderr()
+                unknown = re.search(r"network type (\d+) unknown or unsupported", detail)
+                if unknown is not None:
+                    d._tool_error = InputError(
+                        f"link type {linktype_name(int(unknown.group(1)))} is not one kubectl-mirror or tshark "
+                        f"{'.'.join(map(str, d._tshark.version))} can read: capture on the pod's network "
+                        f"interface (tcpdump -i any or -i eth0)")
+                    return
+                d._tool_error = ToolError(
+                    f"tshark exited unexpectedly (code {code}): {detail or 'no message'}; "
+                    f"check that {d._tshark.path} works, or pass --tshark PATH"
+                )
+            return
+        if inst.partial:  # a last line without its newline
+            inst.lines = [*inst.lines[inst.line_pos :], inst.partial.decode("ascii", "replace")]
+            inst.line_pos = 0
+            inst.partial = b""
+
+    def _retire(self, inst: TsharkProcess) -> None:
+        """Every line of a finished instance is parsed: whatever it never printed a line for was not TCP."""
+        d = self._d
+        left = len(inst.records)
+        d.stats.non_tcp += left
+        d._used_records += left
+        d._used_bytes += sum(len(r.raw) for r in inst.records)
+        inst.records.clear()
+        inst.popped += left
+        inst.retired = True
+        if d._merger is not None and inst.last_frame:
+            d._merger.answered(self.index, inst.last_frame)
+        # Its output is read and its exit checked: release its descriptors now, not at close(), or every
+        # hand-over of a long run leaves two behind.
+        for f in (inst.proc.stdout, inst.stderr):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+
+    def _parse(self, inst: TsharkProcess, out: list[Segment], limit: int, budget: int) -> None:
+        # One loop with everything in locals: this runs once per packet and is most of the caller's CPU.
+        d = self._d
+        lines = inst.lines
+        stop = min(len(lines), inst.line_pos + limit)
+        records = inst.records
+        popped = inst.popped
+        endpoint = d._endpoint
+        stats = d.stats
+        used_records = used_bytes = non_tcp = tcp = 0
+        last = 0
+        append = out.append
+        for k in range(inst.line_pos, stop):
+            if used_bytes >= budget:
+                stop = k  # the rest stays in inst.lines for the next call
+                break
+            f = lines[k].split("\t")
+            try:
+                number = int(f[0])
+            except ValueError:
+                continue
+            skip = number - popped - 1
+            if skip < 0 or skip >= len(records):
+                continue  # not a frame we sent (only if tshark misbehaves): ignore the line
+            for _ in range(skip):
+                used_bytes += len(records.popleft().raw)
+            rec = records.popleft()
+            used_bytes += len(rec.raw)
+            used_records += skip + 1
+            non_tcp += skip
+            popped = number
+            last = rec.frame
+            try:
+                seq, ack, tcp_len, flags = int(f[7]), int(f[8]), int(f[9]), int(f[10], 16)
+                src, dst = endpoint(f[1] or f[2], f[3]), endpoint(f[4] or f[5], f[6])
+            except (ValueError, IndexError):
+                non_tcp += 1  # a malformed TCP header: tshark could not read the fields
+                continue
+            payload = tcp_payload(rec.linktype, rec.data, tcp_len)
+            tcp += 1
+            if payload is None:
+                payload = self._slow_payload(rec, f, tcp_len)
+            if payload is None:
+                append(Segment(rec.ts, src, dst, seq, ack, flags, b"", False, rec.frame))
+            else:
+                append(Segment(rec.ts, src, dst, seq, ack, flags, payload, True, rec.frame))
+        inst.popped = popped
+        d._used_records += used_records
+        d._used_bytes += used_bytes
+        stats.non_tcp += non_tcp
+        stats.tcp_segments += tcp
+        inst.line_pos = stop
+        if stop >= len(lines):
+            inst.lines = []
+            inst.line_pos = 0
+        if last and d._merger is not None:
+            d._merger.answered(self.index, last)
+
+    def _slow_payload(self, rec: Record, f: list[str], tcp_len: int) -> bytes | None:
+        """Off the hot path: only frames the fast path could not cut come here."""
+        lt = rec.linktype
+        stats = self._d.stats
+        try:
+            payload, found = locate_payload(lt, rec.data, int(f[3]), int(f[6]), int(f[7]), tcp_len)
+        except ValueError:
+            payload, found = None, False
+        if found:
+            stats.slow_tcp[lt] = stats.slow_tcp.get(lt, 0) + 1
+        else:
+            stats.not_understood[lt] = stats.not_understood.get(lt, 0) + 1
+        return payload
+
+
+def _close_stdin(inst: TsharkProcess) -> None:
+    try:
+        if inst.proc.stdin is not None:
+            inst.proc.stdin.close()
+    except OSError:
+        pass

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO, cast
 
 from .capture import LiveCapture, PodCapture
-from .dissect import TsharkInfo, find_tshark
+from .dissect import TsharkInfo, dissector_count, find_tshark
 from .errors import ClusterError, MirrorError, TargetGoneError, ToolError, UsageError
 from .execstream import ExecProcess, start_capture, stop_remote
 from .follow import Follower
@@ -450,6 +450,7 @@ def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, targ
         replay=replay_config(args),
         tshark=tshark,
         live=True,
+        dissectors=dissector_count(args.dissectors),
         tee=tee,
         duration=args.duration,
         max_packets=args.count,

@@ -78,6 +78,7 @@ class Record:
     # every IDB seen so far in its section. The same object is shared by every record until it changes, so a
     # passthrough consumer compares by identity and re-emits only when it changed (see PcapWriter.write_record).
     header: bytes = b""
+    frame: int = 0  # 1-based position in the input (PcapReader numbers them)
 
 
 @dataclass(slots=True)
@@ -278,7 +279,7 @@ class PcapReader:
                 if stop > end:
                     break
                 raw = buf[pos:stop]
-                out.append(Record(sec + frac * unit, linktype, raw[16:], origlen, raw, header))
+                out.append(Record(sec + frac * unit, linktype, raw[16:], origlen, raw, header, count + 1))
                 pos = stop
                 count += 1
         finally:
@@ -387,7 +388,8 @@ class PcapReader:
                 f"everything before it was used, capture again"
             )
         ts = ((hi << 32) | lo) * iface.tsunit + iface.tsoffset if btype != _SPB else 0.0
-        return Record(ts, iface.linktype, block[start : start + caplen], origlen, block, self._section.header)
+        return Record(ts, iface.linktype, block[start : start + caplen], origlen, block, self._section.header,
+                      self.count + 1)
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------

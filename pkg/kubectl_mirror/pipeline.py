@@ -66,6 +66,7 @@ class EngineOptions:
     speed: float = 0.0  # 0: as fast as possible; 1: the capture's own timing; 2: twice as fast
     live: bool = False
     handover_every: int = HANDOVER_EVERY
+    dissectors: int = 1  # tsharks side by side, dealt records by connection
     tee: PcapWriter | None = None
     # Live runs stop by themselves after this many seconds / packets (None: never).
     duration: float | None = None
@@ -306,7 +307,8 @@ class Engine:
     def _run_stream(self, source: BinaryIO) -> None:
         opts = self.options
         dissector = Dissector(
-            source, opts.tshark, handover_every=opts.handover_every, tee=opts.tee, live=opts.live
+            source, opts.tshark, handover_every=opts.handover_every, tee=opts.tee, live=opts.live,
+            dissectors=opts.dissectors,
         )
         held: deque[Segment] = deque()
         grace_until: float | None = None
@@ -631,6 +633,7 @@ def run_replay(args: argparse.Namespace, start: ReplayStart, stack: ExitStack) -
             replay=replay_config(args),
             tshark=tshark,
             first_tshark=start.first_tshark,
+            dissectors=args.dissectors,
             speed=args.speed,
             # A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on lines it has.
             live=args.file == "-",
