@@ -13,7 +13,8 @@ import pytest
 
 from kubectl_mirror.httpflow import HttpOptions
 from kubectl_mirror.model import Close, Endpoint, EndReason, FlowRecord, Open, Outcome, RequestRecord, Send
-from kubectl_mirror.replay import Delivery, ReplayConfig, Replayer, parse_to
+from kubectl_mirror.replay import Delivery, ReplayConfig, Replayer
+from kubectl_mirror.settings import parse_to
 from kubectl_mirror.shadow import RequestResult, Shadow, ShadowOptions
 from kubectl_mirror.summary import CompareSummary, HttpSummary, Summary, SummaryBuilder, render_json, render_text
 from tests.http_target import HttpTarget

@@ -17,7 +17,8 @@ import pytest
 
 from kubectl_mirror.errors import TargetError, UsageError
 from kubectl_mirror.model import Abort, AbortReason, Action, Close, Endpoint, Open, Outcome, Send
-from kubectl_mirror.replay import Delivery, Destination, ReplayConfig, Replayer, check_target, parse_to
+from kubectl_mirror.replay import Delivery, ReplayConfig, Replayer, check_target
+from kubectl_mirror.settings import Destination, parse_to
 
 CLIENT = Endpoint("10.0.0.1", 40000)
 SERVER = Endpoint("10.0.0.2", 80)

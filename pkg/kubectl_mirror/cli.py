@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -12,6 +13,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .errors import EXIT_INTERRUPTED, MirrorError, UsageError
 from .model import PAYLOAD
+from .settings import Settings
 
 
 def prog_name(argv0: str) -> str:
@@ -352,6 +354,20 @@ def setup_logging(verbosity: int) -> None:
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
+def engine_settings(args: argparse.Namespace) -> Settings:
+    """The typed settings of a run, built once from the parsed flags: nothing after this reads the namespace.
+
+    A flag this command lacks keeps the default (live has no --speed, replay no -w); a repeatable flag not
+    given is an empty list.
+    """
+    given = vars(args)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        if f.name in given and given[f.name] is not None:
+            values[f.name] = given[f.name]
+    return Settings(**values)
+
+
 def start_replay(args: argparse.Namespace) -> int:
     """`replay`: check --to, find tshark and start it, and only then import the engine.
 
@@ -376,9 +392,10 @@ def start_replay(args: argparse.Namespace) -> int:
         # tsharks print every line at once too (the merge waits for lines).
         first = start_tshark(tshark, live=args.file == "-" or args.dissectors > 1)
         stack.callback(first.close)  # the engine closes it too; this covers a failure before it runs
-        from .pipeline import ReplayStart, run_replay
+        from .offline import ReplayStart, run_replay
 
-        return int(run_replay(args, ReplayStart(dest, tshark, source, first), stack.pop_all()))
+        start = ReplayStart(dest, tshark, source, first, file=args.file, port=args.port)
+        return int(run_replay(engine_settings(args), start, stack.pop_all()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -405,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.verbosity)
         from .live import run_live
 
-        return int(run_live(args))
+        return int(run_live(args, engine_settings(args)))
     except MirrorError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code

@@ -23,21 +23,20 @@ from .follow import Follower
 from .following import Following
 from .kubeconfig import Connection, connect
 from .mesh import ANY, LOOPBACK, announcement
+from .output import notice_printer, report, status_line
 from .pcap import PcapReader, PcapWriter
 from .pipeline import (
     Engine,
     EngineOptions,
     StopFlag,
     flow_config,
-    notice_printer,
     replay_config,
-    report,
     shadow_options,
-    status_line,
     turn_options,
 )
 from .progress import StatusLine
-from .replay import Destination, destination
+from .replay import destination
+from .settings import Destination, Settings
 from .summary import PodFigures, Summary, SummaryBuilder, exit_code, finished
 from .tap import DEFAULT_IMAGE, Tap, ensure_tap, tap_ended
 from .target import Pod, PodTarget, resolve_selection, target_for
@@ -248,7 +247,8 @@ def default_capture_file(targets: list[PodTarget]) -> str:
     return f"mirror-{targets[0].pod}-{time.strftime('%Y%m%d-%H%M%S')}.pcapng"
 
 
-def run_live(args: argparse.Namespace) -> int:
+def run_live(args: argparse.Namespace, settings: Settings) -> int:
+    """The live command: `args` names the target and the tap, `settings` (built from the same argv) the run."""
     if not args.ref and not args.selector:
         raise UsageError("name what to mirror: TYPE/NAME (for example deploy/web) or -l SELECTOR")
     dest: Destination | None = None
@@ -283,7 +283,7 @@ def run_live(args: argparse.Namespace) -> int:
         stop = StopFlag(on_force=lambda: _leftover_warnings(_kube_pods(capture)))
         stop.install()
         failure: MirrorError | None = None
-        status = status_line(args, shadow_options(args)) if dest is not None else None
+        status = status_line(settings) if dest is not None else None
         ended: list[str] = []
 
         def say(text: str) -> None:
@@ -312,7 +312,7 @@ def run_live(args: argparse.Namespace) -> int:
                 print(f"mirroring {describe(targets)} -> {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
             following.start()
             if dest is not None and tshark is not None:
-                summary, failure = _mirror(capture, stop, args, targets, dest, tshark, status,
+                summary, failure = _mirror(capture, stop, args, settings, targets, dest, tshark, status,
                                            lambda s: _following_now(s, follower))
             else:
                 summary = _capture_only(capture, stop, args, targets)
@@ -343,7 +343,7 @@ def run_live(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     gone = TargetGoneError(ended[0]) if ended else None
-    report(finished(summary, failure or gone), args)  # -o json says which error ends the run, and its exit code
+    report(finished(summary, failure or gone), settings)  # -o json says which error ends the run, and its exit code
     if failure is not None:
         raise failure  # after the summary: what was delivered before it is still reported
     if gone is not None:
@@ -439,18 +439,19 @@ def _leftover_warnings(pods: Sequence[KubePodCapture]) -> None:
             print(f"warning: {hint}", file=sys.stderr, flush=True)
 
 
-def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, targets: list[PodTarget],
+def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, settings: Settings,
+            targets: list[PodTarget],
             dest: Destination, tshark: TsharkInfo, status: StatusLine | None,
             now: Callable[[Summary], Summary]) -> tuple[Summary, MirrorError | None]:
     """Run the engine on the live stream; the error that stopped it comes back beside the summary."""
     tee = _writer(args.write, args.quiet) if args.write else None
     options = EngineOptions(
         dest=dest,
-        flow=flow_config(args, targets[0].port),
-        replay=replay_config(args),
+        flow=flow_config(settings, targets[0].port),
+        replay=replay_config(settings),
         tshark=tshark,
         live=True,
-        dissectors=dissector_count(args.dissectors),
+        dissectors=dissector_count(settings.dissectors),
         tee=tee,
         duration=args.duration,
         max_packets=args.count,
@@ -458,14 +459,14 @@ def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, targ
         # Called from the loop: only start the stop, the loop reads what still comes.
         on_stop=lambda: _begin_stop(capture, interrupted=stop.interrupted, quiet=args.quiet),
         stop=stop,
-        http=shadow_options(args),
-        tls_passthrough=args.tls_passthrough,
-        turns=turn_options(args),
+        http=shadow_options(settings),
+        tls_passthrough=settings.tls_passthrough,
+        turns=turn_options(settings),
     )
     if status is not None:
         shown = status
         options.progress, options.progress_every = (lambda s: shown(now(s))), status.every
-    options.notice = notice_printer(args, status)
+    options.notice = notice_printer(settings, status)
     engine = Engine(options, source_name=describe(targets))
     failure: MirrorError | None = None
     try:

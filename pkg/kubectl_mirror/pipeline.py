@@ -8,31 +8,28 @@ executes them.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from .capture import Gap
 from .dissect import HANDOVER_EVERY, Dissector, TsharkInfo, TsharkProcess
 from .errors import EXIT_INTERRUPTED, InputError, MirrorError
 from .httpflow import HttpOptions
-from .model import DeliveryFailed, EndOfInput, Interrupt, LocalClosed, LocalData, Segment, Tick
+from .model import Action, DeliveryFailed, EndOfInput, GiveUp, Interrupt, LocalClosed, LocalData, Segment, Tick
+from .output import request_printer
 from .pcap import PcapWriter
-from .progress import StatusLine
 from .reassemble import FlowConfig
-from .replay import Destination, ReplayConfig, Replayer
-from .shadow import RequestResult, ShadowOptions
+from .replay import Delivery, ReplayConfig, Replayer
+from .settings import Destination, Settings
+from .shadow import ShadowOptions
 from .stack import Command, DeliveryOver, Stack, StackOptions
 from .summary import (
     CompareSummary,
@@ -40,10 +37,6 @@ from .summary import (
     Summary,
     SummaryBuilder,
     TurnSummary,
-    exit_code,
-    finished,
-    render_json,
-    render_text,
 )
 from .turns import TurnOptions, percentile
 
@@ -55,12 +48,58 @@ TICK_EVERY = 0.25
 IDLE_WAIT = 0.1
 
 
+class SourceStats(Protocol):
+    packets: int
+    bytes_captured: int
+    tcp_segments: int
+
+    def warnings(self) -> list[str]: ...
+
+
+class SegmentSource(Protocol):
+    """What the loop reads one capture stream through, started: tshark's `Dissector` by default (EngineOptions
+    .segments makes another: N dissectors merged into one stream, or a list of segments in a test)."""
+
+    @property
+    def done(self) -> bool: ...  # every segment read (or the source failed)
+
+    @property
+    def lines_waiting(self) -> bool: ...  # segments ready without waiting on fileno()
+
+    @property
+    def stats(self) -> SourceStats: ...
+
+    def fileno(self) -> int | None: ...  # what to wait on for more; None: nothing (poll only times out)
+
+    def read_segments(self) -> list[Segment]: ...  # what is ready now, never blocking
+
+    def raise_if_failed(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Deliverer(Protocol):
+    """Where the commands go: the `Replayer` (local sockets) by default (EngineOptions.deliverer makes another)."""
+
+    def execute(self, actions: Iterable[Action | GiveUp]) -> None: ...
+
+    def poll(self, timeout: float, extra_fd: int | None = None) -> bool: ...
+
+    def drain(self, timeout: float | None = None) -> None: ...
+
+    def pop_gave_up(self) -> list[int]: ...
+
+    def pop_finished(self) -> list[Delivery]: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class EngineOptions:
     dest: Destination
     flow: FlowConfig
     replay: ReplayConfig
-    tshark: TsharkInfo
+    tshark: TsharkInfo | None  # None only with `segments` given
     # A tshark started ahead for the first stream (start_tshark): the engine takes it over and closes it.
     first_tshark: TsharkProcess | None = None
     speed: float = 0.0  # 0: as fast as possible; 1: the capture's own timing; 2: twice as fast
@@ -87,6 +126,10 @@ class EngineOptions:
     notice: Callable[[str], None] | None = None
     # Turn-taking (with FlowConfig.turns): how long a turn waits for the local answer; None: the defaults.
     turns: TurnOptions | None = None
+    # Injected stages. `segments(stream, first_tshark)` gives a started SegmentSource for each capture stream
+    # (None: tshark's Dissector); `deliverer(dest, config)` the delivery (None: the Replayer's local sockets).
+    segments: Callable[[BinaryIO, TsharkProcess | None], SegmentSource] | None = None
+    deliverer: Callable[[Destination, ReplayConfig], Deliverer] | None = None
 
 
 @dataclass
@@ -94,6 +137,7 @@ class _Pacer:
     """Holds segments back so they leave at the capture's own pace (scaled by --speed)."""
 
     speed: float
+    clock: Callable[[], float] = time.monotonic
     _first_ts: float | None = None
     _start: float = 0.0
 
@@ -101,7 +145,7 @@ class _Pacer:
         if self.speed <= 0:
             return 0.0
         if self._first_ts is None:
-            self._first_ts, self._start = ts, time.monotonic()
+            self._first_ts, self._start = ts, self.clock()
         return self._start + max(0.0, ts - self._first_ts) / self.speed
 
 
@@ -161,25 +205,28 @@ class Engine:
     ends every open flow as incomplete, because bytes may have been lost in between.
     """
 
-    def __init__(self, options: EngineOptions, source_name: str) -> None:
+    def __init__(self, options: EngineOptions, source_name: str, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.options = options
+        self._clock = clock
         self.builder = SummaryBuilder(source=source_name, target=str(options.dest), exact=options.http is None)
         self.stack = Stack(
             StackOptions(options.flow, options.http, options.tls_passthrough, options.turns, str(options.dest)),
-            self.builder, time.monotonic, options.notice, flow_buffer=options.replay.flow_buffer,
+            self.builder, clock, options.notice, flow_buffer=options.replay.flow_buffer,
         )
         replay = options.replay
         # The local service's bytes and closes, as the replayer reads them: events for the layers that wait on them.
         self._local_events: list[LocalData | LocalClosed] = []
         if self.stack.wants_local_data:
             replay = dataclasses.replace(replay, on_response=self._local_reader())
-        self.replayer = Replayer(options.dest, replay)
+        make = options.deliverer if options.deliverer is not None else Replayer
+        self.replayer: Deliverer = make(options.dest, replay)
         self.stop = options.stop if options.stop is not None else StopFlag()
-        self._pacer = _Pacer(options.speed)
+        self._pacer = _Pacer(options.speed, clock)
         self._last_ts: float | None = None
         self._last_tick_ts: float = 0.0
-        self._last_seg_wall = time.monotonic()
-        self._started = time.monotonic()
+        self._last_seg_wall = self._clock()
+        self._started = self._clock()
         self._last_progress = self._started
         self._gaps = 0
         self._packets_before = 0  # packets of streams already finished
@@ -253,7 +300,7 @@ class Engine:
         """The capture's own damage (truncated, malformed): raised after the summary is shown."""
         return self._input_error
 
-    def summary(self, running: Dissector | None = None) -> Summary:
+    def summary(self, running: SegmentSource | None = None) -> Summary:
         """The run's figures; given the stream still being read, a snapshot for the status line."""
         stats = running.stats if running is not None else None
         return self.builder.build(
@@ -261,7 +308,7 @@ class Engine:
             bytes_captured=self._bytes_before + (stats.bytes_captured if stats else 0),
             tcp_segments=self._segments_before + (stats.tcp_segments if stats else 0),
             stream_gaps=self._gaps,
-            duration_seconds=time.monotonic() - self._started,
+            duration_seconds=self._clock() - self._started,
             interrupted=stats is None and self.stop.interrupted,
             open_flows=self.stack.table.open_flows if stats is not None else None,
             http=self._http_summary(),
@@ -306,15 +353,11 @@ class Engine:
 
     def _run_stream(self, source: BinaryIO) -> None:
         opts = self.options
-        dissector = Dissector(
-            source, opts.tshark, handover_every=opts.handover_every, tee=opts.tee, live=opts.live,
-            dissectors=opts.dissectors,
-        )
+        first, self.options.first_tshark = self.options.first_tshark, None
+        dissector = (opts.segments or self._dissector)(source, first)
         held: deque[Segment] = deque()
         grace_until: float | None = None
-        first, self.options.first_tshark = self.options.first_tshark, None
         try:
-            dissector.start(first)
             while True:
                 if self.stop.requested:
                     if opts.on_stop is None:
@@ -322,8 +365,8 @@ class Engine:
                     if grace_until is None:
                         # Live: the remote tcpdump is told to stop and flushes; what it still sends is used.
                         opts.on_stop()
-                        grace_until = time.monotonic() + opts.stop_grace
-                    elif time.monotonic() >= grace_until:
+                        grace_until = self._clock() + opts.stop_grace
+                    elif self._clock() >= grace_until:
                         break
                 if held:
                     self._release(held)
@@ -350,6 +393,19 @@ class Engine:
             self._bytes_before += stats.bytes_captured
             self._segments_before += stats.tcp_segments
 
+    def _dissector(self, source: BinaryIO, first: TsharkProcess | None) -> SegmentSource:
+        """The default SegmentSource: tshark, handed over to a fresh one every `handover_every` packets."""
+        opts = self.options
+        assert opts.tshark is not None
+        dissector = Dissector(source, opts.tshark, handover_every=opts.handover_every, tee=opts.tee, live=opts.live,
+                              dissectors=opts.dissectors)
+        try:
+            dissector.start(first)
+        except BaseException:
+            dissector.close()
+            raise
+        return dissector
+
     def _release(self, held: deque[Segment]) -> None:
         """Feed held segments to the layers, as fast as --speed allows.
 
@@ -367,7 +423,7 @@ class Engine:
                 batch = []
                 self._apply_gap(gaps.pop(0))
             if paced:
-                wait = self._pacer.due(seg.ts) - time.monotonic()
+                wait = self._pacer.due(seg.ts) - self._clock()
                 if wait > 0:
                     # Keep serving sockets while the capture's clock catches up.
                     self._poll(min(wait, IDLE_WAIT))
@@ -379,7 +435,7 @@ class Engine:
                 self._deliver(batch)
                 batch = []
         self._deliver(batch)
-        self._last_seg_wall = time.monotonic()
+        self._last_seg_wall = self._clock()
         self._timers()
 
     def _deliver(self, segments: list[Segment]) -> None:
@@ -405,26 +461,26 @@ class Engine:
         while self._pending_gaps:
             self._apply_gap(self._pending_gaps.pop(0))
 
-    def _housekeeping(self, dissector: Dissector) -> None:
+    def _housekeeping(self, dissector: SegmentSource) -> None:
         self._timers()
         opts = self.options
         if opts.gaps is not None:
             new = opts.gaps()
             if new:
                 self._pending_gaps.extend(new)
-                self._gap_seen_at = time.monotonic()
-            elif self._pending_gaps and time.monotonic() - self._gap_seen_at > 1.0:
+                self._gap_seen_at = self._clock()
+            elif self._pending_gaps and self._clock() - self._gap_seen_at > 1.0:
                 # No later segment came to order it against: whatever preceded the gap has been fed by now.
                 while self._pending_gaps:
                     self._apply_gap(self._pending_gaps.pop(0))
-        if opts.duration is not None and time.monotonic() - self._started >= opts.duration:
+        if opts.duration is not None and self._clock() - self._started >= opts.duration:
             if not self.stop.requested:
                 log.info("--duration reached: stopping")
             self.stop.request("duration")
         if opts.max_packets is not None and self._packets_before + dissector.stats.packets >= opts.max_packets:
             self.stop.request("count")
         if opts.progress is not None:
-            now = time.monotonic()
+            now = self._clock()
             if now - self._last_progress >= opts.progress_every:
                 self._last_progress = now
                 opts.progress(self.summary(dissector))
@@ -434,7 +490,7 @@ class Engine:
         if self._last_ts is None:
             return 0.0
         if self.options.live:
-            return self._last_ts + (time.monotonic() - self._last_seg_wall)
+            return self._last_ts + (self._clock() - self._last_seg_wall)
         return self._last_ts
 
     def _timers(self) -> None:
@@ -454,7 +510,7 @@ class Engine:
         """One round of the replayer's sockets, no longer than the next turn's deadline; then their answers."""
         deadline = self.stack.next_deadline()
         if deadline is not None:
-            timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+            timeout = max(0.0, min(timeout, deadline - self._clock()))
         self.replayer.poll(timeout, fd)
         if self.stack.turns is not None:
             self._answers()
@@ -495,165 +551,49 @@ class Engine:
             self.stack.handle(delivery)
 
 
-# ---- `kubectl mirror replay` -----------------------------------------------------------------------
+# ---- the engine's options from the typed settings ----------------------------------------------------
 
 
-def flow_config(args: argparse.Namespace, server_port: int | None) -> FlowConfig:
+def flow_config(settings: Settings, server_port: int | None) -> FlowConfig:
     return FlowConfig(
         server_port=server_port,
-        skip_partial=args.skip_partial,
-        hole_timeout=args.hole_timeout,
-        idle_timeout=args.idle_timeout,
+        skip_partial=settings.skip_partial,
+        hole_timeout=settings.hole_timeout,
+        idle_timeout=settings.idle_timeout,
         # Production's answers are in the capture: --compare reads them, nothing else pays for them.
-        server_stream=comparing(args),
-        turns=not getattr(args, "no_wait", False),
+        server_stream=settings.comparing,
+        turns=not settings.no_wait,
     )
 
 
-def turn_options(args: argparse.Namespace) -> TurnOptions:
-    return TurnOptions(floor=getattr(args, "answer_timeout", 1.0), max_held=args.flow_buffer)
+def turn_options(settings: Settings) -> TurnOptions:
+    return TurnOptions(floor=settings.answer_timeout, max_held=settings.flow_buffer)
 
 
-def comparing(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "compare", False) or getattr(args, "compare_report", None)
-                or getattr(args, "compare_headers", None) or getattr(args, "ignore_json_path", None))
-
-
-def shadow_options(args: argparse.Namespace) -> ShadowOptions | None:
+def shadow_options(settings: Settings) -> ShadowOptions | None:
     """HTTP mode's options, or None for byte mode: --http, or any option that only means something in it."""
-    compare = comparing(args)
-    implied = [getattr(args, name, None) for name in ("match_method", "match_path", "match_header", "set_header",
-                                                      "rewrite_host", "sample", "max_rps")]
-    if not (getattr(args, "http", False) or compare or any(v is not None and v != [] for v in implied)):
+    if not settings.http_mode:
         return None
-    methods = [m.strip() for text in args.match_method or [] for m in text.split(",") if m.strip()]
+    methods = [m.strip() for text in settings.match_method for m in text.split(",") if m.strip()]
     http = HttpOptions(
         match_method=methods,
-        match_path=list(args.match_path or []),
-        match_header=list(args.match_header or []),
-        set_header=list(args.set_header or []),
-        rewrite_host=args.rewrite_host,
-        sample=1.0 if args.sample is None else args.sample,
-        max_rps=args.max_rps,
-        seed=args.sample_seed,
+        match_path=list(settings.match_path),
+        match_header=list(settings.match_header),
+        set_header=list(settings.set_header),
+        rewrite_host=settings.rewrite_host,
+        sample=1.0 if settings.sample is None else settings.sample,
+        max_rps=settings.max_rps,
+        seed=settings.sample_seed,
     )
-    headers = [h.strip() for text in args.compare_headers or [] for h in text.split(",") if h.strip()]
-    options = ShadowOptions(http, compare=compare, compare_headers=headers,
-                            ignore_json_paths=list(args.ignore_json_path or []), report=args.compare_report)
-    options.on_request = request_printer(args)
+    headers = [h.strip() for text in settings.compare_headers for h in text.split(",") if h.strip()]
+    options = ShadowOptions(http, compare=settings.comparing, compare_headers=headers,
+                            ignore_json_paths=list(settings.ignore_json_path), report=settings.compare_report)
+    options.on_request = request_printer(settings)
     return options
 
 
-def request_printer(args: argparse.Namespace) -> Callable[[RequestResult], None]:
-    """-o json: one JSON line per request on stdout, the summary last; text: a line per request at -v."""
-    if getattr(args, "output", "text") == "json":
-        stream = sys.stdout if getattr(args, "write", None) != "-" else sys.stderr
-
-        def print_json(result: RequestResult) -> None:
-            print(json.dumps(result.to_json()), file=stream, flush=True)
-
-        return print_json
-
-    def log_line(result: RequestResult) -> None:
-        if not result.forwarded:
-            log.info("%s %s: not forwarded", result.method, result.target)
-        elif result.status is None:
-            log.info("%s %s: no answer from the local service", result.method, result.target)
-        else:
-            log.info("%s %s -> %d in %.1f ms", result.method, result.target, result.status, result.latency_ms or 0.0)
-
-    return log_line
-
-
-def replay_config(args: argparse.Namespace) -> ReplayConfig:
-    return ReplayConfig(flow_buffer=args.flow_buffer, max_buffer=max(args.max_buffer, args.flow_buffer))
-
-
-def report(summary: Summary, args: argparse.Namespace) -> None:
-    """The final summary: JSON on stdout for scripts, a table on stderr for people.
-
-    With `-w -` stdout carries the pcap and nothing else, so even JSON goes to stderr then.
-    """
-    stdout_free = getattr(args, "write", None) != "-"
-    if getattr(args, "output", "text") == "json":
-        # HTTP mode's stdout is JSON lines (requests first), so its summary is one line too: the last.
-        one_line = summary.http is not None
-        print(render_json(summary, one_line=one_line), file=sys.stdout if stdout_free else sys.stderr, flush=True)
-    elif not getattr(args, "quiet", False):
-        # render_text ends with its own newline: one, so the prompt gets the next line and no blank one before.
-        print(render_text(summary), file=sys.stderr, end="", flush=True)
-
-
-def notice_printer(args: argparse.Namespace, status: StatusLine | None) -> Callable[[str], None] | None:
-    """A one-off warning line on stderr, above the status line (redrawn at its next tick)."""
-    if getattr(args, "quiet", False):
-        return None
-
-    def say(message: str) -> None:
-        if status is not None:
-            status.clear()
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-    return say
-
-
-def status_line(args: argparse.Namespace, http: ShadowOptions | None = None) -> StatusLine | None:
-    if getattr(args, "quiet", False):
-        return None
-    return CompareStatusLine(sys.stderr) if http is not None and http.compare else StatusLine(sys.stderr)
-
-
-class CompareStatusLine(StatusLine):
-    """The status line with the live count of same / different answers under --compare."""
-
-    def render(self, s: Summary, rate: float) -> str:
-        line = super().render(s, rate)
-        if s.compare is None:
-            return line
-        return f"{line}  compare: {s.compare.same:,} same, {s.compare.different:,} different"
-
-
-@dataclass
-class ReplayStart:
-    """What `replay` checks and starts before the engine's modules are even imported (see cli.start_replay)."""
-
-    dest: Destination
-    tshark: TsharkInfo
-    source: BinaryIO
-    first_tshark: TsharkProcess | None = None
-
-
-def run_replay(args: argparse.Namespace, start: ReplayStart, stack: ExitStack) -> int:
-    """The offline run; `stack` holds the opened input and the started tshark, and closes them."""
-    dest, tshark, source = start.dest, start.tshark, start.source
-    with stack:
-        options = EngineOptions(
-            dest=dest,
-            flow=flow_config(args, args.port),
-            replay=replay_config(args),
-            tshark=tshark,
-            first_tshark=start.first_tshark,
-            dissectors=args.dissectors,
-            speed=args.speed,
-            # A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on lines it has.
-            live=args.file == "-",
-            http=shadow_options(args),
-            tls_passthrough=getattr(args, "tls_passthrough", False),
-            turns=turn_options(args),
-        )
-        status = status_line(args, options.http)
-        if status is not None and status.tty:
-            options.progress, options.progress_every = status, status.every
-        options.notice = notice_printer(args, status)
-        engine = Engine(options, source_name=args.file)
-        try:
-            summary = engine.run([source])
-        finally:
-            if status is not None:
-                status.clear()
-    report(finished(summary, engine.fatal_error or engine.input_error), args)
-    raise_run_errors(engine)
-    return exit_code(summary)
+def replay_config(settings: Settings) -> ReplayConfig:
+    return ReplayConfig(flow_buffer=settings.flow_buffer, max_buffer=max(settings.max_buffer, settings.flow_buffer))
 
 
 def raise_run_errors(engine: Engine) -> None:
@@ -662,4 +602,3 @@ def raise_run_errors(engine: Engine) -> None:
         raise engine.fatal_error
     if engine.input_error is not None:
         raise engine.input_error
-

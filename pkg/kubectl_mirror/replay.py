@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import heapq
-import ipaddress
 import itertools
 import os
 import selectors
@@ -21,10 +20,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from .errors import TargetError, UsageError
+from .errors import TargetError
 from .model import Abort, Action, Close, GiveUp, Open, Outcome, Send
-
-_USAGE = "invalid --to {text!r}: expected [HOST]:PORT, for example :8080 or 127.0.0.1:8080"
+from .settings import Destination, allowed, parse_to
 
 # Buffers handed to one sendmsg(): enough to empty a backlog of small segments in few syscalls, well under IOV_MAX.
 _IOV_BATCH = 64
@@ -42,70 +40,7 @@ _SHUT = 3  # every byte written and FIN sent; reading the target's last response
 _DONE = 4
 
 
-# ---- the --to destination ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Destination:
-    host: str  # numeric address
-    port: int
-    family: int  # socket.AF_INET or socket.AF_INET6
-
-    @property
-    def is_loopback(self) -> bool:
-        return ipaddress.ip_address(self.host).is_loopback
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
-
-
-def parse_to(text: str) -> Destination:
-    """`:8080`, `8080`, `HOST:PORT` or `[V6]:PORT`; a host name is resolved now (IPv4 preferred)."""
-    raw = text.strip()
-    bad = UsageError(_USAGE.format(text=text))
-    if raw.isascii() and raw.isdigit():
-        host, port_text = "", raw
-    elif raw.startswith("["):
-        end = raw.find("]")
-        if end < 2 or raw[end + 1 : end + 2] != ":":
-            raise bad
-        host, port_text = raw[1:end], raw[end + 2 :]
-    else:
-        host, sep, port_text = raw.rpartition(":")
-        if not sep or ":" in host:  # an IPv6 address needs brackets, or the port is ambiguous
-            raise bad
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise bad
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise UsageError(f"invalid --to {text!r}: port {port} is out of range, expected 1 to 65535")
-    if not host:
-        return Destination("127.0.0.1", port, socket.AF_INET)
-    address, family = _resolve(host, text)
-    return Destination(address, port, family)
-
-
-def _resolve(host: str, text: str) -> tuple[str, int]:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        return str(ip), socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    try:
-        infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise UsageError(f"invalid --to {text!r}: cannot resolve host {host!r}") from None
-    # Local dev servers listen on 127.0.0.1 far more often than on ::1, whatever order the resolver prefers.
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    for family, _, _, _, sockaddr in infos:
-        if family in (socket.AF_INET, socket.AF_INET6):
-            return str(sockaddr[0]), int(family)
-    raise UsageError(f"invalid --to {text!r}: host {host!r} has no IP address")
+# ---- the --to destination: parsed in settings, checked here ------------------------------------
 
 
 def check_target(dest: Destination, timeout: float = 3.0) -> None:
@@ -680,9 +615,6 @@ class Replayer:
 
 def destination(to: str, *, allow_remote: bool = False) -> Destination:
     """--to, parsed, allowed and reachable: checked before anything else starts, so a typo fails fast."""
-    dest = parse_to(to)
-    if not dest.is_loopback and not allow_remote:
-        raise UsageError(f"--to {dest} is not on this machine, and mirrored traffic carries production data "
-                         "(tokens, passwords): pass --allow-remote to send it there anyway")
+    dest = allowed(parse_to(to), allow_remote)
     check_target(dest)
     return dest
