@@ -181,6 +181,8 @@ def add_http_flags(p: argparse.ArgumentParser) -> None:
     h.add_argument("--match-path", action="append", metavar="REGEX", help="mirror only requests whose target matches")
     h.add_argument("--match-header", action="append", type=parse_header_match, metavar="'NAME: REGEX'",
                    help="mirror only requests with this header matching")
+    h.add_argument("--match-grpc", action="append", metavar="SERVICE[/METHOD]",
+                   help="mirror only gRPC calls of this service or method (regex, e.g. 'shop\\.Cart/.*'); HTTP/2")
     h.add_argument("--set-header", action="append", type=parse_set_header, metavar="'NAME: VALUE'",
                    help="set (replace or add) a header on every mirrored request")
     h.add_argument("--rewrite-host", metavar="HOST[:PORT]", help="replace the Host header (default: keep it)")

@@ -376,6 +376,12 @@ class Exchanges:
     def client_bytes(self, data: bytes, ts: float) -> list[Exchange]:
         return self._apply(self.client.feed(data), True, ts)
 
+    def client_frames(self, data: bytes, ts: float, assemble: bool = True) -> tuple[list[Frame2], list[Exchange]]:
+        """The client's frames too, for a layer that acts on them; `assemble` false: only decoded (no Exchange
+        is kept, so a connection whose answers are never fed costs no memory)."""
+        frames = self.client.feed(data)
+        return frames, self._apply(frames, True, ts) if assemble else []
+
     def server_bytes(self, data: bytes, ts: float) -> list[Exchange]:
         return self._apply(self.server.feed(data), False, ts)
 
@@ -403,7 +409,7 @@ class Exchanges:
                 assert f.headers is not None
                 if not msg.headers:
                     msg.headers = f.headers
-                elif not client and msg.header(":status", ) is not None and _informational(msg):
+                elif not client and _informational(msg):
                     msg.headers = f.headers  # 1xx, then the real response
                 else:
                     msg.trailers = f.headers

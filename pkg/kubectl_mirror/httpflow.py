@@ -69,6 +69,8 @@ class HttpOptions:
     match_method: list[str] = field(default_factory=list)  # any of these methods (case-insensitive)
     match_path: list[str] = field(default_factory=list)  # regexes searched in the request target; all must match
     match_header: list[tuple[str, str]] = field(default_factory=list)  # (name, value regex); all must match
+    # gRPC calls only (HTTP/2): SERVICE or SERVICE/METHOD regexes. An HTTP/1.x request is never a gRPC call.
+    match_grpc: list[str] = field(default_factory=list)
     set_header: list[tuple[str, str]] = field(default_factory=list)  # (name, value): replace or add
     rewrite_host: str | None = None  # new Host header value, host[:port]; None keeps the captured one
     sample: float = 1.0  # fraction of connections mirrored, 0..1
@@ -88,6 +90,8 @@ class HttpOptions:
         for name, pattern in self.match_header:
             _check_name(name, "--match-header")
             _compile(pattern, "--match-header")
+        for pattern in self.match_grpc:
+            _compile(pattern, "--match-grpc")
         for name, value in self.set_header:
             _check_set_header(name, value)
         if self.rewrite_host is not None:
@@ -96,7 +100,7 @@ class HttpOptions:
     @property
     def filtering(self) -> bool:
         """Some requests may not match: whole connections may end up with nothing to send."""
-        return bool(self.match_method or self.match_path or self.match_header)
+        return bool(self.match_method or self.match_path or self.match_header or self.match_grpc)
 
     @property
     def rewriting(self) -> bool:
@@ -686,6 +690,8 @@ class HttpLayer:
         return int.from_bytes(digest, "big") < sample * 2.0**64
 
     def _matches(self, request: h11.Request) -> bool:
+        if self.options.match_grpc:
+            return False  # gRPC runs on HTTP/2 only
         if self._methods and request.method.decode("latin-1").upper() not in self._methods:
             return False
         if self._paths:

@@ -33,6 +33,8 @@ from .shadow import ShadowOptions
 from .stack import Command, DeliveryOver, Stack, StackOptions
 from .summary import (
     CompareSummary,
+    GrpcMethodSummary,
+    H2Summary,
     HttpSummary,
     Summary,
     SummaryBuilder,
@@ -314,6 +316,7 @@ class Engine:
             http=self._http_summary(),
             compare=self._compare_summary(),
             turns=self._turn_summary(),
+            h2=self._h2_summary(),
         )
 
     def _turn_summary(self) -> TurnSummary | None:
@@ -332,6 +335,22 @@ class Engine:
             local_p50_ms=ms(s.local_times, 50), local_p99_ms=ms(s.local_times, 99),
             production_p50_ms=ms(s.production_times, 50), production_p99_ms=ms(s.production_times, 99),
         )
+
+    def _h2_summary(self) -> H2Summary | None:
+        h2, h2shadow = self.stack.h2, self.stack.h2shadow
+        if h2 is None or h2shadow is None:
+            return None
+        s = h2.stats
+        per = h2shadow.results.methods
+        methods = {}
+        for name, seen in s.grpc_methods.items():
+            m = per.get(name)
+            methods[name] = GrpcMethodSummary(seen=seen, forwarded=m.calls if m else 0, same=m.same if m else 0,
+                                              different=m.different if m else 0, unpaired=m.unpaired if m else 0)
+        return H2Summary(connections=s.connections, upgraded=s.upgraded, undecodable=s.undecodable,
+                         streams=s.streams, grpc_calls=s.grpc_calls, forwarded=s.forwarded, filtered=s.filtered,
+                         rate_limited=s.rate_limited, refused=s.refused,
+                         sampled_out_connections=s.sampled_out_connections, grpc_methods=methods)
 
     def _http_summary(self) -> HttpSummary | None:
         if self.stack.http is None:
@@ -512,7 +531,8 @@ class Engine:
         if deadline is not None:
             timeout = max(0.0, min(timeout, deadline - self._clock()))
         self.replayer.poll(timeout, fd)
-        if self.stack.turns is not None:
+        if self.stack.turns is not None or self.stack.h2 is not None:
+            # HTTP/2 connections of their own answer the local server at once (windows, SETTINGS, PING).
             self._answers()
 
     def _answers(self) -> None:
@@ -533,7 +553,7 @@ class Engine:
 
     def _settle(self) -> None:
         """The input is over: let every connection still waiting for an answer finish its turns (each bounded)."""
-        if self.stack.turns is None:
+        if self.stack.turns is None and self.stack.h2 is None:
             return
         # Offline, Ctrl-C has reset every open flow by now (nothing is held); live, the capture has ended and these
         # last turns still deserve their answers. Each wait is bounded; a second Ctrl-C leaves at once.
@@ -579,6 +599,7 @@ def shadow_options(settings: Settings) -> ShadowOptions | None:
         match_method=methods,
         match_path=list(settings.match_path),
         match_header=list(settings.match_header),
+        match_grpc=list(settings.match_grpc),
         set_header=list(settings.set_header),
         rewrite_host=settings.rewrite_host,
         sample=1.0 if settings.sample is None else settings.sample,

@@ -24,6 +24,8 @@ class StatusLine:
         self.tty = stream.isatty() if tty is None else tty
         self.every = TTY_EVERY if self.tty else PLAIN_EVERY
         self._last_bytes = 0
+        self._last_requests = 0
+        self._request_rate: float | None = None  # HTTP mode: requests (HTTP/1.x and HTTP/2 streams) per second
         self._last_time = time.monotonic()
         self._drawn = False
 
@@ -35,6 +37,8 @@ class StatusLine:
         line = (f"{clock}  {s.packets:,} packets  {_mb(s.bytes_captured)}  "
                 f"connections: {open_now:,} open, {c.complete:,} replayed, {c.incomplete:,} incomplete, "
                 f"{c.dropped:,} dropped, {c.failed:,} failed  {_mb(rate)}/s")
+        if self._request_rate is not None:
+            line += f"  {self._request_rate:,.0f} req/s"
         if s.pods_now is not None:
             # Live runs that follow a workload: how many pods feed the mirror now, and the latest change.
             line += f"  pods: {s.pods_now}" + (f" (latest: {s.latest_move})" if s.latest_move else "")
@@ -44,6 +48,10 @@ class StatusLine:
         now = time.monotonic()
         span = max(now - self._last_time, 1e-6)
         rate = max(0, s.bytes_captured - self._last_bytes) / span
+        if s.protocols is not None:
+            requests = s.protocols.get("http/1.x", 0) + s.protocols.get("h2", 0)
+            self._request_rate = max(0, requests - self._last_requests) / span
+            self._last_requests = requests
         self._last_bytes, self._last_time = s.bytes_captured, now
         line = self.render(s, rate)
         if self.tty:

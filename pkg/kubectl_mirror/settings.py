@@ -44,6 +44,7 @@ class Settings:
     match_method: list[str] = field(default_factory=list)
     match_path: list[str] = field(default_factory=list)
     match_header: list[tuple[str, str]] = field(default_factory=list)
+    match_grpc: list[str] = field(default_factory=list)  # gRPC calls only: SERVICE[/METHOD] regexes (HTTP/2)
     set_header: list[tuple[str, str]] = field(default_factory=list)
     rewrite_host: str | None = None
     sample: float | None = None
@@ -63,6 +64,7 @@ class Settings:
     def http_mode(self) -> bool:
         """--http, or any option that only means something in HTTP mode."""
         return bool(self.http or self.comparing or self.match_method or self.match_path or self.match_header
+                    or self.match_grpc
                     or self.set_header or self.rewrite_host is not None or self.sample is not None
                     or self.max_rps is not None)
 

@@ -70,11 +70,24 @@ class RequestResult:
     forwarded: bool
     status: int | None = None  # the local service's answer; None when not forwarded or never answered
     latency_ms: float | None = None  # from handing the request to the socket to the end of the local answer
+    # HTTP/2 only: the stream id is `index`; a gRPC call names its method and the local grpc-status.
+    protocol: str = "http/1.1"
+    grpc_method: str | None = None
+    grpc_status: int | None = None
+    not_sent: str | None = None  # HTTP/2: why a stream was not forwarded (filtered, rate-limited, refused)
 
     def to_json(self) -> dict[str, object]:
-        return {"type": "request", "flow": self.flow, "index": self.index, "method": self.method,
-                "path": self.target, "forwarded": self.forwarded, "status": self.status,
-                "latency_ms": self.latency_ms}
+        line: dict[str, object] = {
+            "type": "request", "flow": self.flow, "index": self.index, "method": self.method, "path": self.target,
+            "forwarded": self.forwarded, "status": self.status, "latency_ms": self.latency_ms}
+        if self.protocol != "http/1.1":
+            line["protocol"] = self.protocol
+            if self.grpc_method is not None:
+                line["grpc_method"] = self.grpc_method
+                line["grpc_status"] = self.grpc_status
+            if self.not_sent is not None:
+                line["not_sent"] = self.not_sent
+        return line
 
 
 @dataclass
@@ -245,6 +258,11 @@ class Shadow:
             c.prod_done = True
             self.local_end(flow, now)
         self._partial.clear()
+
+    def write_report(self, line: dict[str, object]) -> None:
+        """One line of --compare-report (another protocol's comparison, e.g. HTTP/2's)."""
+        if self._report is not None:
+            self._report.write(json.dumps(line, default=str) + "\n")
 
     def close(self) -> None:
         if self._report is not None:

@@ -1,7 +1,9 @@
 """The layers stacked, sans-I/O: captured segments and delivery's news in, commands for delivery out.
 
-flow table -> TLS gate -> HTTP layer -> shadow compare -> turn-taking -> delivery. Each layer takes events through
-`handle` (a batch through `handle_all`) and returns commands; this module only routes them: actions go down to
+flow table -> TLS gate -> HTTP/2 layer -> HTTP layer -> shadow compare -> turn-taking -> delivery (HTTP/2
+connections go from the HTTP/2 layer straight to turn-taking; their streams' records go to h2shadow). Each layer
+takes events through `handle` (a batch through `handle_all`) and returns commands; this module only routes them:
+actions go down to
 the next layer, records (a flow ended, a request was seen, a flow held back as TLS, ...) go to the summary and
 to the layers that pair them, and what delivery reports (a delivery finished or failed, the local service's
 bytes) goes back up to the layers that wait for it. Nothing here reads a socket or a file; wall time comes from
@@ -14,7 +16,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .httpflow import HttpLayer
+from .h2layer import Direct, H2Command, H2Layer, H2Options, StreamDone, StreamSeen
+from .h2shadow import H2Shadow
+from .httpflow import HttpLayer, HttpOptions
 from .model import (
     PAYLOAD,
     Abort,
@@ -116,9 +120,13 @@ class Stack:
         self._tls_named = False
         self.http: HttpLayer | None = None
         self.shadow: Shadow | None = None
+        self.h2: H2Layer | None = None
+        self.h2shadow: H2Shadow | None = None
         if options.http is not None:
             self.http = HttpLayer(options.http.http, clock)
             self.shadow = Shadow(options.http, clock)
+            self.h2 = H2Layer(h2_options(options.http.http), comparing=options.http.compare, clock=clock)
+            self.h2shadow = H2Shadow(self.shadow)
         self.turns: TurnTaker | None = None
         if options.flow.turns:
             self.turns = TurnTaker(options.turns or TurnOptions(max_held=flow_buffer))
@@ -157,6 +165,8 @@ class Stack:
                 self.http.handle(event)
             if self.turns is not None:
                 self.turns.handle(event)
+            if self.h2 is not None:
+                self._h2_route(self.h2.handle(event))
             return []
         if kind is Delivery:
             assert isinstance(event, Delivery)
@@ -165,38 +175,60 @@ class Stack:
                 self.turns.handle(Delivered(event.flow))
             if self.shadow is not None:
                 self.shadow.handle(Delivered(event.flow))
+            if self.h2 is not None:
+                self._h2_route(self.h2.handle(Delivered(event.flow)))
             return []
         if kind is LocalData or kind is LocalClosed:
             assert isinstance(event, LocalData | LocalClosed)
             if self.shadow is not None:
                 self.shadow.handle(event)
+            out: list[Command] = []
+            if self.h2 is not None:
+                # An HTTP/2 connection of its own answers the local server (windows, SETTINGS, PING) at once.
+                actions, gave_up = self._h2_route(self.h2.handle(event))
+                out = self._through_turns(actions) if actions else []
+                out += gave_up
             if self.turns is not None:
-                return self.turns.handle(event)
-            return []
+                out += self.turns.handle(event)
+            return out
         if kind is DeliveryOver:
+            if self.h2 is not None:
+                self._h2_route(self.h2.handle(EndOfInput()))
             if self.shadow is not None:
                 self.shadow.handle(EndOfInput())
             return []
         raise TypeError(f"the stack takes no {kind.__name__}")
 
     def tick(self) -> list[Command]:
-        """Wall time passed: turns whose wait is over go on."""
+        """Wall time passed: turns whose wait is over go on, HTTP/2 ends that waited long enough too."""
+        out: list[Command] = []
+        if self.h2 is not None and self.h2.holding:
+            actions, gave_up = self._h2_route(self.h2.handle(Tick(self._clock())))
+            out = self._through_turns(actions) if actions else []
+            out += gave_up
         if self.turns is None:
-            return []
-        return self.turns.handle(Tick(self._clock()))
+            return out
+        return out + self.turns.handle(Tick(self._clock()))
 
     def next_deadline(self) -> float | None:
         """When `tick` next has something to do (wall clock); None: not before the next event."""
-        return self.turns.next_deadline() if self.turns is not None else None
+        deadlines = [d for d in (self.turns.next_deadline() if self.turns is not None else None,
+                                 self.h2.next_deadline() if self.h2 is not None else None) if d is not None]
+        return min(deadlines) if deadlines else None
 
     @property
     def holding(self) -> bool:
-        """Some connection still waits for the local answer before its next bytes."""
-        return self.turns is not None and self.turns.holding
+        """Some connection still waits for the local answer before its next bytes (or its end)."""
+        return (self.turns is not None and self.turns.holding) or (self.h2 is not None and self.h2.holding)
 
     def flush(self) -> list[Command]:
         """Stop waiting anywhere: everything held goes out now, in order."""
-        return self.turns.flush() if self.turns is not None else []
+        out: list[Command] = []
+        if self.h2 is not None:
+            actions, gave_up = self._h2_route(self.h2.flush())
+            out = self._through_turns(actions) if actions else []
+            out += gave_up
+        return out + (self.turns.flush() if self.turns is not None else [])
 
     # ---- routes -----------------------------------------------------------------------------------------
 
@@ -216,13 +248,19 @@ class Stack:
         if actions:
             actions = self._through_tls(actions)
             if self.http is not None:
+                assert self.h2 is not None
+                # HTTP/2 connections first: they leave past the HTTP/1.x layer; the rest goes on to it, in order.
+                rest: list[Action] = []
+                direct, out = self._h2_route(self.h2.handle_all(actions), rest)
                 # Before coalescing: the layer cuts requests at their own boundaries, whatever the segments.
-                actions = self._through_http(actions)
+                actions = self._through_http(rest) if rest else []
+                if direct:
+                    actions = direct + actions
             if trace:
                 self._log_actions(actions)
             if merge:
                 actions = coalesce(actions)
-            out = self._through_turns(actions)
+            out = self._through_turns(actions) + out
         if i < n:
             self._records(commands[i:])
         return out
@@ -277,6 +315,27 @@ class Stack:
         # Actions and RequestRecords; then the suppressed flows: the local side of those is over already.
         return shadow.handle_all([*out[:i], *(c for c in out[i:] if type(c) is Suppressed)])  # type: ignore[list-item]
 
+    def _h2_route(self, commands: list[H2Command], rest: list[Action] | None = None
+                  ) -> tuple[list[Action], list[Command]]:
+        """The HTTP/2 layer's commands: its own actions (Direct, unwrapped) and GiveUps for delivery; stream records
+        to h2shadow, connections it never delivered to the summary; other connections' actions to `rest`."""
+        direct: list[Action] = []
+        gave_up: list[Command] = []
+        for c in commands:
+            kind = type(c)
+            if kind is Direct:
+                direct.append(c.action)  # type: ignore[union-attr]
+            elif kind is StreamSeen or kind is StreamDone:
+                assert self.h2shadow is not None
+                self.h2shadow.record(c, self._clock())  # type: ignore[arg-type]
+            elif kind is Suppressed:
+                self.builder.add_suppressed([c.flow])  # type: ignore[union-attr]
+            elif kind is GiveUp:
+                gave_up.append(c)  # type: ignore[arg-type]
+            elif rest is not None:
+                rest.append(c)  # type: ignore[arg-type]
+        return direct, gave_up
+
     def _through_turns(self, actions: list[Action]) -> list[Command]:
         turns = self.turns
         if turns is None:
@@ -301,4 +360,11 @@ class Stack:
                 log.log(PAYLOAD, "flow %d: %d bytes %r", a.flow, len(a.data), a.data[:64])
 
 
-__all__ = ["Command", "DeliveryOver", "Stack", "StackOptions", "coalesce"]
+def h2_options(http: HttpOptions) -> H2Options:
+    """The HTTP/2 layer's share of HTTP mode's options: the same filters, rewrites, sample and rate, per stream."""
+    return H2Options(match_method=http.match_method, match_path=http.match_path, match_header=http.match_header,
+                     match_grpc=http.match_grpc, set_header=http.set_header, rewrite_host=http.rewrite_host,
+                     sample=http.sample, max_rps=http.max_rps, seed=http.seed)
+
+
+__all__ = ["Command", "DeliveryOver", "Stack", "StackOptions", "coalesce", "h2_options"]

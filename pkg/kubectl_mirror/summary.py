@@ -57,6 +57,36 @@ class CompareSummary(BaseModel):
     unpaired: int = Field(default=0, ge=0)
 
 
+class GrpcMethodSummary(BaseModel):
+    """One gRPC method (`package.Service/Method`): calls forwarded, and with --compare how they compared."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seen: int = Field(default=0, ge=0)  # calls in the capture
+    forwarded: int = Field(default=0, ge=0)
+    same: int = Field(default=0, ge=0)
+    different: int = Field(default=0, ge=0)
+    unpaired: int = Field(default=0, ge=0)
+
+
+class H2Summary(BaseModel):
+    """HTTP mode: HTTP/2 connections (prior knowledge or h2c upgrade) and their streams; gRPC calls among them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connections: int = Field(default=0, ge=0)
+    upgraded: int = Field(default=0, ge=0)  # ... by an HTTP/1.1 Upgrade: h2c
+    undecodable: int = Field(default=0, ge=0)  # ... whose frames or header blocks stopped decoding
+    streams: int = Field(default=0, ge=0)  # requests: forwarded + filtered + rate_limited + refused (+ sampled out)
+    grpc_calls: int = Field(default=0, ge=0)
+    forwarded: int = Field(default=0, ge=0)
+    filtered: int = Field(default=0, ge=0)
+    rate_limited: int = Field(default=0, ge=0)
+    refused: int = Field(default=0, ge=0)  # the local server had sent GOAWAY, or rejected the captured headers
+    sampled_out_connections: int = Field(default=0, ge=0)
+    grpc_methods: dict[str, GrpcMethodSummary] = Field(default_factory=dict)
+
+
 class TurnSummary(BaseModel):
     """Turn-taking (the default; not with --no-wait): whether the local service answered as production did.
 
@@ -124,6 +154,9 @@ class Summary(BaseModel):
     exit_code: int = Field(default=0, ge=0)
     http: HttpSummary | None = None  # HTTP mode only; left out of the JSON otherwise
     compare: CompareSummary | None = None  # --compare only; left out of the JSON otherwise
+    h2: H2Summary | None = None  # HTTP mode only; left out of the JSON otherwise
+    # HTTP mode: requests seen per protocol ("http/1.x", "h2", "grpc"; gRPC calls are HTTP/2 streams too).
+    protocols: dict[str, int] | None = None
     # Live, in a service mesh: which mesh and where its plaintext was captured; left out of the JSON otherwise.
     mesh: str | None = None
     turns: TurnSummary | None = None  # turn-taking only (not --no-wait); left out of the JSON otherwise
@@ -307,6 +340,7 @@ class SummaryBuilder:
         http: HttpSummary | None = None,
         compare: CompareSummary | None = None,
         turns: TurnSummary | None = None,
+        h2: H2Summary | None = None,
     ) -> Summary:
         """The summary so far; it does not consume anything, so it also serves progress snapshots.
 
@@ -354,6 +388,9 @@ class SummaryBuilder:
             http=http,
             compare=compare,
             turns=turns,
+            h2=h2,
+            protocols=None if http is None else {
+                "http/1.x": http.requests, "h2": h2.streams if h2 else 0, "grpc": h2.grpc_calls if h2 else 0},
             open_flows=open_flows,
             by_server=servers,
         )
@@ -388,7 +425,8 @@ def render_json(summary: Summary, *, one_line: bool = False) -> str:
 
     one_line: HTTP mode's -o json is JSON lines (one per request, then this summary as the last line).
     """
-    exclude = {name for name in ("http", "compare", "mesh", "turns", "pods") if getattr(summary, name) is None}
+    exclude = {name for name in ("http", "compare", "mesh", "turns", "pods", "h2", "protocols")
+               if getattr(summary, name) is None}
     return summary.model_dump_json(indent=None if one_line else 2, exclude=exclude)
 
 
@@ -455,6 +493,23 @@ def render_text(summary: Summary) -> str:
                  ("HTTP broke off", h.parse_errors)]
         if any(n for _, n in conns):
             row("", "", "connections: " + ", ".join(f"{_count(n)} {name}" for name, n in conns if n))
+    h2 = summary.h2
+    if h2 is not None and h2.connections:
+        held = [("filtered", h2.filtered), ("rate-limited", h2.rate_limited), ("refused", h2.refused)]
+        detail = ", ".join([f"{_count(h2.forwarded)} forwarded"] + [f"{_count(n)} {name}" for name, n in held if n])
+        row("HTTP/2 streams", _count(h2.streams), detail)
+        conns = [("upgraded from HTTP/1.1", h2.upgraded), ("sampled out", h2.sampled_out_connections),
+                 ("undecodable", h2.undecodable)]
+        row("", "", f"{_count(h2.connections)} connection{_s(h2.connections)}" + "".join(
+            f", {_count(n)} {name}" for name, n in conns if n))
+        if h2.grpc_calls:
+            row("gRPC calls", _count(h2.grpc_calls), f"{len(h2.grpc_methods)} method{_s(len(h2.grpc_methods))}")
+            for name, m in sorted(h2.grpc_methods.items(), key=lambda kv: -kv[1].seen)[:10]:
+                compared = m.same + m.different
+                detail = f"{name}: {_count(m.seen)}, {_count(m.forwarded)} forwarded"
+                if compared or m.unpaired:
+                    detail += f", {_count(m.same)} same, {_count(m.different)} different"
+                row("", "", detail)
     cmp = summary.compare
     if cmp is not None:
         detail = f"{_count(cmp.same)} same, {_count(cmp.different)} different"

@@ -70,7 +70,7 @@ def serve_conn(sock: socket.socket, variant: str, served: Served) -> None:
     else:
         conn.initiate_connection()
     sock.sendall(conn.data_to_send())
-    data = first
+    data = first or sock.recv(READ)  # after a 101 the client's preface comes in its own time
     for _ in range(10_000_000):  # bounded: each turn reads a chunk, the connection ends long before
         if not data:
             break

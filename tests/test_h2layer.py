@@ -1,0 +1,170 @@
+"""The HTTP/2 layer as playbooks: events in, the exact commands out. The captured client and the local server are
+the `h2` library's own state machines (real HTTP/2 bytes, no hand-made frames)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+
+from kubectl_mirror.h2layer import Direct, Fate, H2Layer, H2Options, StreamDone, StreamSeen
+from kubectl_mirror.model import Close, Endpoint, LocalData, Open, Send, Suppressed, Tick
+from tests.playbook import of_type, play, playbook
+
+OPEN = Open(1, Endpoint("10.0.0.1", 40000), Endpoint("10.0.0.2", 8080), False, 0.0)
+
+
+def client(*requests: tuple[str, bytes]) -> bytes:
+    """What a real HTTP/2 client sends: preface, SETTINGS, then each (path, body) as one stream (1, 3, 5, ...)."""
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    for path, body in requests:
+        sid = c.get_next_available_stream_id()
+        c.send_headers(sid, [(":method", "POST" if body else "GET"), (":scheme", "http"), (":authority", "prod"),
+                             (":path", path)], end_stream=not body)
+        if body:
+            c.increment_flow_control_window(len(body) + 1)  # a client of a server with big windows
+            c.send_data(sid, body[:16384], end_stream=len(body) <= 16384)
+            for i in range(16384, len(body), 16384):
+                c.max_outbound_frame_size = 16384
+                c.outbound_flow_control_window = 1 << 30
+                c.streams[sid].outbound_flow_control_window = 1 << 30
+                c.send_data(sid, body[i:i + 16384], end_stream=i + 16384 >= len(body))
+    return c.data_to_send()
+
+
+class Local:
+    """A real HTTP/2 server state machine fed what the layer delivers; it answers 200 to each request."""
+
+    def __init__(self, settings: dict[h2.settings.SettingCodes, int] | None = None) -> None:
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        self.conn.local_settings = h2.settings.Settings(client=False, initial_values=settings or {})
+        self.conn.initiate_connection()
+        self.requests: list[tuple[int, str]] = []
+        self.bodies: dict[int, int] = {}  # body bytes received per stream
+        self.unacked: dict[int, int] = {}
+        self.answer = True
+
+    def feed(self, commands: list[Any]) -> bytes:
+        for c in commands:
+            if isinstance(c, Direct) and isinstance(c.action, Send):
+                for ev in self.conn.receive_data(c.action.data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        self.requests.append((ev.stream_id, dict(ev.headers)[":path"]))  # type: ignore[arg-type, index]
+                    elif isinstance(ev, h2.events.DataReceived):
+                        self.bodies[ev.stream_id] = self.bodies.get(ev.stream_id, 0) + len(ev.data)
+                        self.unacked[ev.stream_id] = self.unacked.get(ev.stream_id, 0) + ev.flow_controlled_length
+                    elif isinstance(ev, h2.events.StreamEnded) and self.answer:
+                        self.conn.send_headers(ev.stream_id, [(":status", "200")], end_stream=True)
+        return self.conn.data_to_send()
+
+
+def test_http1_and_binary_connections_pass_on_unchanged() -> None:
+    layer = H2Layer(H2Options(match_path=["^/a"]))
+    get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+    playbook(layer, [
+        (OPEN, []),
+        (Send(1, get, 0.1), [OPEN, Send(1, get, 0.1)]),
+        (Close(1, 0.2), [Close(1, 0.2)]),
+    ])
+    tls = Open(2, OPEN.client, OPEN.server, False, 0.0)
+    assert play(layer, tls, Send(2, b"\x16\x03\x01\x00\x05", 0.1)) == [tls, Send(2, b"\x16\x03\x01\x00\x05", 0.1)]
+    assert layer.stats.connections == 0
+
+
+def test_nothing_set_passes_the_captured_bytes_and_reports_each_stream() -> None:
+    layer = H2Layer(H2Options())
+    data = client(("/a", b""), ("/b", b""))
+    playbook(layer, [
+        (OPEN, []),
+        (Send(1, data, 0.1), [
+            Direct(OPEN),
+            StreamSeen(1, 1, "GET", "/a", "prod", None, Fate.FORWARDED, 0.1),
+            StreamSeen(1, 3, "GET", "/b", "prod", None, Fate.FORWARDED, 0.1),
+            Direct(Send(1, data, 0.1)),
+        ]),
+        (Close(1, 0.2), [Direct(Close(1, 0.2))]),
+    ])
+
+
+def test_a_filter_reoriginates_only_the_matching_streams_renumbered() -> None:
+    layer = H2Layer(H2Options(match_path=["^/b"]))
+    local = Local()
+    out = play(layer, Tick(5.0), OPEN, Send(1, client(("/a", b""), ("/b", b""), ("/c", b"")), 0.1))
+    assert of_type(out, StreamSeen) == [
+        StreamSeen(1, 1, "GET", "/a", "prod", None, Fate.FILTERED, 0.1),
+        StreamSeen(1, 3, "GET", "/b", "prod", None, Fate.FORWARDED, 0.1),
+        StreamSeen(1, 5, "GET", "/c", "prod", None, Fate.FILTERED, 0.1),
+    ]
+    assert next(c.action for c in out if isinstance(c, Direct)) == OPEN
+    settings = local.feed(out)
+    answer = local.feed(play(layer, LocalData(1, settings, 5.1)))  # its SETTINGS: the stream starts
+    assert local.requests == [(1, "/b")]  # its own stream 1, not the captured 3
+    [result] = of_type(play(layer, LocalData(1, answer, 5.5)), StreamDone)
+    assert (result.stream, result.seen.path, result.local and result.local.status) == (3, "/b", 200)
+    # The captured end waits for nothing more: GOAWAY, then the FIN.
+    end = play(layer, Close(1, 0.3))
+    assert [type(c.action) for c in end if isinstance(c, Direct)] == [Send, Close]
+
+
+def test_a_connection_whose_streams_all_fail_the_filter_never_opens() -> None:
+    layer = H2Layer(H2Options(match_grpc=["shop.Cart"]))
+    data = client(("/a", b""))
+    playbook(layer, [
+        (OPEN, []),
+        (Send(1, data, 0.1), [StreamSeen(1, 1, "GET", "/a", "prod", None, Fate.FILTERED, 0.1)]),
+        (Close(1, 0.2), [Suppressed(1)]),
+    ])
+    assert (layer.stats.streams, layer.stats.filtered, layer.tracked_flows) == (1, 1, 0)
+
+
+def test_flow_control_holds_a_large_body_until_the_local_server_opens_its_window() -> None:
+    body = b"x" * 200_000
+    layer = H2Layer(H2Options(set_header=[("x-mirror", "1")]))
+    local = Local()
+    settings = local.feed(play(layer, OPEN, Send(1, client(("/up", body)), 0.1)))
+    local.feed(play(layer, LocalData(1, settings, 0.5)))  # its SETTINGS: the stream starts
+    assert local.bodies[1] <= 65535  # the local server's initial window: the rest waits in the layer
+    for _ in range(50):  # bounded: each round trip opens the windows a little further
+        for sid, n in local.unacked.items():
+            local.conn.acknowledge_received_data(n, sid)
+        local.unacked.clear()
+        answer = local.conn.data_to_send()
+        if not answer or local.bodies[1] == len(body):
+            break
+        local.feed(play(layer, LocalData(1, answer, 1.0)))
+    assert local.bodies[1] == len(body)
+    assert local.requests == [(1, "/up")]
+
+
+def test_the_local_limit_on_concurrent_streams_is_kept() -> None:
+    layer = H2Layer(H2Options(set_header=[("x-mirror", "1")]))
+    local = Local({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1})
+    local.answer = False
+    settings = local.feed(play(layer, OPEN, Send(1, client(("/a", b""), ("/b", b"")), 0.1)))
+    assert local.requests == []  # no stream before the local server's SETTINGS
+    local.feed(play(layer, LocalData(1, settings, 1.0)))  # its SETTINGS: one stream at a time
+    assert local.requests == [(1, "/a")]
+    local.conn.send_headers(1, [(":status", "200")], end_stream=True)
+    local.feed(play(layer, LocalData(1, local.conn.data_to_send(), 1.1)))
+    assert local.requests == [(1, "/a"), (3, "/b")]
+
+
+def test_a_local_ping_is_answered_and_goaway_refuses_later_streams() -> None:
+    layer = H2Layer(H2Options(match_path=["/"]))
+    local = Local()
+    one, two = client(("/a", b"")), client(("/a", b""), ("/b", b""))
+    assert two.startswith(one)
+    settings = local.feed(play(layer, OPEN, Send(1, one, 0.1)))
+    local.feed(play(layer, LocalData(1, settings, 0.5)))
+    local.conn.ping(b"12345678")
+    out = play(layer, LocalData(1, local.conn.data_to_send(), 1.0))
+    assert out == [Direct(Send(1, b"\x00\x00\x08\x06\x01\x00\x00\x00\x0012345678", 1.0))]  # PING, ACK
+    local.conn.close_connection(last_stream_id=1)
+    assert play(layer, LocalData(1, local.conn.data_to_send(), 1.1)) == []
+    assert play(layer, Send(1, two[len(one):], 0.2)) == [
+        StreamSeen(1, 3, "GET", "/b", "prod", None, Fate.REFUSED, 0.2)]
+    assert (layer.stats.forwarded, layer.stats.refused) == (1, 1)
