@@ -1,7 +1,7 @@
 """`make bench`: kubectl-mirror replay against tshark alone and tcpflow, on one real capture, plus a long stream.
 
     .venv/bin/python tests/bench/run.py [--runs N] [--regenerate] [--skip-long] [--skip-exec] [--skip-latency]
-                                        [--skip-binary] [--skip-http] [--only-http]
+                                        [--skip-binary] [--skip-http] [--only-http] [--skip-h2] [--only-h2]
 
 Besides the replay figures it measures the live path against the in-repo test API server (tests/bench/live_bench.py):
 exec channel MB/s of this client vs /usr/bin/kubectl exec, mirrored-segment latency to the local port, and the
@@ -36,7 +36,7 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # tests.netlab, when run as a script
 
-from tests.bench import benchnet, http_bench, live_bench, turn_bench  # noqa: E402
+from tests.bench import benchnet, h2_bench, http_bench, live_bench, turn_bench  # noqa: E402
 from tests.netlab.capture import LINKTYPE_EN10MB, Capture, pcap_linktype  # noqa: E402
 from tests.netlab.netns import Link, veth_lab  # noqa: E402
 from tests.proctable import is_dissecting_tshark, memory, proc_table, tree  # noqa: E402
@@ -350,7 +350,13 @@ def main() -> int:
     ap.add_argument("--skip-http", action="store_true", help="leave out HTTP mode's requests/s")
     ap.add_argument("--only-http", action="store_true", help="measure HTTP mode only (quick look)")
     ap.add_argument("--skip-turns", action="store_true", help="leave out turn-taking into a slow Node.js server")
+    ap.add_argument("--skip-h2", action="store_true", help="leave out HTTP/2 mode's streams/s")
+    ap.add_argument("--only-h2", action="store_true", help="measure HTTP/2 mode only (quick look)")
     args = ap.parse_args()
+    if args.only_h2:
+        h2_path = h2_bench.ensure_h2_capture(CACHE, args.regenerate, log)
+        h2_bench.report(h2_bench.measure(h2_path, args.runs, timed, CLI, log), REPO)
+        return 0
     if args.only_http:
         only_path = http_bench.ensure_http_capture(CACHE, args.regenerate, log)
         with discard_server() as port:
@@ -390,6 +396,9 @@ def main() -> int:
     turn_res = None
     if http_path is not None and not args.skip_turns:
         turn_res = turn_bench.measure(http_path, args.runs, timed, CLI, log)
+    h2_res = None
+    if not args.skip_h2:
+        h2_res = h2_bench.measure(h2_bench.ensure_h2_capture(CACHE, args.regenerate, log), args.runs, timed, CLI, log)
 
     # After the replay runs, each on its own: none of them shares the machine with another measurement.
     exec_res = None if args.skip_exec else live_bench.measure_exec()
@@ -403,6 +412,8 @@ def main() -> int:
 
     report(args, big, big_meta, runs, long_path, long_meta, long_run, long_b, startup, time.monotonic() - t_begin,
            exec_res, lat, binary, http_res, turn_res)
+    if h2_res is not None:
+        h2_bench.report(h2_res, REPO)
     return 0
 
 
