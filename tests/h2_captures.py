@@ -10,6 +10,8 @@ Each scenario runs a real server in the pod namespace and real clients in the ot
   101.
 * `grpc`: the grpcio peer: 301 unary calls, 100 at a time, each with its own 120-byte metadata value (the HPACK
   dynamic tables evict many times over), then one call of each streaming kind.
+* `proto`: the grpcio peer's protobuf service (tests/netlab/protoitems.py): five calls of mirror.Items/Get, whose
+  answers carry a timestamp.
 
 `make(kind, root)` returns the pcap; the tests call it from module-scoped fixtures, so each is made once.
 """
@@ -59,6 +61,8 @@ def _clients(kind: str, ip: str, root: Path) -> list[list[str]]:
                 ["curl", "-sS", "-o", "/dev/null", "--http2-prior-knowledge", "--data-binary", f"@{big}", f"{url}/big"]]
     if kind == "upgrade":
         return [["curl", "-sS", "-o", "/dev/null", "--http2", f"{url}/up"]]
+    if kind == "proto":
+        return [[sys.executable, "-m", "tests.netlab.grpcpeer", "client", "--proto", "--host", ip, "--port", str(PORT)]]
     return [[sys.executable, "-m", "tests.netlab.grpcpeer", "client", "--metadata", "--host", ip, "--port", str(PORT)]]
 
 

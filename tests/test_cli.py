@@ -172,3 +172,15 @@ def test_allow_remote_delivers_to_a_host_off_loopback(tmp_path: Path) -> None:
         expected = without_probe(local.stop(grace=5.0))
     assert again.returncode == 0
     assert contents(records) == contents(expected) and len(records) == 5
+
+
+def test_status_line_shows_requests_per_second_in_http_mode() -> None:
+    buf = io.StringIO()
+    line = StatusLine(buf, tty=False)
+    line(_snapshot(10, 1000, 1.0))
+    assert "req/s" not in buf.getvalue()  # byte mode: no requests to count
+    first = _snapshot(10, 1000, 1.0).model_copy(update={"protocols": {"http/1.x": 0, "h2": 0, "grpc": 0}})
+    line(first)
+    line(first.model_copy(update={"protocols": {"http/1.x": 0, "h2": 10**9, "grpc": 10**9}}))
+    rate = int(buf.getvalue().splitlines()[-1].split("req/s")[0].split()[-1].replace(",", ""))
+    assert rate > 1000  # HTTP/2 streams count as requests

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.netns
 @pytest.fixture(scope="module")
 def pcaps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("e2e_h2")
-    return {kind: h2_captures.make(kind, root) for kind in ("h2load", "curl", "upgrade", "grpc")}
+    return {kind: h2_captures.make(kind, root) for kind in ("h2load", "curl", "upgrade", "grpc", "proto")}
 
 
 def replay(pcap: Path, port: int, *extra: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -200,3 +200,28 @@ def test_compare_grpc_calls_message_by_message_against_a_server_that_differs(pca
     assert by_item["item:130"]["differences"] == [{"field": "message[0]", "prod": "item:130", "local": "ITEM:130"}]
     [listed] = [d for d in lines if d["grpc_method"] == "mirror.Test/List"]
     assert listed["differences"] == [{"field": "message[4]", "prod": "l-4", "local": "l-4!"}]
+
+
+@pytest.mark.parametrize(("extra", "same", "fields"), [
+    ([], 0, {"message[0]"}),  # bytes: the timestamps differ, and nothing says where
+    (["--proto-descriptor", "DESC"], 0, {"message[0]:$.ts"}),  # decoded: the difference is named
+    (["--proto-descriptor", "DESC", "--ignore-json-path", "$.ts"], 5, set()),  # and can be left out
+])
+def test_grpc_messages_compare_as_json_with_a_descriptor_set(pcaps: dict[str, Path], tmp_path: Path,
+                                                             extra: list[str], same: int, fields: set[str]) -> None:
+    from tests.netlab import protoitems
+    from tests.netlab.grpcpeer import Counts, make_server
+
+    desc = tmp_path / "items.pb"
+    desc.write_bytes(protoitems.descriptor_set())
+    report = tmp_path / "diffs.jsonl"
+    server, port = make_server(0, 0.0, Counts())
+    try:
+        _, summary = replay(pcaps["proto"], port, "--compare-report", str(report),
+                            *[str(desc) if e == "DESC" else e for e in extra])
+    finally:
+        server.stop(grace=2.0).wait(5)
+    assert summary["compare"] == {"same": same, "different": 5 - same, "unpaired": 0}
+    lines = [json.loads(line) for line in report.read_text().splitlines()]
+    assert {d["field"] for line in lines for d in line["differences"]} == fields
+    assert {line["grpc_method"] for line in lines} <= {"mirror.Items/Get"}

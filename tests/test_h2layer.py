@@ -168,3 +168,17 @@ def test_a_local_ping_is_answered_and_goaway_refuses_later_streams() -> None:
     assert play(layer, Send(1, two[len(one):], 0.2)) == [
         StreamSeen(1, 3, "GET", "/b", "prod", None, Fate.REFUSED, 0.2)]
     assert (layer.stats.forwarded, layer.stats.refused) == (1, 1)
+
+
+def test_max_rps_counts_streams_on_the_bucket_it_is_given() -> None:
+    budget = [2]
+
+    def admit() -> bool:  # the HTTP/1.x layer's bucket, shared: two requests left in this second
+        budget[0] -= 1
+        return budget[0] >= 0
+
+    layer = H2Layer(H2Options(max_rps=2.0), admit=admit)
+    out = play(layer, OPEN, Send(1, client(("/a", b""), ("/b", b""), ("/c", b"")), 0.1))
+    assert [(s.path, s.fate) for s in of_type(out, StreamSeen)] == [
+        ("/a", Fate.FORWARDED), ("/b", Fate.FORWARDED), ("/c", Fate.RATE_LIMITED)]
+    assert (layer.stats.forwarded, layer.stats.rate_limited) == (2, 1)

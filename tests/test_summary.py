@@ -264,3 +264,21 @@ def test_connections_are_tallied_per_server_and_pods_render_when_the_workload_ch
     assert "pods" in text and "default/web-b: 2 connections, 47 B, 1 incomplete" in text
     one = s.model_copy(update={"pods": pods[:1]})
     assert "default/web-a: 1 connection" not in render_text(one)  # one pod all along: the header names it
+
+
+def test_http2_and_grpc_figures_in_text_and_json() -> None:
+    from kubectl_mirror.summary import GrpcMethodSummary, H2Summary
+
+    h2 = H2Summary(connections=2, upgraded=1, streams=305, grpc_calls=304, forwarded=3, filtered=302,
+                   grpc_methods={"mirror.Test/Get": GrpcMethodSummary(seen=301, forwarded=1, same=1),
+                                 "mirror.Test/List": GrpcMethodSummary(seen=1, forwarded=1, different=1)})
+    s = full_summary().model_copy(update={"h2": h2, "protocols": {"http/1.x": 7, "h2": 305, "grpc": 304}})
+    text = render_text(s)
+    assert "HTTP/2 streams       305   3 forwarded, 302 filtered" in text
+    assert "2 connections, 1 upgraded from HTTP/1.1" in text
+    assert "mirror.Test/List: 1, 1 forwarded, 0 same, 1 different" in text
+    doc = json.loads(render_json(s))
+    assert doc["protocols"] == {"http/1.x": 7, "h2": 305, "grpc": 304}
+    assert doc["h2"]["grpc_methods"]["mirror.Test/Get"] == {"seen": 301, "forwarded": 1, "same": 1, "different": 0,
+                                                            "unpaired": 0}
+    assert "h2" not in json.loads(render_json(full_summary()))

@@ -200,6 +200,9 @@ def add_http_flags(p: argparse.ArgumentParser) -> None:
                    help="leave this JSON value out of body comparisons, e.g. $.timestamp or $..requestId")
     h.add_argument("--compare-report", metavar="FILE",
                    help="write every difference as a JSON line to FILE (0600; implies --compare)")
+    h.add_argument("--proto-descriptor", metavar="FILE",
+                   help="gRPC: compare messages as JSON with the types of this FileDescriptorSet (protoc "
+                        "--descriptor_set_out, buf build -o); implies --compare")
 
 
 class MirrorArgumentParser(argparse.ArgumentParser):

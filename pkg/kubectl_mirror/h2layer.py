@@ -209,10 +209,12 @@ class _Origin:
 
 class H2Layer:
     def __init__(self, options: H2Options, comparing: bool = False,
-                 clock: Callable[[], float] | None = None) -> None:
-        """`clock`: wall time for the rate limit, answer times and held ends; without it only Ticks tell time."""
+                 clock: Callable[[], float] | None = None, admit: Callable[[], bool] | None = None) -> None:
+        """`clock`: wall time for the rate limit, answer times and held ends; without it only Ticks tell time.
+        `admit`: the --max-rps bucket shared with the HTTP/1.x layer (else this layer keeps its own)."""
         self.options = options
         self._wall = clock
+        self._admit = admit
         self.comparing = comparing
         self._reoriginate = options.reoriginate
         self._methods = {m.upper() for m in options.match_method}
@@ -746,6 +748,8 @@ class H2Layer:
     def _take(self) -> bool:
         if self._rate is None:
             return True
+        if self._admit is not None:
+            return self._admit()
         now = self._clock
         if self._last_take is not None:
             self._tokens = min(max(1.0, self._rate), self._tokens + max(0.0, now - self._last_take) * self._rate)

@@ -177,7 +177,7 @@ class MessageDecoder:
         try:
             with open(path, "rb") as f:
                 files = descriptor_pb2.FileDescriptorSet.FromString(f.read())
-        except (OSError, Exception) as exc:  # protobuf's DecodeError is not exported in every version
+        except Exception as exc:  # OSError, or protobuf's DecodeError (not exported alike in every version)
             raise UsageError(f"cannot read --proto-descriptor {path}: {exc}") from None
         self._pool = descriptor_pool.DescriptorPool()
         for fd in files.file:

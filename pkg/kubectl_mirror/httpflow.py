@@ -490,6 +490,11 @@ class HttpLayer:
             out += [BrokenOff(flow) for flow in self.pop_aborted()]
         return out
 
+    def admit(self) -> bool:
+        """One request start against --max-rps: True when it may go. The HTTP/2 layer draws on the same bucket, so
+        the rate holds for HTTP/1.x requests and HTTP/2 streams together."""
+        return self._bucket is None or self._bucket.take(self._clock())
+
     @property
     def tracked_flows(self) -> int:
         """Connections the layer keeps state for (bounded by the open ones)."""

@@ -608,7 +608,8 @@ def shadow_options(settings: Settings) -> ShadowOptions | None:
     )
     headers = [h.strip() for text in settings.compare_headers for h in text.split(",") if h.strip()]
     options = ShadowOptions(http, compare=settings.comparing, compare_headers=headers,
-                            ignore_json_paths=list(settings.ignore_json_path), report=settings.compare_report)
+                            ignore_json_paths=list(settings.ignore_json_path), report=settings.compare_report,
+                            proto_descriptor=settings.proto_descriptor)
     options.on_request = request_printer(settings)
     return options
 

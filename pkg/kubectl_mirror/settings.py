@@ -54,11 +54,13 @@ class Settings:
     compare_headers: list[str] = field(default_factory=list)
     ignore_json_path: list[str] = field(default_factory=list)
     compare_report: str | None = None
+    proto_descriptor: str | None = None  # gRPC messages decoded to JSON for --compare (a FileDescriptorSet)
 
     @property
     def comparing(self) -> bool:
         """--compare, or an option that only means something with it."""
-        return bool(self.compare or self.compare_report or self.compare_headers or self.ignore_json_path)
+        return bool(self.compare or self.compare_report or self.compare_headers or self.ignore_json_path
+                    or self.proto_descriptor)
 
     @property
     def http_mode(self) -> bool:

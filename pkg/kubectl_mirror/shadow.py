@@ -49,6 +49,7 @@ class ShadowOptions:
     compare_headers: list[str] = field(default_factory=list)
     ignore_json_paths: list[str] = field(default_factory=list)
     report: str | None = None  # --compare-report: one JSON line per difference
+    proto_descriptor: str | None = None  # --proto-descriptor: gRPC messages compared as JSON (HTTP/2, h2shadow)
     on_request: Callable[[RequestResult], None] | None = None
 
     def __post_init__(self) -> None:

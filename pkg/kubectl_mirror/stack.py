@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .h2layer import Direct, H2Command, H2Layer, H2Options, StreamDone, StreamSeen
-from .h2shadow import H2Shadow
+from .h2shadow import H2Shadow, MessageDecoder
 from .httpflow import HttpLayer, HttpOptions
 from .model import (
     PAYLOAD,
@@ -125,8 +125,10 @@ class Stack:
         if options.http is not None:
             self.http = HttpLayer(options.http.http, clock)
             self.shadow = Shadow(options.http, clock)
-            self.h2 = H2Layer(h2_options(options.http.http), comparing=options.http.compare, clock=clock)
-            self.h2shadow = H2Shadow(self.shadow)
+            self.h2 = H2Layer(h2_options(options.http.http), comparing=options.http.compare, clock=clock,
+                              admit=self.http.admit)
+            descriptor = options.http.proto_descriptor
+            self.h2shadow = H2Shadow(self.shadow, MessageDecoder(descriptor) if descriptor is not None else None)
         self.turns: TurnTaker | None = None
         if options.flow.turns:
             self.turns = TurnTaker(options.turns or TurnOptions(max_held=flow_buffer))

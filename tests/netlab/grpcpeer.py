@@ -24,6 +24,8 @@ from typing import Any
 
 import grpc
 
+from tests.netlab import protoitems
+
 SERVICE = "mirror.Test"
 UNARY_CALLS = 301
 
@@ -79,12 +81,31 @@ def make_server(port: int, delay: float, counts: Counts, host: str = "127.0.0.1"
         "Put": grpc.stream_unary_rpc_method_handler(put),
         "Chat": grpc.stream_stream_rpc_method_handler(chat),
     }
+    item = protoitems.item_class()
+
+    def items_get(request: bytes, context: grpc.ServicerContext) -> bytes:
+        # A protobuf answer with a volatile field (ts): differs between any two servers, unless ignored.
+        asked = item.FromString(request)
+        return item(name=f"item {asked.name}", ts=time.time_ns()).SerializeToString()  # type: ignore[no-any-return]
+
+    items = {"Get": grpc.unary_unary_rpc_method_handler(items_get)}
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=128),
-                         handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers)],
+                         handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers),
+                                   grpc.method_handlers_generic_handler(protoitems.SERVICE, items)],
                          options=[("grpc.max_concurrent_streams", 200)])
     bound = server.add_insecure_port(f"{host}:{port}")
     server.start()
     return server, bound
+
+
+def run_proto_client(host: str, port: int) -> list[str]:
+    """Five protobuf calls of mirror.Items/Get on one channel."""
+    item = protoitems.item_class()
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    with grpc.insecure_channel(target) as channel:
+        get = channel.unary_unary(f"/{protoitems.SERVICE}/Get")
+        names = [item.FromString(get(item(name=str(i)).SerializeToString(), timeout=30)).name for i in range(5)]
+    return [] if names == [f"item {i}" for i in range(5)] else [f"Items.Get gave {names}"]
 
 
 def run_client(host: str, port: int, metadata: bool = False) -> list[str]:
@@ -122,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--metadata", action="store_true", help="client: distinct metadata per call (HPACK eviction)")
     p.add_argument("--variant", action="store_true", help="server: answer some calls differently")
+    p.add_argument("--proto", action="store_true", help="client: five protobuf calls of mirror.Items/Get instead")
     a = p.parse_args(argv)
     if a.role == "client":
-        errors = run_client(a.host, a.port, a.metadata)
+        errors = run_proto_client(a.host, a.port) if a.proto else run_client(a.host, a.port, a.metadata)
         print(json.dumps({"errors": errors}), flush=True)
         return 1 if errors else 0
     counts = Counts()
