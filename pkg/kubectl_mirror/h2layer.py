@@ -460,22 +460,29 @@ class H2Layer:
             fate = Fate.REFUSED
         else:
             fate = Fate.FORWARDED
-        f.fates[stream] = fate
+        seen = StreamSeen(f.open.flow, stream, hdr.get(":method", ""), hdr.get(":path", ""),
+                          hdr.get(":authority", hdr.get("host")), grpc_method, fate, ts)
         if fate is Fate.FORWARDED:
             stats.forwarded += 1
+            if o is None and not self.options.record:
+                # Passed on as captured and nothing reads the answer: reported now, nothing kept per stream.
+                out += [seen, StreamDone(f.open.flow, stream, None, None, self._clock, seen)]
+                return
+            # Only forwarded streams are kept (until reported done): others are told apart by their absence.
+            f.fates[stream] = fate
+            f.seen[stream] = seen
             f.sent_at[stream] = self._clock
             if o is not None:
                 self._o_start(f, stream, self._rewrite(headers), end)
+                if stream not in f.fates:  # refused on the way (headers HTTP/2 forbids)
+                    seen = StreamSeen(seen.flow, stream, seen.method, seen.path, seen.authority, grpc_method,
+                                      Fate.REFUSED, ts)
         elif fate is Fate.FILTERED:
             stats.filtered += 1
         elif fate is Fate.RATE_LIMITED:
             stats.rate_limited += 1
         elif fate is Fate.REFUSED:
             stats.refused += 1
-        seen = StreamSeen(f.open.flow, stream, hdr.get(":method", ""), hdr.get(":path", ""),
-                          hdr.get(":authority", hdr.get("host")), grpc_method, fate, ts)
-        if fate is Fate.FORWARDED:
-            f.seen[stream] = seen
         out.append(seen)
 
     # -- the re-originated connection ---------------------------------------------------------------------------
@@ -598,6 +605,18 @@ class H2Layer:
             out.append(Direct(send))
             self._local_sent(f, data, out)
 
+    def _o_done(self, f: _Flow, local: int, out: list[H2Command]) -> None:
+        """Not recording: a stream the local server ended is reported now and forgotten."""
+        o = f.origin
+        assert o is not None
+        stream = o.back.pop(local, None)
+        if stream is None:
+            return
+        o.ids.pop(stream, None)
+        if f.fates.pop(stream, None) is Fate.FORWARDED and stream in f.seen:
+            out.append(StreamDone(f.open.flow, stream, None, None, f.sent_at.pop(stream, self._clock),
+                                  f.seen.pop(stream)))
+
     def _maybe_finish(self, f: _Flow, out: list[H2Command]) -> None:
         o = f.origin
         if o is not None and o.close_at is not None and not o.open and not o.waiting:
@@ -644,6 +663,8 @@ class H2Layer:
                     o.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                 elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
                     o.open.discard(ev.stream_id)
+                    if not self.options.record:
+                        self._o_done(f, ev.stream_id, out)
                 elif isinstance(ev, h2.events.ConnectionTerminated):
                     o.gone = True
                     last = ev.last_stream_id or 0
@@ -682,6 +703,11 @@ class H2Layer:
         del f.local_done[stream]
         f.prod_done.pop(stream, None)
         del f.fates[stream]  # reported once; a connection's state stays bounded by its open streams
+        o = f.origin
+        if o is not None:
+            local_id = o.ids.pop(stream, None)
+            if local_id is not None:
+                o.back.pop(local_id, None)
         out.append(StreamDone(f.open.flow, stream, prod, local, f.sent_at.pop(stream, self._clock),
                               f.seen.pop(stream)))
 

@@ -611,6 +611,8 @@ def shadow_options(settings: Settings) -> ShadowOptions | None:
                             ignore_json_paths=list(settings.ignore_json_path), report=settings.compare_report,
                             proto_descriptor=settings.proto_descriptor)
     options.on_request = request_printer(settings)
+    # Text output shows request lines only at -v (INFO): below it, the HTTP/2 layer need not decode local answers.
+    options.request_lines = settings.json or logging.getLogger("kubectl_mirror.pipeline").isEnabledFor(logging.INFO)
     return options
 
 

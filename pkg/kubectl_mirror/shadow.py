@@ -50,6 +50,7 @@ class ShadowOptions:
     ignore_json_paths: list[str] = field(default_factory=list)
     report: str | None = None  # --compare-report: one JSON line per difference
     proto_descriptor: str | None = None  # --proto-descriptor: gRPC messages compared as JSON (HTTP/2, h2shadow)
+    request_lines: bool = True  # on_request's lines are shown (-o json, or -v): each answer's status is wanted
     on_request: Callable[[RequestResult], None] | None = None
 
     def __post_init__(self) -> None:

@@ -125,8 +125,10 @@ class Stack:
         if options.http is not None:
             self.http = HttpLayer(options.http.http, clock)
             self.shadow = Shadow(options.http, clock)
-            self.h2 = H2Layer(h2_options(options.http.http), comparing=options.http.compare, clock=clock,
-                              admit=self.http.admit)
+            h2opts = h2_options(options.http.http)
+            # Local answers are decoded only when something reads them: --compare, or the request lines.
+            h2opts.record = options.http.compare or options.http.request_lines
+            self.h2 = H2Layer(h2opts, comparing=options.http.compare, clock=clock, admit=self.http.admit)
             descriptor = options.http.proto_descriptor
             self.h2shadow = H2Shadow(self.shadow, MessageDecoder(descriptor) if descriptor is not None else None)
         self.turns: TurnTaker | None = None
