@@ -485,7 +485,8 @@ def render_text(summary: Summary) -> str:
             row("", "", f"{p.pod}: {_count(p.connections)} connection{_s(p.connections)}, "
                         f"{_size(p.bytes_delivered)}{incomplete}")
     h = summary.http
-    if h is not None:
+    only_h2 = h is not None and not h.requests and summary.h2 is not None and summary.h2.connections > 0
+    if h is not None and not only_h2:  # a capture of HTTP/2 only needs no "requests 0" row
         held = [("filtered", h.filtered), ("rate-limited", h.rate_limited)]
         detail = ", ".join([f"{_count(h.forwarded)} forwarded"] + [f"{_count(n)} {name}" for name, n in held if n])
         row("requests", _count(h.requests), detail)
