@@ -164,7 +164,10 @@ def source_modules() -> list[str]:
 
 # The live mode's dependencies, imported lazily by the CLI, so neither --help nor a replay proves they are in.
 LIVE_DEPS = ["kubernetes.client", "kubernetes.config", "kubernetes.stream", "kubernetes.watch", "websocket",
-             "pydantic", "yaml"]
+             "pydantic", "yaml",
+             # HTTP/2: h2wire and h2layer import these at the top; --proto-descriptor imports protobuf's inside
+             "h2.connection", "hpack", "hyperframe.frame", "google.protobuf.descriptor_pool",
+             "google.protobuf.message_factory", "google.protobuf.json_format"]
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------------
