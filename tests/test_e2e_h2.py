@@ -225,3 +225,17 @@ def test_grpc_messages_compare_as_json_with_a_descriptor_set(pcaps: dict[str, Pa
     lines = [json.loads(line) for line in report.read_text().splitlines()]
     assert {d["field"] for line in lines for d in line["differences"]} == fields
     assert {line["grpc_method"] for line in lines} <= {"mirror.Items/Get"}
+
+
+def test_a_connection_joined_mid_stream_goes_byte_exact_when_nothing_filters(pcaps: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    cut = h2_captures.cut_head(pcaps["grpc"], 12, tmp_path / "cut.pcap")
+    [(partial, chunks)] = h2_captures.flows(cut)
+    assert partial
+    rec = Recorder(http=False).start()
+    try:
+        results, summary = replay(cut, rec.port, "--http")
+    finally:
+        got = [bytes(r.data) for r in rec.stop() if r.data]
+    assert got == [b"".join(d for c, d, _ in chunks if c)]  # from its first captured byte, as captured
+    assert results == [] and summary["h2"]["connections"] == 0

@@ -12,8 +12,6 @@ from kubectl_mirror.h2wire import Exchange, Exchanges, State, grpc_messages
 from tests import h2_captures
 from tests.h2_captures import BIG
 
-pytestmark = pytest.mark.netns
-
 
 @pytest.fixture(scope="module")
 def pcaps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -32,6 +30,7 @@ def decode(pcap: Path) -> list[tuple[Exchanges, list[Exchange]]]:
     return out
 
 
+@pytest.mark.netns
 def test_h2load_streams_all_decoded(pcaps: dict[str, Path]) -> None:
     conns = decode(pcaps["h2load"])
     assert len(conns) == 2
@@ -44,6 +43,7 @@ def test_h2load_streams_all_decoded(pcaps: dict[str, Path]) -> None:
     assert {ex.response.body_size for ex in exchanges if ex.path == "/b"} == {10240}
 
 
+@pytest.mark.netns
 def test_a_10mb_request_body_is_decoded_whole(pcaps: dict[str, Path]) -> None:
     (_, get), (_, post) = decode(pcaps["curl"])
     assert [(ex.method, ex.path, ex.status) for ex in get] == [("GET", "/a", 200)]
@@ -52,6 +52,7 @@ def test_a_10mb_request_body_is_decoded_whole(pcaps: dict[str, Path]) -> None:
     assert json.loads(bytes(post[0].response.body))["size"] == BIG
 
 
+@pytest.mark.netns
 def test_an_h2c_upgrade_is_stream_1(pcaps: dict[str, Path]) -> None:
     [(conn, done)] = decode(pcaps["upgrade"])
     assert conn.client.upgraded and conn.server.upgraded and conn.state is State.FRAMES
@@ -61,6 +62,7 @@ def test_an_h2c_upgrade_is_stream_1(pcaps: dict[str, Path]) -> None:
     assert json.loads(bytes(ex.response.body))["path"] == "/up"
 
 
+@pytest.mark.netns
 def test_grpc_calls_statuses_messages_and_evicted_hpack_entries(pcaps: dict[str, Path]) -> None:
     [(conn, done)] = decode(pcaps["grpc"])
     assert conn.state is State.FRAMES and not conn.pending()
@@ -81,6 +83,7 @@ def test_grpc_calls_statuses_messages_and_evicted_hpack_entries(pcaps: dict[str,
     assert grpc_messages(bytes(chat.response.body)) == [(False, b"re:x"), (False, b"re:y"), (False, b"re:z")]
 
 
+@pytest.mark.netns
 def test_a_connection_joined_mid_stream_is_never_decoded(pcaps: dict[str, Path], tmp_path: Path) -> None:
     cut = h2_captures.cut_head(pcaps["grpc"], 12, tmp_path / "cut.pcap")
     [(conn, done)] = decode(cut)
@@ -108,3 +111,17 @@ def test_an_upgrade_the_server_declined_is_not_http2() -> None:
 def test_grpc_framing_that_does_not_add_up() -> None:
     assert grpc_messages(b"\x00\x00\x00\x00\x05abc") is None
     assert grpc_messages(b"\x00\x00\x00\x00\x00") == [(False, b"")]
+
+
+def test_an_upgrade_request_with_a_body_is_stream_1_with_its_data() -> None:
+    conn = Exchanges()
+    head = (b"POST /up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            b"HTTP2-Settings: AAMAAABkAAQAAP__\r\nContent-Length: 10\r\n\r\n")
+    conn.client_bytes(head + b"01234", 0.0)
+    conn.client_bytes(b"56789", 0.1)  # the rest of the body in a later segment
+    frames = conn.client.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert frames == [] and conn.state is State.FRAMES and conn.client.upgraded
+    [pending] = conn.pending()
+    assert (pending.stream, pending.method, pending.path, bytes(pending.request.body)) == (1, "POST", "/up",
+                                                                                          b"0123456789")
+    assert pending.request.ended and pending.request.header(":authority") == "x"
