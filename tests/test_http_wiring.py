@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kubectl_mirror.httpflow import HttpOptions
+from kubectl_mirror.httpopts import HttpOptions
 from kubectl_mirror.model import Close, Endpoint, EndReason, FlowRecord, Open, Outcome, RequestRecord, Send
 from kubectl_mirror.replay import Delivery, ReplayConfig, Replayer
 from kubectl_mirror.settings import parse_to

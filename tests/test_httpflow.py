@@ -11,18 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kubectl_mirror.errors import UsageError
-from kubectl_mirror.httpflow import (
-    Absent,
-    HttpLayer,
-    HttpOptions,
-    JsonPath,
-    ResponseParser,
-    ResponseRecord,
-    compare,
-    parse_header_match,
-    parse_sample,
-    parse_set_header,
-)
+from kubectl_mirror.httpdiff import Absent, compare
+from kubectl_mirror.httpflow import HttpLayer
+from kubectl_mirror.httpopts import HttpOptions, parse_header_match, parse_sample, parse_set_header
+from kubectl_mirror.httpresponse import ResponseParser, ResponseRecord
+from kubectl_mirror.jsonpath import JsonPath
 from kubectl_mirror.model import Abort, AbortReason, Action, Close, Endpoint, Open, Send
 from kubectl_mirror.stack import coalesce
 

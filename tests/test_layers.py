@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from kubectl_mirror.httpflow import HttpLayer, HttpOptions
+from kubectl_mirror.httpflow import HttpLayer
+from kubectl_mirror.httpopts import HttpOptions
 from kubectl_mirror.model import (
     Abort,
     AbortReason,

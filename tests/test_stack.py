@@ -6,7 +6,7 @@ TLS flows given up, turns released by local answers) is played here with segment
 
 from __future__ import annotations
 
-from kubectl_mirror.httpflow import HttpOptions
+from kubectl_mirror.httpopts import HttpOptions
 from kubectl_mirror.model import (
     ACK,
     FIN,

@@ -153,12 +153,12 @@ def _positive_float(text: str) -> float:
 
 
 def _http_parser(name: str) -> Callable[[str], Any]:
-    """httpflow's value parser, imported only when such a flag is given: --help must not load the HTTP layer."""
+    """httpopts' value parser, imported only when such a flag is given: --help must not load the HTTP layer."""
 
     def parse(text: str) -> Any:
-        from . import httpflow
+        from . import httpopts
 
-        return getattr(httpflow, name)(text)
+        return getattr(httpopts, name)(text)
 
     parse.__name__ = name  # argparse names the type in its error messages
     return parse

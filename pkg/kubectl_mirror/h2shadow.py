@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 from .h2layer import StreamDone, StreamSeen
 from .h2wire import Exchange, grpc_messages
-from .httpflow import MAX_DIFFERENCES, Absent, DiffItem, JsonPath, ResponseRecord, compare
+from .httpdiff import MAX_DIFFERENCES, Absent, DiffItem, compare, diff_json
+from .httpresponse import ResponseRecord
+from .jsonpath import JsonPath
 from .shadow import RequestResult, Shadow
 
 
@@ -140,10 +142,8 @@ class H2Shadow:
             if self.decoder is not None:
                 p_json, l_json = self.decoder.response(method, p_raw), self.decoder.response(method, l_raw)
                 if p_json is not None and l_json is not None:
-                    from .httpflow import _diff_json
-
                     found: list[DiffItem] = []
-                    _diff_json(p_json, l_json, (), self._ignore, found)
+                    diff_json(p_json, l_json, (), self._ignore, found)
                     items += [DiffItem(f"{field_name}:{it.field.removeprefix('body:')}", it.prod, it.local)
                               for it in found]
                     continue

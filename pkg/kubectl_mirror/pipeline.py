@@ -22,7 +22,7 @@ from typing import BinaryIO, Protocol
 from .capture import Gap
 from .dissect import HANDOVER_EVERY, Dissector, TsharkInfo, TsharkProcess
 from .errors import EXIT_INTERRUPTED, InputError, MirrorError
-from .httpflow import HttpOptions
+from .httpopts import HttpOptions
 from .model import Action, DeliveryFailed, EndOfInput, GiveUp, Interrupt, LocalClosed, LocalData, Segment, Tick
 from .output import request_printer
 from .pcap import PcapWriter

@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from .errors import UsageError
-from .httpflow import HttpOptions, JsonPath, ResponseParser, ResponseRecord, compare
+from .httpdiff import compare
+from .httpopts import HttpOptions
+from .httpresponse import ResponseParser, ResponseRecord
+from .jsonpath import JsonPath
 from .model import (
     Action,
     Delivered,

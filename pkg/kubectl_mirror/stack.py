@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from .h2layer import Direct, H2Command, H2Layer, H2Options, StreamDone, StreamSeen
 from .h2shadow import H2Shadow, MessageDecoder
-from .httpflow import HttpLayer, HttpOptions
+from .httpflow import HttpLayer
+from .httpopts import HttpOptions
 from .model import (
     PAYLOAD,
     Abort,

@@ -38,7 +38,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .h2frames import PREFACE, StreamEnds
-from .httpflow import ResponseParser, _Kind, _Splitter
+from .httpresponse import ResponseParser
+from .httpsplit import Kind, Splitter
 from .model import (
     Abort,
     AbortReason,
@@ -153,7 +154,7 @@ class _Conn:
     held: deque[Action] = field(default_factory=deque)
     held_bytes: int = 0
     proto: _Proto = _Proto.UNKNOWN
-    splitter: _Splitter | None = None
+    splitter: Splitter | None = None
     parser: ResponseParser | None = None
     h2: _H2State | None = None
     first: bytes = b""  # the client's first bytes while they may still be the HTTP/2 preface
@@ -447,12 +448,12 @@ class TurnTaker:
                 return
             data, c.first = seen, b""
             c.proto = _Proto.HTTP
-            c.splitter = _Splitter(False)
+            c.splitter = Splitter(False)
             c.parser = ResponseParser(c.flow, max_body=0)
         splitter, parser = c.splitter, c.parser
         assert splitter is not None and parser is not None
         for piece in splitter.feed(data):
-            if piece.kind is _Kind.HEAD:
+            if piece.kind is Kind.HEAD:
                 request = piece.request
                 assert request is not None
                 upgrade = request.method == b"CONNECT" or any(n == b"upgrade" for n, _ in request.headers)
@@ -460,7 +461,7 @@ class TurnTaker:
             elif piece.end:
                 c.requests += 1
                 self.stats.requests += 1
-            elif piece.kind in (_Kind.NON_HTTP, _Kind.BROKEN, _Kind.TUNNEL):
+            elif piece.kind in (Kind.NON_HTTP, Kind.BROKEN, Kind.TUNNEL):
                 # Not (or no longer) HTTP/1.x: answers are told by bytes and silence from here on.
                 c.proto = _Proto.OPAQUE
                 c.splitter = c.parser = None
