@@ -312,7 +312,7 @@ class FlowTable:
     execute the returned actions in order and count the records.
 
     `feed`, `tick`, `interrupt`, `finish`, `give_up` and `pop_finished` are what `handle` runs on; `feed` is also
-    the per-segment hot path (`handle_all` runs it over a batch), chosen once per table by FlowConfig.
+    the per-segment hot path (`handle_all` runs it over a batch).
     """
 
     def __init__(self, config: FlowConfig) -> None:
@@ -330,9 +330,8 @@ class FlowTable:
         self._next_idle_scan = float("-inf")
         self._reply_holes: dict[int, _Flow] = {}  # server_stream: flows with a server-side gap pending
         self._draining: dict[int, _Flow] = {}  # server_stream: DRAINING flows, indexed by their server key only
-        if config.server_stream:
-            # Chosen once here rather than tested per packet: without the option, feed() stays exactly as fast.
-            self.feed = self._feed_replies  # type: ignore[method-assign]
+        # server_stream: the server's segments also carry Replies (a flag test per server segment in feed).
+        self._replies = config.server_stream
 
     # ---- the interface ------------------------------------------------------------------------------
 
@@ -392,39 +391,54 @@ class FlowTable:
         return self._stats
 
     def feed(self, seg: Segment) -> list[Action]:
+        """One segment: the client side is the same path with or without server_stream; only the server's
+        segments go another way under it (`_server_replies`), chosen by one flag test."""
         self._fed += 1
         src = seg.src
         dst = seg.dst
         key = (src.host, src.port, dst.host, dst.port)
         hit = self._index.get(key)
         if hit is None:
-            return self._unknown(key, seg)
+            return self._unknown_replies(key, seg) if self._replies else self._unknown(key, seg)
         f, from_client = hit
-        # Fast path: the next in-order bytes of a flow with nothing pending, or a harmless server ACK.
-        if f.clean and not seg.flags & _CTRL:
-            if from_client:
-                if seg.seq == f.nxt and seg.whole:
-                    f.last_ts = seg.ts
-                    data = seg.payload
-                    if not data:
-                        return []
-                    n = len(data)
-                    f.nxt = (f.nxt + n) & _MASK
-                    f.delivered += n
-                    if f.ans:
-                        return self._turn_then(f, Send(f.id, data, seg.ts))
-                    return [Send(f.id, data, seg.ts)]
-            elif not seg.flags & ACK or not 0 < (seg.ack - f.nxt) & _MASK < _HALF:
-                if seg.payload:
-                    if not f.ans:
-                        f.asked_ts = f.last_ts
-                    f.ans += len(seg.payload)
-                    f.ans_ts = seg.ts
-                    if f.h2 is not False:
-                        self._h2_answer(f, seg)
-                f.last_ts = seg.ts
-                return []
-        if not from_client and seg.payload and not seg.flags & RST:
+        if from_client:
+            f.last_ts = seg.ts
+            r = f.reply  # server_stream only: None without it
+            if (
+                r is not None and r.known and not r.lost and seg.flags & (ACK | RST) == ACK
+                and 0 < (seg.ack - r.nxt) & _MASK < _HALF
+            ):
+                # The client acknowledged server bytes the capture never had: they will never be resent.
+                self._lose_reply(f)
+            # Fast path: the next in-order bytes of a flow with nothing pending.
+            if f.clean and not seg.flags & _CTRL and seg.seq == f.nxt and seg.whole:
+                data = seg.payload
+                if not data:
+                    return []
+                n = len(data)
+                f.nxt = (f.nxt + n) & _MASK
+                f.delivered += n
+                if f.ans:
+                    return self._turn_then(f, Send(f.id, data, seg.ts))
+                return [Send(f.id, data, seg.ts)]
+            if f.mode is not _Mode.ACTIVE:
+                return self._passive(f, True, seg)
+            return self._client(f, seg)
+        if self._replies:
+            return self._server_replies(f, key, seg)
+        flags = seg.flags
+        # Fast path: a harmless server ACK (or answer bytes) of a flow with nothing pending.
+        if f.clean and not flags & _CTRL and (not flags & ACK or not 0 < (seg.ack - f.nxt) & _MASK < _HALF):
+            if seg.payload:
+                if not f.ans:
+                    f.asked_ts = f.last_ts
+                f.ans += len(seg.payload)
+                f.ans_ts = seg.ts
+                if f.h2 is not False:
+                    self._h2_answer(f, seg)
+            f.last_ts = seg.ts
+            return []
+        if seg.payload and not flags & RST:
             if not f.ans:
                 f.asked_ts = f.last_ts
             f.ans += len(seg.payload)
@@ -433,9 +447,7 @@ class FlowTable:
                 self._h2_answer(f, seg)
         f.last_ts = seg.ts
         if f.mode is not _Mode.ACTIVE:
-            return self._passive(f, from_client, seg)
-        if from_client:
-            return self._client(f, seg)
+            return self._passive(f, False, seg)
         return self._server(f, seg)
 
     def tick(self, now: float) -> list[Action]:
@@ -678,42 +690,10 @@ class FlowTable:
 
     # ---- server_stream: the server->client direction as Replies ------------------------------------
 
-    def _feed_replies(self, seg: Segment) -> list[Action]:
-        """`feed` under server_stream: the client side handled exactly as by `feed`, plus the server's bytes.
-
-        Keep its client handling in step with `feed`: tests/test_reassemble_reply.py checks that both give the
-        same actions apart from Replies.
-        """
-        self._fed += 1
-        src = seg.src
-        dst = seg.dst
-        key = (src.host, src.port, dst.host, dst.port)
-        hit = self._index.get(key)
-        if hit is None:
-            return self._unknown_replies(key, seg)
-        f, from_client = hit
+    def _server_replies(self, f: _Flow, key: Key, seg: Segment) -> list[Action]:
+        """A server segment under server_stream: the client side's view of it as without the option, plus the
+        server's bytes as Replies (tests/test_reassemble_reply.py checks the actions match apart from Replies)."""
         asked_ts, f.last_ts = f.last_ts, seg.ts
-        if from_client:
-            r = f.reply
-            if (
-                r is not None and r.known and not r.lost and seg.flags & (ACK | RST) == ACK
-                and 0 < (seg.ack - r.nxt) & _MASK < _HALF
-            ):
-                # The client acknowledged server bytes the capture never had: they will never be resent.
-                self._lose_reply(f)
-            if f.clean and not seg.flags & _CTRL and seg.seq == f.nxt and seg.whole:
-                data = seg.payload
-                if not data:
-                    return []
-                n = len(data)
-                f.nxt = (f.nxt + n) & _MASK
-                f.delivered += n
-                if f.ans:
-                    return self._turn_then(f, Send(f.id, data, seg.ts))
-                return [Send(f.id, data, seg.ts)]
-            if f.mode is not _Mode.ACTIVE:
-                return self._passive(f, True, seg)
-            return self._client(f, seg)
         mode = f.mode
         if mode is _Mode.DRAINING:
             return self._draining_server(f, key, seg)
