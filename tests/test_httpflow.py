@@ -12,11 +12,23 @@ from hypothesis import strategies as st
 
 from kubectl_mirror.errors import UsageError
 from kubectl_mirror.httpdiff import Absent, compare
-from kubectl_mirror.httpflow import HttpLayer
+from kubectl_mirror.httpflow import HttpLayer, HttpStats
 from kubectl_mirror.httpopts import HttpOptions, parse_header_match, parse_sample, parse_set_header
 from kubectl_mirror.httpresponse import ResponseParser, ResponseRecord
 from kubectl_mirror.jsonpath import JsonPath
-from kubectl_mirror.model import Abort, AbortReason, Action, Close, Endpoint, Open, Send
+from kubectl_mirror.model import (
+    Abort,
+    AbortReason,
+    Action,
+    BrokenOff,
+    Close,
+    DeliveryFailed,
+    Endpoint,
+    Open,
+    RequestRecord,
+    Send,
+    Suppressed,
+)
 from kubectl_mirror.stack import coalesce
 
 CLIENT = Endpoint("10.0.0.1", 40000)
@@ -42,8 +54,56 @@ class Clock:
         return self.now
 
 
-def layer(**kw: object) -> HttpLayer:
-    return HttpLayer(HttpOptions(**kw), Clock())  # type: ignore[arg-type]
+class Played:
+    """An HttpLayer driven only through `handle_all` / `handle` (tests/playbook.py's shape): `process` returns the
+    actions that came out and keeps the records (requests seen, flows suppressed or broken off) for the `pop_*`
+    questions, so a test asks about each apart. Nothing inside the layer is read."""
+
+    def __init__(self, layer: HttpLayer) -> None:
+        self.layer = layer
+        self._requests: list[RequestRecord] = []
+        self._suppressed: list[int] = []
+        self._aborted: list[int] = []
+
+    def process(self, actions: list[Action]) -> list[Action]:
+        out: list[Action] = []
+        for command in self.layer.handle_all(actions):
+            if isinstance(command, RequestRecord):
+                self._requests.append(command)
+            elif isinstance(command, Suppressed):
+                self._suppressed.append(command.flow)
+            elif isinstance(command, BrokenOff):
+                self._aborted.append(command.flow)
+            else:
+                out.append(command)
+        return out
+
+    def forget(self, flow: int) -> None:
+        assert self.layer.handle(DeliveryFailed(flow)) == []
+
+    def pop_requests(self) -> list[RequestRecord]:
+        out, self._requests = self._requests, []
+        return out
+
+    def pop_suppressed(self) -> list[int]:
+        out, self._suppressed = self._suppressed, []
+        return out
+
+    def pop_aborted(self) -> list[int]:
+        out, self._aborted = self._aborted, []
+        return out
+
+    @property
+    def stats(self) -> HttpStats:
+        return self.layer.stats
+
+    @property
+    def tracked_flows(self) -> int:
+        return self.layer.tracked_flows
+
+
+def layer(**kw: object) -> Played:
+    return Played(HttpLayer(HttpOptions(**kw), Clock()))  # type: ignore[arg-type]
 
 
 def script(*chunks: bytes, flow: int = 1, partial: bool = False, end: str = "close") -> list[Action]:
@@ -64,7 +124,7 @@ def kinds(actions: list[Action]) -> list[str]:
     return [type(a).__name__ for a in actions]
 
 
-def feed_each(hl: HttpLayer, actions: list[Action]) -> list[Action]:
+def feed_each(hl: Played, actions: list[Action]) -> list[Action]:
     """One action per call, as the paced engine does: state must carry across calls."""
     out: list[Action] = []
     for a in actions:
@@ -308,7 +368,7 @@ def test_sampling_is_deterministic_per_seed_and_flow() -> None:
 
 def test_max_rps_token_bucket_with_a_fake_clock() -> None:
     clock = Clock()
-    hl = HttpLayer(HttpOptions(max_rps=2.0), clock)
+    hl = Played(HttpLayer(HttpOptions(max_rps=2.0), clock))
     out = hl.process(script(GET, GET, GET, end="none"))
     clock.now = 0.4  # 0.8 token: still not enough
     out += hl.process([Send(1, GET2, 4.0)])
@@ -321,7 +381,7 @@ def test_max_rps_token_bucket_with_a_fake_clock() -> None:
 
 
 def test_rate_limit_spares_tokens_for_filtered_requests() -> None:
-    hl = HttpLayer(HttpOptions(max_rps=1.0, match_method=["DELETE"]), Clock())
+    hl = Played(HttpLayer(HttpOptions(max_rps=1.0, match_method=["DELETE"]), Clock()))
     out = hl.process(script(GET, GET, DELETE))
     assert sent(out) == DELETE and hl.stats.rate_limited == 0
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from weakref import WeakKeyDictionary
+
 import pytest
 
 from kubectl_mirror.model import (
@@ -14,15 +17,20 @@ from kubectl_mirror.model import (
     AbortReason,
     Action,
     Close,
+    DeliveryFailed,
+    EndOfInput,
     Endpoint,
     EndReason,
     FlowRecord,
+    Interrupt,
     Open,
     Outcome,
     Segment,
     Send,
+    Tick,
 )
-from kubectl_mirror.reassemble import ACK_GRACE, FlowConfig, FlowTable
+from kubectl_mirror.reassemble import ACK_GRACE, FlowConfig, FlowTable, TableEvent
+from tests.playbook import play
 
 MASK = 0xFFFFFFFF
 CLIENT = Endpoint("10.0.0.1", 40000)
@@ -61,10 +69,46 @@ class Conn:
         return Segment(ts, self.server, self.client, self.sisn + 1, 0, RST | ACK, b"")
 
 
-def feed(table: FlowTable, *segs: Segment) -> list[Action]:
+# Every event goes through FlowTable.handle (tests/playbook.py); the helpers below keep a test's two questions
+# apart: which actions came out (returned), and which flows ended (the FlowRecords, kept here until asked for).
+_records: WeakKeyDictionary[FlowTable, list[FlowRecord]] = WeakKeyDictionary()
+
+
+def _play(table: FlowTable, *events: TableEvent) -> list[Action]:
     out: list[Action] = []
-    for s in segs:
-        out += table.feed(s)
+    ended = _records.setdefault(table, [])
+    for command in play(table, *events):
+        if isinstance(command, FlowRecord):
+            ended.append(command)
+        else:
+            out.append(command)
+    return out
+
+
+def feed(table: FlowTable, *segs: Segment) -> list[Action]:
+    return _play(table, *segs)
+
+
+def tick(table: FlowTable, now: float) -> list[Action]:
+    return _play(table, Tick(now))
+
+
+def finish(table: FlowTable) -> list[Action]:
+    return _play(table, EndOfInput())
+
+
+def interrupt(table: FlowTable, now: float, servers: Collection[str] | None = None) -> list[Action]:
+    return _play(table, Interrupt(now, servers))
+
+
+def give_up(table: FlowTable, flow: int) -> None:
+    assert _play(table, DeliveryFailed(flow)) == []
+
+
+def records(table: FlowTable) -> list[FlowRecord]:
+    """The flows that ended since the last call, in order."""
+    out = _records.get(table, [])
+    _records[table] = []
     return out
 
 
@@ -77,9 +121,9 @@ def kinds(actions: list[Action]) -> list[str]:
 
 
 def one_record(table: FlowTable) -> FlowRecord:
-    records = table.pop_finished()
-    assert len(records) == 1, records
-    return records[0]
+    ended = records(table)
+    assert len(ended) == 1, ended
+    return ended[0]
 
 
 def test_basic_connection() -> None:
@@ -187,13 +231,13 @@ def test_hole_timeout_aborts_with_hole() -> None:
     t = FlowTable(FlowConfig(hole_timeout=2.0))
     c = Conn()
     feed(t, c.syn(0.0), c.data(0, b"abcd", 0.0), c.data(8, b"ijkl", 1.0))
-    assert t.tick(2.9) == []
-    assert t.tick(3.0) == [Abort(1, AbortReason.HOLE, 3.0)]
+    assert tick(t, 2.9) == []
+    assert tick(t, 3.0) == [Abort(1, AbortReason.HOLE, 3.0)]
     rec = one_record(t)
     assert (rec.outcome, rec.end, rec.bytes_delivered) == (Outcome.INCOMPLETE, EndReason.HOLE, 4)
     # The late filler opens nothing: the connection is buried.
     assert feed(t, c.data(4, b"efgh", 3.1)) == []
-    assert t.tick(3.2) == []
+    assert tick(t, 3.2) == []
 
 
 def test_hole_timeout_is_also_checked_by_later_segments() -> None:
@@ -209,8 +253,8 @@ def test_progress_restarts_the_hole_clock() -> None:
     c = Conn()
     feed(t, c.syn(0.0), c.data(4, b"efgh", 0.0), c.data(12, b"mnop", 0.0))
     assert sent(feed(t, c.data(0, b"abcd", 1.5))) == b"abcdefgh"
-    assert t.tick(3.0) == []  # 1.5 s since the last progress
-    assert t.tick(3.5) == [Abort(1, AbortReason.HOLE, 3.5)]
+    assert tick(t, 3.0) == []  # 1.5 s since the last progress
+    assert tick(t, 3.5) == [Abort(1, AbortReason.HOLE, 3.5)]
 
 
 def test_server_ack_beyond_the_gap_aborts_after_the_ack_grace() -> None:
@@ -219,8 +263,8 @@ def test_server_ack_beyond_the_gap_aborts_after_the_ack_grace() -> None:
     feed(t, c.syn(), c.synack(), c.data(0, b"abcd"), c.sack(4), c.data(8, b"ijkl"))
     # Acknowledged bytes are never resent: not the 100 s hole timeout, only the short grace for capture order.
     assert feed(t, c.sack(12, 0.5)) == []
-    assert t.tick(0.5 + ACK_GRACE / 2) == []
-    assert t.tick(0.5 + ACK_GRACE) == [Abort(1, AbortReason.HOLE, 0.5 + ACK_GRACE)]
+    assert tick(t, 0.5 + ACK_GRACE / 2) == []
+    assert tick(t, 0.5 + ACK_GRACE) == [Abort(1, AbortReason.HOLE, 0.5 + ACK_GRACE)]
     rec = one_record(t)
     assert (rec.outcome, rec.end, rec.bytes_delivered) == (Outcome.INCOMPLETE, EndReason.HOLE, 4)
 
@@ -241,7 +285,7 @@ def test_ack_captured_just_before_its_data_is_not_a_hole() -> None:
     feed(t, c.syn(), c.data(0, b"abcd"))
     assert feed(t, c.sack(8, 0.1)) == []
     assert feed(t, c.data(4, b"efgh", 0.11)) == [Send(1, b"efgh", 0.11)]
-    assert t.tick(5.0) == []
+    assert tick(t, 5.0) == []
     assert feed(t, c.fin(8, 5.0)) == [Close(1, 5.0)]
 
 
@@ -269,7 +313,7 @@ def test_fin_beyond_a_gap_that_never_fills() -> None:
     t = FlowTable(FlowConfig())
     c = Conn()
     feed(t, c.syn(), c.data(0, b"ab"), c.fin(4, 0.1))
-    assert t.finish() == [Abort(1, AbortReason.HOLE, 0.1)]
+    assert finish(t) == [Abort(1, AbortReason.HOLE, 0.1)]
     assert one_record(t).outcome is Outcome.INCOMPLETE
 
 
@@ -278,7 +322,7 @@ def test_server_ack_of_a_fin_beyond_the_gap_aborts() -> None:
     c = Conn()
     feed(t, c.syn(), c.data(0, b"ab"), c.fin(4))
     assert feed(t, c.sack(5, 0.2)) == []
-    assert t.tick(0.2 + ACK_GRACE) == [Abort(1, AbortReason.HOLE, 0.2 + ACK_GRACE)]
+    assert tick(t, 0.2 + ACK_GRACE) == [Abort(1, AbortReason.HOLE, 0.2 + ACK_GRACE)]
 
 
 def test_data_after_fin_is_ignored() -> None:
@@ -388,13 +432,13 @@ def test_direction_by_port() -> None:
     other = Conn(client=Endpoint("10.0.0.1", 40001), server=Endpoint("10.0.0.2", 9090))
     assert feed(t, other.syn(), other.data(0, b"x")) == []
     assert t.stats.ignored == 3
-    t.finish()
+    finish(t)
     assert one_record(t).direction_guessed is False
 
 
 def one_record_or_none(table: FlowTable) -> FlowRecord | None:
-    records = table.pop_finished()
-    return records[0] if records else None
+    ended = records(table)
+    return ended[0] if ended else None
 
 
 def test_direction_by_port_when_both_ports_are_equal_uses_the_syn() -> None:
@@ -431,14 +475,14 @@ def test_missed_syn_but_seen_syn_ack_gives_a_whole_flow() -> None:
 )
 def test_guessed_direction(a: Endpoint, b: Endpoint, server: str) -> None:
     t = FlowTable(FlowConfig())
-    acts = t.feed(Segment(0.0, a, b, 7, 1, ACK | PSH, b"payload"))
+    acts = feed(t, Segment(0.0, a, b, 7, 1, ACK | PSH, b"payload"))
     if server == "b":
         assert acts == [Open(1, a, b, True, 0.0), Send(1, b"payload", 0.0)]
     else:
         assert acts == []  # the server spoke first: wait for the client's bytes
-        acts = t.feed(Segment(0.0, b, a, 1, 14, ACK | PSH, b"req"))
+        acts = feed(t, Segment(0.0, b, a, 1, 14, ACK | PSH, b"req"))
         assert acts == [Open(1, b, a, True, 0.0), Send(1, b"req", 0.0)]
-    t.finish()
+    finish(t)
     assert one_record(t).direction_guessed is True
 
 
@@ -446,9 +490,9 @@ def test_idle_close_and_idle_with_a_hole() -> None:
     t = FlowTable(FlowConfig(idle_timeout=10.0, hole_timeout=1000.0))
     c, d = Conn(), Conn(client=Endpoint("10.0.0.9", 50000))
     feed(t, c.syn(0.0), c.data(0, b"ab", 1.0), d.syn(0.0), d.data(4, b"gap", 2.0))
-    assert t.tick(5.0) == []
-    assert t.tick(13.0) == [Close(1, 13.0), Abort(2, AbortReason.HOLE, 13.0)]
-    ends = {r.flow: (r.end, r.outcome) for r in t.pop_finished()}
+    assert tick(t, 5.0) == []
+    assert tick(t, 13.0) == [Close(1, 13.0), Abort(2, AbortReason.HOLE, 13.0)]
+    ends = {r.flow: (r.end, r.outcome) for r in records(t)}
     assert ends == {1: (EndReason.IDLE, Outcome.COMPLETE), 2: (EndReason.HOLE, Outcome.INCOMPLETE)}
     # A connection that comes back after the idle close is mirrored again, as a partial flow.
     acts = feed(t, c.data(2, b"cd", 20.0))
@@ -461,11 +505,11 @@ def test_late_retransmission_after_close_opens_nothing() -> None:
     feed(t, c.syn(), c.data(0, b"ab"), c.fin(2, 1.0))
     assert feed(t, c.data(0, b"ab", 2.0), c.fin(2, 2.0), c.sack(3, 2.0, payload=b"resp"), c.rst(3, 2.0)) == []
     assert t.stats.ignored == 4
-    assert t.tick(50.0) == []
+    assert tick(t, 50.0) == []
     assert feed(t, c.sack(3, 55.0)) == []  # strays keep the tombstone alive
-    t.tick(114.0)
+    tick(t, 114.0)
     assert t.tracking().tombstones == 1
-    t.tick(115.0)
+    tick(t, 115.0)
     assert feed(t, c.data(3, b"new", 120.0)) == [Open(2, CLIENT, SERVER, True, 120.0), Send(2, b"new", 120.0)]
 
 
@@ -484,35 +528,35 @@ def test_give_up() -> None:
     t = FlowTable(FlowConfig())
     c = Conn()
     feed(t, c.syn(), c.data(0, b"ab", 0.5))
-    t.give_up(1)
+    give_up(t, 1)
     assert t.open_flows == 0
     rec = one_record(t)
     assert (rec.end, rec.outcome, rec.bytes_delivered) == (EndReason.GAVE_UP, Outcome.COMPLETE, 2)
     assert feed(t, c.data(2, b"cd"), c.data(10, b"gap"), c.sack(100), c.fin(13)) == []
-    assert t.pop_finished() == []
+    assert records(t) == []
     assert t.tracking().flows == 0
     assert feed(t, c.data(13, b"late")) == []  # still buried after its end
-    t.give_up(1)  # unknown by now: harmless
-    t.give_up(12345)
+    give_up(t, 1)  # unknown by now: harmless
+    give_up(t, 12345)
 
 
 def test_give_up_then_idle_or_finish_emits_nothing() -> None:
     t = FlowTable(FlowConfig(idle_timeout=10.0))
     c, d = Conn(), Conn(client=Endpoint("10.0.0.9", 50000))
     feed(t, c.syn(), d.syn(), d.data(3, b"gap"))
-    t.give_up(1)
-    t.give_up(2)
+    give_up(t, 1)
+    give_up(t, 2)
     assert one_record_or_none(t) is not None
-    assert t.tick(100.0) == []
-    assert t.finish() == []
-    assert t.pop_finished() == []
+    assert tick(t, 100.0) == []
+    assert finish(t) == []
+    assert records(t) == []
 
 
 def test_interrupt_forgets_open_flows() -> None:
     t = FlowTable(FlowConfig())
     c = Conn()
     feed(t, c.syn(), c.data(0, b"ab"))
-    assert t.interrupt(5.0) == [Abort(1, AbortReason.GAP, 5.0)]
+    assert interrupt(t, 5.0) == [Abort(1, AbortReason.GAP, 5.0)]
     rec = one_record(t)
     assert (rec.end, rec.outcome) == (EndReason.GAP, Outcome.INCOMPLETE)
     acts = feed(t, c.data(2, b"cd", 6.0))
@@ -524,7 +568,7 @@ def test_interrupt_of_one_pod_leaves_the_other_pods_flows_alone() -> None:
     a = Conn()
     b = Conn(client=Endpoint("10.0.0.9", 40001), server=Endpoint("10.0.0.3", 8080))
     feed(t, a.syn(), a.data(0, b"ab"), b.syn(), b.data(0, b"xy"))
-    assert t.interrupt(5.0, servers={"10.0.0.3"}) == [Abort(2, AbortReason.GAP, 5.0)]
+    assert interrupt(t, 5.0, servers={"10.0.0.3"}) == [Abort(2, AbortReason.GAP, 5.0)]
     assert one_record(t).flow == 2
     assert feed(t, a.data(2, b"cd", 6.0)) == [Send(1, b"cd", 6.0)]
 
@@ -542,7 +586,7 @@ def test_cut_last_segment_is_a_hole_at_the_end() -> None:
     t = FlowTable(FlowConfig())
     c = Conn()
     feed(t, c.syn(), c.data(0, b"ab", 0.2), c.data(2, b"c", 0.3, whole=False))
-    assert t.finish() == [Abort(1, AbortReason.HOLE, 0.3)]
+    assert finish(t) == [Abort(1, AbortReason.HOLE, 0.3)]
 
 
 def test_cut_first_segment_of_a_partial_flow() -> None:
@@ -565,7 +609,7 @@ def test_finish_closes_open_flows() -> None:
     t = FlowTable(FlowConfig())
     c = Conn()
     feed(t, c.syn(), c.data(0, b"ab", 0.7))
-    assert t.finish() == [Close(1, 0.7)]
+    assert finish(t) == [Close(1, 0.7)]
     rec = one_record(t)
     assert (rec.end, rec.outcome) == (EndReason.END_OF_CAPTURE, Outcome.COMPLETE)
 
@@ -600,13 +644,13 @@ def test_memory_returns_to_empty_after_many_short_connections() -> None:
         else:
             feed(t, c.data(10, b"late", ts), c.sack(14, ts), c.sack(14, ts + 2 * ACK_GRACE))
         if i % 100 == 0:
-            t.tick(ts)
+            tick(t, ts)
         assert t.tracking().index == 0 and t.tracking().flows == 0 and t.tracking().holes == 0
     assert t.tracking().tombstones <= 100
-    t.tick(1000.0)
+    tick(t, 1000.0)
     assert t.tracking().tombstones == 0
-    assert len(t.pop_finished()) == 2000
-    assert t.pop_finished() == []
+    assert len(records(t)) == 2000
+    assert records(t) == []
     assert t.stats.flows == 2000
 
 
@@ -622,11 +666,11 @@ def test_reuse_after_give_up_opens_a_new_flow() -> None:
     t = FlowTable(FlowConfig())
     a, b = Conn(isn=1000), Conn(isn=5_000_000)
     feed(t, a.syn(), a.data(0, b"one"))
-    t.give_up(1)
-    t.pop_finished()
+    give_up(t, 1)
+    records(t)
     acts = feed(t, a.data(3, b"more"), b.syn(1.0), b.data(0, b"two", 1.0))
     assert acts == [Open(2, CLIENT, SERVER, False, 1.0), Send(2, b"two", 1.0)]
-    assert t.pop_finished() == []  # the given-up flow was already recorded once
+    assert records(t) == []  # the given-up flow was already recorded once
 
 
 def test_rst_and_server_data_of_unknown_connections_open_nothing() -> None:

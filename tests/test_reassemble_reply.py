@@ -34,7 +34,19 @@ from kubectl_mirror.model import (
 )
 from kubectl_mirror.reassemble import FlowConfig, FlowTable
 from kubectl_mirror.stack import coalesce
-from tests.test_reassemble import CLIENT, MASK, SERVER, feed, one_record, sent
+from tests.test_reassemble import (
+    CLIENT,
+    MASK,
+    SERVER,
+    feed,
+    finish,
+    give_up,
+    interrupt,
+    one_record,
+    records,
+    sent,
+    tick,
+)
 from tests.test_reassemble_props import Piece, transmissions
 
 
@@ -119,7 +131,7 @@ def test_request_and_response() -> None:
         Send(1, b"GET / HTTP/1.1\r\n\r\n", 0.1), Reply(1, b"HTTP/1.1 200 OK\r\n", 0.2), Reply(1, b"\r\n", 0.3),
     ]
     assert feed(t, c.cfin(18, 0.4, ack=19)) == [Close(1, 0.4)]
-    assert t.pop_finished() == []  # the server has not finished: its side is still followed
+    assert records(t) == []  # the server has not finished: its side is still followed
     assert feed(t, c.sfin(19, 0.5, ack=19), c.cack(20, 0.51, off=19)) == []
     rec = one_record(t)
     assert (rec.outcome, rec.end, rec.bytes_delivered, rec.reply_complete) == (
@@ -194,7 +206,7 @@ def test_out_of_order_server_segments_are_buffered_then_released() -> None:
     assert feed(t, c.req(0, b"req", 0.35)) == [Send(1, b"req", 0.35)]
     assert feed(t, c.resp(0, b"abcd", 0.4)) == [Reply(1, b"abcdEFGHijklmn", 0.4)]
     assert feed(t, c.resp(14, b"op", 0.5)) == [Reply(1, b"op", 0.5)]
-    t.finish()
+    finish(t)
     assert one_record(t).reply_complete is True
 
 
@@ -244,7 +256,7 @@ def test_partial_flow_pure_server_acks_do_not_start_the_stream() -> None:
     c = Conn()
     acts = feed(t, c.req(50, b"GET", ack=7), c.resp(3, b"", ack=53, flags=ACK), c.resp(7, b"200", ack=53))
     assert replied(acts) == b"200"
-    t.finish()
+    finish(t)
     assert one_record(t).reply_complete is True
 
 
@@ -254,9 +266,9 @@ def test_server_hole_timeout_stops_replies_but_not_the_client() -> None:
     handshake(t, c)
     acts = feed(t, c.req(0, b"r1", 0.0), c.resp(0, b"ab", 0.1, ack=2), c.resp(4, b"ef", 0.5, ack=2))
     assert acts == [Send(1, b"r1", 0.0), Reply(1, b"ab", 0.1)]
-    assert t.tick(2.0) == []
+    assert tick(t, 2.0) == []
     assert t.tracking().reply_holes == 1
-    assert t.tick(2.5) == []  # no action: the Replies just stop
+    assert tick(t, 2.5) == []  # no action: the Replies just stop
     assert t.tracking().reply_holes == 0
     acts = feed(t, c.resp(2, b"cd", 2.6, ack=2), c.resp(6, b"gh", 2.7, ack=2), c.req(2, b"r2", 2.8, ack=2))
     assert acts == [Send(1, b"r2", 2.8)]
@@ -290,7 +302,7 @@ def test_client_ack_beyond_the_server_bytes_stops_replies_at_once() -> None:
     assert feed(t, c.req(3, b"more", 0.4, ack=6)) == [Send(1, b"more", 0.4)]
     assert feed(t, c.resp(2, b"cd", 0.5, ack=7), c.resp(6, b"gh", 0.6, ack=7)) == []
     assert feed(t, c.req(7, b"!", 0.7, ack=8)) == [Send(1, b"!", 0.7)]
-    t.finish()
+    finish(t)
     rec = one_record(t)
     assert (rec.outcome, rec.reply_complete) == (Outcome.COMPLETE, False)
 
@@ -320,7 +332,7 @@ def test_server_out_of_order_limit_stops_replies_only() -> None:
     handshake(t, c)
     assert feed(t, c.resp(2, b"cdef"), c.resp(6, b"ghij")) == []
     assert feed(t, c.resp(0, b"ab"), c.req(0, b"still here")) == [Send(1, b"still here", 0.0)]
-    t.finish()
+    finish(t)
     rec = one_record(t)
     assert (rec.outcome, rec.reply_complete) == (Outcome.COMPLETE, False)
 
@@ -358,7 +370,7 @@ def test_half_closed_client_still_gets_the_whole_answer() -> None:
     assert feed(t, c.req(0, b"GET", 0.3), c.cack(0, 0.3, off=4)) == []
     acts = feed(t, c.resp(4, b"BODY", 0.4, ack=4), c.resp(0, b"HEAD", 0.5, ack=4), c.cack(8, 0.6, off=4))
     assert acts == [Reply(1, b"HEADBODY", 0.5)]
-    assert t.pop_finished() == []
+    assert records(t) == []
     assert feed(t, c.sfin(8, 0.7, ack=4)) == []
     assert one_record(t).reply_complete is True
     assert feed(t, c.resp(0, b"HEADBODY", 0.8), c.cack(9, 0.9, off=4)) == []  # buried like any ended flow
@@ -380,9 +392,9 @@ def test_draining_flow_hole_timeout_ends_it() -> None:
     c = Conn()
     handshake(t, c)
     feed(t, c.cfin(0, 0.1), c.resp(2, b"cd", 0.2, ack=1))
-    assert t.tick(2.1) == []
-    assert t.pop_finished() == []
-    assert t.tick(2.2) == []
+    assert tick(t, 2.1) == []
+    assert records(t) == []
+    assert tick(t, 2.2) == []
     assert one_record(t).reply_complete is False
     assert t.tracking().index == 0 and t.tracking().draining == 0 and t.tracking().reply_holes == 0
 
@@ -394,12 +406,12 @@ def test_draining_flow_idle_finish_and_interrupt() -> None:
         feed(t, c.syn(), c.synack(), c.cfin(0, 1.0), c.resp(0, b"x", 1.0, ack=1))
     feed(t, conns[0].resp(1, b"y", 5.0, ack=1), conns[1].resp(1, b"y", 8.0, ack=1))
     feed(t, conns[2].cack(1, 9.0, off=1), conns[3].cack(1, 9.0, off=1))  # the client's ACKs count as activity
-    assert t.tick(15.5) == []  # flow 1: idle since 5.0
-    assert [(r.flow, r.reply_complete) for r in t.pop_finished()] == [(1, True)]
-    assert t.interrupt(13.0, servers={"10.0.0.4"}) == []
-    assert [(r.flow, r.reply_complete) for r in t.pop_finished()] == [(3, False)]
-    assert t.finish() == []
-    assert sorted((r.flow, r.reply_complete) for r in t.pop_finished()) == [(2, True), (4, True)]
+    assert tick(t, 15.5) == []  # flow 1: idle since 5.0
+    assert [(r.flow, r.reply_complete) for r in records(t)] == [(1, True)]
+    assert interrupt(t, 13.0, servers={"10.0.0.4"}) == []
+    assert [(r.flow, r.reply_complete) for r in records(t)] == [(3, False)]
+    assert finish(t) == []
+    assert sorted((r.flow, r.reply_complete) for r in records(t)) == [(2, True), (4, True)]
     assert t.tracking().index == 0 and t.tracking().draining == 0
 
 
@@ -408,7 +420,7 @@ def test_interrupt_marks_open_flows_replies_incomplete() -> None:
     c = Conn()
     handshake(t, c)
     feed(t, c.req(0, b"GET"), c.resp(0, b"200", ack=3))
-    assert t.interrupt(1.0) == [Abort(1, AbortReason.GAP, 1.0)]
+    assert interrupt(t, 1.0) == [Abort(1, AbortReason.GAP, 1.0)]
     assert one_record(t).reply_complete is False
 
 
@@ -436,7 +448,7 @@ def test_give_up_stops_replies() -> None:
     c = Conn()
     handshake(t, c)
     feed(t, c.req(0, b"GET"), c.resp(2, b"gap"))
-    t.give_up(1)
+    give_up(t, 1)
     assert one_record(t).reply_complete is False
     assert feed(t, c.resp(0, b"ab"), c.resp(5, b"more")) == []
     assert t.tracking().reply_holes == 0
@@ -521,11 +533,11 @@ def run(segments: list[Segment], server_stream: bool) -> tuple[list[Action], lis
     t = FlowTable(FlowConfig(server_stream=server_stream, hole_timeout=1000.0))
     out: list[Action] = []
     for s in segments:
-        out += t.feed(s)
-    out += t.finish()
+        out += feed(t, s)
+    out += finish(t)
     left = t.tracking()
     assert left.flows == 0 and left.index == 0 and left.draining == 0 and left.reply_holes == 0
-    return out, t.pop_finished()
+    return out, records(t)
 
 
 @settings(max_examples=250, deadline=None)

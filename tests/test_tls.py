@@ -20,7 +20,7 @@ import pytest
 import trustme
 
 from kubectl_mirror.model import Abort, AbortReason, Action, Close, Endpoint, Open, Reply, Send, Turn
-from kubectl_mirror.tlsgate import TlsGate, client_hello
+from kubectl_mirror.tlsgate import KubeletProbe, TlsFlow, TlsGate, client_hello
 from tests.netlab.capture import Capture
 from tests.netlab.lab import REPO, NsRecorder, run_cli
 from tests.netlab.netns import Link, Netns, veth_lab
@@ -79,8 +79,41 @@ def opened(flow: int) -> Open:
     return Open(flow, Endpoint(CLIENT.host, CLIENT.port + flow), SERVER, False, 1.0)
 
 
+class Gate:
+    """A TlsGate driven only through `handle_all` (tests/playbook.py's shape): `process` returns the actions that came
+    out and keeps the TLS flows and kubelet probes it named for `pop_tls` / `pop_probes`."""
+
+    def __init__(self, drop_tls: bool = True) -> None:
+        self.gate = TlsGate(drop_tls=drop_tls)
+        self._tls: list[TlsFlow] = []
+        self._probes: list[int] = []
+
+    def process(self, actions: list[Action], flows_created: int) -> list[Action]:
+        out: list[Action] = []
+        for command in self.gate.handle_all(actions, flows_created):
+            if isinstance(command, TlsFlow):
+                self._tls.append(command)
+            elif isinstance(command, KubeletProbe):
+                self._probes.append(command.flow)
+            else:
+                out.append(command)
+        return out
+
+    def pop_tls(self) -> list[TlsFlow]:
+        out, self._tls = self._tls, []
+        return out
+
+    def pop_probes(self) -> list[int]:
+        out, self._probes = self._probes, []
+        return out
+
+    @property
+    def holding(self) -> int:
+        return self.gate.holding
+
+
 def test_gate_drops_a_tls_flow_and_names_it() -> None:
-    gate = TlsGate()
+    gate = Gate()
     hello = real_client_hello()
     out = gate.process([opened(1), Send(1, hello, 1.1), Send(1, b"more", 1.2), Close(1, 1.3)], 1)
     assert out == []
@@ -91,7 +124,7 @@ def test_gate_drops_a_tls_flow_and_names_it() -> None:
 
 
 def test_gate_releases_plain_flows_in_order_and_decides_on_split_bytes() -> None:
-    gate = TlsGate()
+    gate = Gate()
     hello = real_client_hello()
     actions: list[Action] = [opened(1), opened(2), Send(2, hello[:2], 1.0), Send(1, b"GET / HTTP/1.1\r\n", 1.0)]
     out = gate.process(actions, 2)
@@ -109,7 +142,7 @@ def test_gate_releases_plain_flows_in_order_and_decides_on_split_bytes() -> None
     [Turn(1, 16, 0.01, 1.1), Send(1, b"\x16\x03\x01\x00\x40\x01", 1.2)],  # ... as the flow table's turns say
 ])
 def test_gate_releases_what_cannot_be_tls(ending: list[Close | Send | Reply | Turn]) -> None:
-    gate = TlsGate()
+    gate = Gate()
     out = gate.process([opened(1), *ending], 1)
     assert out == [opened(1), *ending]
     assert gate.pop_tls() == [] and gate.holding == 0
@@ -253,7 +286,7 @@ KUBELET = b"GET /healthz HTTP/1.1\r\nHost: 10.0.0.2:80\r\nUser-Agent: kube-probe
 
 
 def test_kubelet_probes_are_named_and_still_released() -> None:
-    gate = TlsGate()
+    gate = Gate()
     browser = b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8.5.0\r\n\r\n"
     actions: list[Action] = [
         opened(1), Send(1, KUBELET, 1.0), opened(2), Send(2, browser, 1.0), opened(3), Send(3, b"G", 1.0)]
@@ -265,7 +298,7 @@ def test_kubelet_probes_are_named_and_still_released() -> None:
 
 
 def test_passthrough_gate_releases_tls_in_order() -> None:
-    gate = TlsGate(drop_tls=False)
+    gate = Gate(drop_tls=False)
     hello = real_client_hello()
     actions: list[Action] = [opened(1), Send(1, hello[:3], 1.0), Send(1, hello[3:], 1.1), Close(1, 1.2)]
     assert gate.process(actions, 1) == actions

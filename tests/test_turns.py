@@ -36,7 +36,7 @@ from kubectl_mirror.turns import (
     percentile,
 )
 from tests.playbook import play
-from tests.test_reassemble import CLIENT, SERVER, Conn
+from tests.test_reassemble import CLIENT, SERVER, Conn, feed
 
 REQ1 = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
 REQ2 = b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -217,7 +217,7 @@ def test_the_flow_table_marks_client_bytes_sent_after_an_answer(server_stream: b
     for seg in (c.syn(0.0), c.synack(0.001), c.data(0, b"Q1", 1.0), c.data(2, b"Q2", 1.001),
                 c.answer(4, b"A12", 1.2), c.data(4, b"Q3", 2.0), c.answer(6, b"A3", 2.5),
                 c.fin(6, 3.0)):
-        out += [a for a in table.feed(seg) if type(a).__name__ != "Reply"]
+        out += [a for a in feed(table, seg) if type(a).__name__ != "Reply"]
     assert out == [
         Open(1, CLIENT, SERVER, False, 0.0), Send(1, b"Q1", 1.0), Send(1, b"Q2", 1.001),  # pipelined: no turn
         Turn(1, 3, near(0.199), 2.0), Send(1, b"Q3", 2.0),
@@ -230,7 +230,7 @@ def test_a_client_reset_after_an_answer_is_a_turn_and_lost_bytes_are_not() -> No
     c = Talk()
     out: list[Action] = []
     for seg in (c.syn(0.0), c.data(0, b"Q1", 1.0), c.answer(2, b"A1", 1.1), c.rst(2, 1.2)):
-        out += table.feed(seg)
+        out += feed(table, seg)
     assert [type(a) for a in out] == [Open, Send, Turn, Abort]
 
 
@@ -241,7 +241,7 @@ def test_without_turns_the_flow_table_says_nothing_new() -> None:
     for seg in (c.syn(0.0), c.data(0, b"Q1", 1.0), c.answer(2, b"A1", 1.1), c.data(2, b"Q2", 1.2),
                 Segment(1.3, c.client, c.server, c.seq(4), 0, FIN | ACK, b""), Segment(1.4, c.client, c.server,
                                                                                       c.seq(5), 0, RST, b"")):
-        out += table.feed(seg)
+        out += feed(table, seg)
     assert [type(a) for a in out] == [Open, Send, Send, Close]
 
 
@@ -364,7 +364,7 @@ def test_the_flow_table_names_the_http2_streams_production_s_answer_ended(server
     segs += [Segment(0.055, again.src, again.dst, again.seq, again.ack, again.flags, again.payload),
              c.data(len(hello) + 2 * len(req1), SETTINGS_ACK, 0.06)]
     for seg in segs:
-        out += [a for a in table.feed(seg) if isinstance(a, Turn)]
+        out += [a for a in feed(table, seg) if isinstance(a, Turn)]
     assert out[0] == Turn(1, len(SETTINGS + SETTINGS_ACK), near(0.01), 0.03, ())
     assert len(out) == 2 and out[1].answer_streams == (1,)
 
@@ -379,7 +379,7 @@ def test_the_flow_table_stops_naming_streams_after_a_gap_in_the_server_s_bytes()
     out: list[Turn] = []
     for seg in (c.syn(0.0), c.synack(0.001), c.data(0, hello, 0.01), settings, c.data(len(hello), req, 0.04),
                 after_gap, c.data(len(hello) + len(req), h2_request(5), 0.06)):
-        out += [a for a in table.feed(seg) if isinstance(a, Turn)]
+        out += [a for a in feed(table, seg) if isinstance(a, Turn)]
     assert [t.answer_streams for t in out] == [(), None]
 
 
@@ -388,7 +388,7 @@ def test_http1_and_opaque_answers_name_no_streams() -> None:
     c = Talk()
     out: list[Turn] = []
     for seg in (c.syn(0.0), c.data(0, REQ1, 1.0), c.answer(len(REQ1), RESP, 1.1), c.data(len(REQ1), REQ2, 1.2)):
-        out += [a for a in table.feed(seg) if isinstance(a, Turn)]
+        out += [a for a in feed(table, seg) if isinstance(a, Turn)]
     assert [t.answer_streams for t in out] == [None]
 
 
