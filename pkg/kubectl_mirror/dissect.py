@@ -85,6 +85,7 @@ STALL_SECONDS = 0.5
 # Several tsharks print each line at once (-l): read as soon as one is there, the plugin would wake for every
 # line and take a line a read, twice the CPU of reading blocks (measured). At most one read round this often.
 READ_EVERY = 0.002
+PIPE_SIZE = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size
 
 
 # A capture file smaller than this gets one tshark unless --dissectors says otherwise: another tshark's start-up
@@ -418,9 +419,13 @@ def _spawn(tshark: TsharkInfo, live: bool) -> TsharkProcess:
     except OSError as exc:
         err.close()
         raise ToolError(f"cannot start {tshark.path}: {exc.strerror}; check it runs, or pass --tshark PATH") from None
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stdin is not None
     fd = proc.stdout.fileno()
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    # One feeder writes to every tshark in turn: a write that blocks on one tshark's full pipe (64 KiB, ~2 ms of
+    # its work) starves the others. A larger pipe lets a whole batch's share go in at once (Linux; best effort).
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     return TsharkProcess(proc, err, flushes=live)
 
 

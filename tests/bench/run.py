@@ -2,6 +2,10 @@
 
     .venv/bin/python tests/bench/run.py [--runs N] [--regenerate] [--skip-long] [--skip-exec] [--skip-latency]
                                         [--skip-binary] [--skip-http] [--only-http] [--skip-h2] [--only-h2]
+                                        [--skip-shards] [--only-shards]
+
+--only-shards measures the dissector scaling curve alone: `replay --dissectors N` for N = 1, 2, 4 on the big
+capture, next to tshark alone (metadata fields only), with CPU and the RSS of the plugin and all its tsharks.
 
 Besides the replay figures it measures the live path against the in-repo test API server (tests/bench/live_bench.py):
 exec channel MB/s of this client vs /usr/bin/kubectl exec, mirrored-segment latency to the local port, and the
@@ -65,6 +69,8 @@ TARGET_PLUGIN_MIB, TARGET_TSHARK_MIB = 200, 300
 TARGET_EXEC_RATIO = 0.9  # x kubectl exec's MB/s
 TARGET_P99_MS = 50.0
 TARGET_BINARY_STARTUP = 0.5  # seconds
+TARGET_SHARD_RATIO = 1.3  # tshark alone / replay with several dissectors (issue #14)
+SHARD_COUNTS = (1, 2, 4)
 
 
 # ---- captures -------------------------------------------------------------------------------------------------
@@ -296,6 +302,61 @@ def discard_server() -> contextlib.AbstractContextManager[int]:
 # ---- the measurements -----------------------------------------------------------------------------------------
 
 
+def run_replay(path: Path, port: int, timeout: float, dissectors: int) -> Run:
+    r = timed([str(CLI), "replay", str(path), "--to", f"127.0.0.1:{port}", "--json", "-q", "--dissectors",
+               str(dissectors)], timeout, capture=True)
+    if r.returncode != 0:
+        raise SystemExit(f"kubectl-mirror replay --dissectors {dissectors} failed ({r.returncode}): {r.stderr[-2000:]}")
+    r.extra = json.loads(r.stdout)
+    return r
+
+
+def measure_shards(path: Path, port: int, runs: int) -> dict[str, list[Run]]:
+    """(b) tshark alone and `replay --dissectors N` for each N of SHARD_COUNTS, interleaved, `runs` times."""
+    out: dict[str, list[Run]] = {"b": [], **{str(n): [] for n in SHARD_COUNTS}}
+    for i in range(runs):
+        log(f"shards run {i + 1}/{runs}: (b) ...")
+        out["b"].append(run_tool("b", path, port, timeout=600))
+        for n in SHARD_COUNTS:
+            log(f"shards run {i + 1}/{runs}: replay --dissectors {n} ...")
+            out[str(n)].append(run_replay(path, port, 600, n))
+    return out
+
+
+def report_shards(path: Path, meta: dict[str, Any], res: dict[str, list[Run]]) -> None:
+    cores = len(os.sched_getaffinity(0))
+    print(f"\ndissector scaling: `replay --dissectors N` on {path.relative_to(REPO)} ({meta['packets']:,} packets, "
+          f"{meta['payload'] / MB:.1f} MB payload); {cores} usable cores; load average {os.getloadavg()[0]:.1f} at the "
+          f"end; best of {len(res['b'])}")
+    b = min(res["b"], key=lambda r: r.wall)
+    print(f"  {'':30} {'best s':>7} {'MB/s':>7} {'b/N':>6} {'CPU plugin':>11} {'CPU tsharks':>12} "
+          f"{'RSS plugin':>11} {'tshark max':>11} {'total':>7}")
+    print(f"  {'(b) tshark alone, metadata':30} {b.wall:7.2f} {meta['payload'] / MB / b.wall:7.1f} {'':>6} "
+          f"{'':>11} {'':>12} {b.sampler.root_peak_mib():9.0f} M")
+    ok_speed = ok_mem = True
+    one = res[str(SHARD_COUNTS[0])][0].extra
+    for n in SHARD_COUNTS:
+        runs = res[str(n)]
+        r = min(runs, key=lambda x: x.wall)
+        # Every N delivers what one tshark does (the e2e tests check the bytes themselves).
+        bytes_ok = all((x.extra["bytes_delivered"], x.extra["connections"]) ==
+                       (one["bytes_delivered"], one["connections"]) for x in runs)
+        pc, tc = r.sampler.cpu_seconds()
+        plugin = max(x.sampler.root_peak_mib() for x in runs)
+        tshark = max((p for x in runs for p in x.sampler.tshark_peaks_mib()), default=0.0)
+        total = max(max((rss + sum(ts) for _, rss, ts in x.sampler.timeline), default=0) for x in runs) / 1024
+        ratio = b.wall / r.wall
+        ok_mem = ok_mem and plugin < TARGET_PLUGIN_MIB and tshark < TARGET_TSHARK_MIB
+        if n > 1 and n <= cores:
+            ok_speed = ok_speed and ratio >= TARGET_SHARD_RATIO
+        print(f"  {f'replay --dissectors {n}':30} {r.wall:7.2f} {meta['payload'] / MB / r.wall:7.1f} {ratio:6.2f} "
+              f"{pc:9.1f} s {tc:10.1f} s {plugin:9.0f} M {tshark:9.0f} M {total:5.0f} M"
+              f"{'' if bytes_ok else '  DELIVERED OTHER BYTES THAN N=1'}")
+    print(f"  b/N >= {TARGET_SHARD_RATIO} for 1 < N <= {cores} cores: {mark(ok_speed)}; plugin < "
+          f"{TARGET_PLUGIN_MIB} MiB and each tshark < {TARGET_TSHARK_MIB} MiB: {mark(ok_mem)} (total: plugin + all "
+          "its tsharks in one sample)")
+
+
 def run_tool(tool: str, path: Path, port: int, timeout: float) -> Run:
     if tool == "a":
         return timed(["tshark", "-n", "-r", str(path), "-T", "fields", *NAIVE_FIELDS], timeout)
@@ -352,7 +413,14 @@ def main() -> int:
     ap.add_argument("--skip-turns", action="store_true", help="leave out turn-taking into a slow Node.js server")
     ap.add_argument("--skip-h2", action="store_true", help="leave out HTTP/2 mode's streams/s")
     ap.add_argument("--only-h2", action="store_true", help="measure HTTP/2 mode only (quick look)")
+    ap.add_argument("--skip-shards", action="store_true", help="leave out the dissector scaling curve")
+    ap.add_argument("--only-shards", action="store_true", help="measure the dissector scaling curve only")
     args = ap.parse_args()
+    if args.only_shards:
+        big, big_meta = ensure_capture(BIG, args.regenerate)
+        with discard_server() as port:
+            report_shards(big, big_meta, measure_shards(big, port, args.runs))
+        return 0
     if args.only_h2:
         h2_path = h2_bench.ensure_h2_capture(CACHE, args.regenerate, log)
         h2_bench.report(h2_bench.measure(h2_path, args.runs, timed, CLI, log), REPO)
@@ -393,6 +461,7 @@ def main() -> int:
             long_b = run_tool("b", long_path, port, timeout=1200)
         if http_path is not None:
             http_res = http_bench.measure(http_path, port, args.runs, timed, CLI, log)
+        shards = None if args.skip_shards else measure_shards(big, port, args.runs)
     turn_res = None
     if http_path is not None and not args.skip_turns:
         turn_res = turn_bench.measure(http_path, args.runs, timed, CLI, log)
@@ -414,6 +483,8 @@ def main() -> int:
            exec_res, lat, binary, http_res, turn_res)
     if h2_res is not None:
         h2_bench.report(h2_res, REPO)
+    if shards is not None:
+        report_shards(big, big_meta, shards)
     return 0
 
 

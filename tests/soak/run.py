@@ -1,6 +1,7 @@
 """`make soak`: 100,000 connections and 1 GB through the LIVE path, with memory, fds and every byte checked.
 
     .venv/bin/python tests/soak/run.py [--quick] [--conns N] [--bytes B] [--seed S] [--linktype 276|1]
+                                       [--dissectors N]
 
 The plugin runs as a subprocess (`kubectl-mirror pod/soak --to 127.0.0.1:PORT --kubeconfig K -o json`) against
 the in-repo test API server. The pod's "tcpdump", reached through exec like the real one, is tests/soak/
@@ -96,6 +97,7 @@ class Sampler(threading.Thread):
         self.plugin_rss = 0
         self.fds: list[int] = []
         self.tsharks: dict[int, int] = {}  # dissecting tshark pid -> peak VmHWM
+        self.total_peak = 0  # the largest sum of plugin + dissecting tsharks' RSS seen in one sample
         self.cpu: dict[int, float] = {}  # pid -> CPU seconds last seen (plugin, its tsharks)
         self._halt = threading.Event()
 
@@ -107,6 +109,7 @@ class Sampler(threading.Thread):
     def sample(self) -> None:
         table = proc_table()
         tick = os.sysconf("SC_CLK_TCK")
+        total = 0
         for pid in tree(self.root, table):
             st = memory(pid)
             if st is None:
@@ -115,6 +118,7 @@ class Sampler(threading.Thread):
             if pid in table and (pid == self.root or pid in self.tsharks or name.startswith("tshark")):
                 self.cpu[pid] = table[pid].cpu_ticks / tick
             if pid == self.root:
+                total += rss
                 self.plugin_hwm, self.plugin_rss = max(self.plugin_hwm, hwm), rss
                 n = fd_count(pid)
                 if n is not None:
@@ -123,6 +127,8 @@ class Sampler(threading.Thread):
                 if pid not in self.tsharks and not is_dissecting_tshark(pid):
                     continue
                 self.tsharks[pid] = max(self.tsharks.get(pid, 0), hwm)
+                total += rss
+        self.total_peak = max(self.total_peak, total)
 
     def stop(self) -> None:
         self._halt.set()
@@ -217,6 +223,8 @@ class Result:
     fd_end: int = 0
     plugin_hwm: int = 0
     tshark_hwms: list[int] = field(default_factory=list)
+    total_peak: int = 0
+    dissectors: int | None = None  # --dissectors given to the plugin (None: its default)
     remote_left: list[list[str]] = field(default_factory=list)
     generator: str = ""
     delivered: Delivered = field(default_factory=Delivered)
@@ -229,8 +237,8 @@ class Result:
     cpu_generator: float = 0.0
 
 
-def soak(cfg: SoakConfig, work: Path, timeout: float, workaround: bool) -> Result:
-    res = Result(cfg, workaround=workaround)
+def soak(cfg: SoakConfig, work: Path, timeout: float, workaround: bool, dissectors: int | None = None) -> Result:
+    res = Result(cfg, workaround=workaround, dissectors=dissectors)
     rec, rec_port = start_recorder()
     feeder = threading.Thread(target=res.delivered.feed, args=(rec.stdout,), daemon=True)
     feeder.start()
@@ -263,7 +271,7 @@ def run_plugin(cfg: SoakConfig, fc: FakeCluster, rec_port: int, res: Result, tim
     out_path = Path(cfg.marker).with_name("plugin.json")
     entry = HERE / "gaplock_shim.py" if workaround else CLI
     argv = [sys.executable, str(entry), "pod/soak", "--to", f"127.0.0.1:{rec_port}", "--kubeconfig",
-            str(fc.kubeconfig), "-o", "json"]
+            str(fc.kubeconfig), "-o", "json", *(["--dissectors", str(res.dissectors)] if res.dissectors else [])]
     with open(err_path, "wb") as err, open(out_path, "wb") as out:
         plugin = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO)
     sampler = Sampler(plugin.pid)
@@ -321,6 +329,7 @@ def run_plugin(cfg: SoakConfig, fc: FakeCluster, rec_port: int, res: Result, tim
     res.fd_peak = max(sampler.fds, default=0)
     res.plugin_hwm = sampler.plugin_hwm
     res.tshark_hwms = list(sampler.tsharks.values())
+    res.total_peak = sampler.total_peak
     res.stderr = err_path.read_text(errors="replace")
     text = out_path.read_text(errors="replace").strip()
     if text:
@@ -357,7 +366,9 @@ def report(res: Result, full: bool) -> bool:
     complete = int(conns.get("complete", 0))
     delivered = int(res.summary.get("bytes_delivered", 0))
     tshark_peak = max(res.tshark_hwms, default=0)
-    handovers = max(0, len(res.tshark_hwms) - 2)  # live mode keeps a pre-spawned standby besides the active one
+    # Live, one tshark keeps a pre-spawned standby besides the active one; several start theirs near the limit.
+    lanes = res.dissectors or len(os.sched_getaffinity(0))
+    handovers = max(0, len(res.tshark_hwms) - (2 if lanes == 1 else lanes))
 
     print(f"kubectl-mirror soak (live path: test API server exec -> generated tcpdump stream -> local target); "
           f"{os.cpu_count()} CPUs, shared: wall-clock figures are noisy")
@@ -383,7 +394,8 @@ def report(res: Result, full: bool) -> bool:
     for line in bad:
         print(f"    differs: {line}")
     print(f"  peak RSS: plugin {res.plugin_hwm / MB:.0f} MB, tshark {tshark_peak / MB:.0f} MB (largest of "
-          f"{len(res.tshark_hwms)} dissecting tsharks; hand-overs about {handovers})")
+          f"{len(res.tshark_hwms)} dissecting tsharks; hand-overs about {handovers}); dissectors {lanes}; plugin + "
+          f"tsharks together at most {res.total_peak / MB:.0f} MB (RSS, one sample)")
     print(f"  CPU seconds: plugin {res.cpu_plugin:.1f}, its tsharks {res.cpu_tshark:.1f}, runner (API server exec "
           f"relay) {res.cpu_runner:.1f}, generator {res.generator.split()[2] if res.generator else '?'} wall; "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -428,6 +440,7 @@ def main() -> int:
     ap.add_argument("--workaround-gap-lock", action="store_true",
                     help="run the plugin through gaplock_shim.py (a known deadlock worked around; see that file)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (plugin stderr, config)")
+    ap.add_argument("--dissectors", type=int, help="the plugin's --dissectors (default: its own, the usable cores)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the soak needs root: a network namespace stands for the pod")
@@ -442,7 +455,7 @@ def main() -> int:
                      linktype=args.linktype)
     log(f"soak: {conns:,} connections, {total / 1e9:.2f} GB; work dir {work}")
     try:
-        res = soak(cfg, work, args.timeout, args.workaround_gap_lock)
+        res = soak(cfg, work, args.timeout, args.workaround_gap_lock, args.dissectors)
         ok = report(res, full=not args.quick and conns >= FULL_CONNS)
     finally:
         if args.keep:
