@@ -239,3 +239,21 @@ def test_a_connection_joined_mid_stream_goes_byte_exact_when_nothing_filters(pca
         got = [bytes(r.data) for r in rec.stop() if r.data]
     assert got == [b"".join(d for c, d, _ in chunks if c)]  # from its first captured byte, as captured
     assert results == [] and summary["h2"]["connections"] == 0
+
+
+@pytest.mark.parametrize("extra", [[], ["--set-header", "x-mirror: 1"]])
+def test_compare_an_upgraded_connection_json_aware_with_named_headers(pcaps: dict[str, Path], tmp_path: Path,
+                                                                    extra: list[str]) -> None:
+    # Production's answer came after its 101 (HTTP/1.1, then frames); the local one on HTTP/2 from the start.
+    report = tmp_path / "diffs.jsonl"
+    server = H2Server(variant="b")
+    try:
+        _, summary = replay(pcaps["upgrade"], server.port, "--compare-headers", "x-variant", "--compare-report",
+                            str(report), *extra)
+    finally:
+        server.stop()
+    assert summary["compare"] == {"same": 0, "different": 1, "unpaired": 0}
+    [line] = [json.loads(x) for x in report.read_text().splitlines()]
+    assert (line["target"], line["stream"]) == ("/up", 1)
+    assert line["differences"] == [{"field": "header:x-variant", "prod": "a", "local": "b"},
+                                   {"field": "body:$.variant", "prod": "a", "local": "b"}]
