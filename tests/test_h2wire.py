@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kubectl_mirror.h2wire import Exchange, Exchanges, State, grpc_messages
+from kubectl_mirror.h2wire import PREFACE, Exchange, Exchanges, State, connection, grpc_messages
 from tests import h2_captures
 from tests.h2_captures import BIG
 
@@ -125,3 +125,16 @@ def test_an_upgrade_request_with_a_body_is_stream_1_with_its_data() -> None:
     assert (pending.stream, pending.method, pending.path, bytes(pending.request.body)) == (1, "POST", "/up",
                                                                                           b"0123456789")
     assert pending.request.ended and pending.request.header(":authority") == "x"
+
+
+def test_an_endless_header_block_stops_decoding_instead_of_growing() -> None:
+    import hyperframe.frame as hf
+
+    client, _ = connection()
+    head = hf.HeadersFrame(1)
+    head.data = b"\x82"  # :method GET, and no END_HEADERS: CONTINUATIONs follow
+    more = hf.ContinuationFrame(1)
+    more.data = b"\x00" * 16000
+    stream = PREFACE + head.serialize() + more.serialize() * 80  # 1.28 MB of one header block
+    assert client.feed(stream) == []
+    assert client.state is State.BROKEN and "header block" in (client.error or "")

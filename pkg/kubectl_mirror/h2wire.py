@@ -206,6 +206,9 @@ class Direction:
             if not isinstance(frame, hf.ContinuationFrame) or frame.stream_id != self._block_stream:
                 raise ValueError("a header block was interrupted by another frame")
             self._block += frame.data
+            if len(self._block) > _MAX_HEADER_LIST:
+                # A header block no peer would accept (every decoder bounds it): not worth holding in memory.
+                raise ValueError(f"a header block over {_MAX_HEADER_LIST} bytes")
             if "END_HEADERS" in frame.flags:
                 self._end_block(out)
             return
