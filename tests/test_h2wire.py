@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kubectl_mirror.h2wire import PREFACE, Exchange, Exchanges, State, connection, grpc_messages
 from tests import h2_captures
@@ -138,3 +140,45 @@ def test_an_endless_header_block_stops_decoding_instead_of_growing() -> None:
     stream = PREFACE + head.serialize() + more.serialize() * 80  # 1.28 MB of one header block
     assert client.feed(stream) == []
     assert client.state is State.BROKEN and "header block" in (client.error or "")
+
+
+def _frames_of_a_real_client() -> bytes:
+    import h2.config
+    import h2.connection
+
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    for i in range(3):
+        sid = c.get_next_available_stream_id()
+        c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "a"), (":path", f"/p{i}"),
+                             ("content-type", "application/grpc"), ("x-n", "v" * i * 40)])
+        c.send_data(sid, b"\x00\x00\x00\x00\x02hi", end_stream=True)
+    return c.data_to_send()
+
+
+REAL = _frames_of_a_real_client()
+
+
+@given(st.binary(max_size=400), st.integers(0, len(REAL)), st.integers(1, 64))
+@settings(max_examples=300, deadline=None)
+def test_damaged_bytes_never_raise_out_of_the_decoder(junk: bytes, at: int, chunk: int) -> None:
+    # A capture holds whatever was on the wire: the decoder stops (BROKEN, NOT_H2) but never raises.
+    data = REAL[:at] + junk + REAL[at:]
+    for partial in (False, True):
+        conn = Exchanges(partial)
+        for i in range(0, len(data), chunk):
+            conn.client_bytes(data[i:i + chunk], 0.0)
+            conn.server_bytes(junk[:chunk], 0.0)
+        assert conn.state in (State.FRAMES, State.BROKEN, State.NOT_H2, State.UNDECODABLE, State.UPGRADE, State.START)
+
+
+@given(st.lists(st.tuples(st.integers(24, len(REAL) - 1), st.integers(1, 255)), min_size=1, max_size=6))
+@settings(max_examples=400, deadline=None)
+def test_flipped_bytes_never_raise_out_of_the_decoder(flips: list[tuple[int, int]]) -> None:
+    data = bytearray(REAL)
+    for at, xor in flips:
+        data[at] ^= xor
+    conn = Exchanges()
+    done = conn.client_bytes(bytes(data), 0.0)
+    assert conn.state in (State.FRAMES, State.BROKEN)
+    assert done == []  # no answer was fed: nothing is whole
