@@ -15,6 +15,7 @@ Counts go to the same same / different / unpaired as HTTP/1.x, and per gRPC meth
 
 from __future__ import annotations
 
+import gzip
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -120,10 +121,7 @@ class H2Shadow:
         return items
 
     def _messages(self, prod: Exchange, local: Exchange) -> list[DiffItem]:
-        p_msgs = grpc_messages(bytes(prod.response.body)) if prod.response.body_size == len(prod.response.body) \
-            else None
-        l_msgs = grpc_messages(bytes(local.response.body)) if local.response.body_size == len(local.response.body) \
-            else None
+        p_msgs, l_msgs = _plain_messages(prod), _plain_messages(local)
         if p_msgs is None or l_msgs is None:
             if bytes(prod.response.body) != bytes(local.response.body) or \
                     prod.response.body_size != local.response.body_size:
@@ -150,6 +148,28 @@ class H2Shadow:
             if p_raw != l_raw:
                 items.append(DiffItem(field_name, _preview(p_raw), _preview(l_raw)))
         return items
+
+
+def _plain_messages(ex: Exchange) -> list[tuple[bool, bytes]] | None:
+    """The answer's gRPC messages, each uncompressed when it was compressed with gzip (grpc-encoding): two servers
+    may compress the same message differently, or one not at all. None when the body is cut or its framing broken."""
+    resp = ex.response
+    if resp.body_size != len(resp.body):
+        return None
+    messages = grpc_messages(bytes(resp.body))
+    if messages is None:
+        return None
+    encoding = (resp.header("grpc-encoding") or "identity").lower()
+    out: list[tuple[bool, bytes]] = []
+    for compressed, data in messages:
+        if compressed and encoding == "gzip":
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError):
+                return None  # not what the header said: compared as the bytes they are
+            compressed = False
+        out.append((compressed, data))
+    return out
 
 
 def _record(ex: Exchange, with_body: bool) -> ResponseRecord:
