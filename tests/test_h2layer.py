@@ -46,6 +46,7 @@ class Local:
         self.requests: list[tuple[int, str]] = []
         self.bodies: dict[int, int] = {}  # body bytes received per stream
         self.unacked: dict[int, int] = {}
+        self.trailers: dict[int, dict[str, str]] = {}
         self.answer = True
 
     def feed(self, commands: list[Any]) -> bytes:
@@ -57,6 +58,8 @@ class Local:
                     elif isinstance(ev, h2.events.DataReceived):
                         self.bodies[ev.stream_id] = self.bodies.get(ev.stream_id, 0) + len(ev.data)
                         self.unacked[ev.stream_id] = self.unacked.get(ev.stream_id, 0) + ev.flow_controlled_length
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        self.trailers[ev.stream_id] = dict(ev.headers)  # type: ignore[arg-type]
                     elif isinstance(ev, h2.events.StreamEnded) and self.answer:
                         self.conn.send_headers(ev.stream_id, [(":status", "200")], end_stream=True)
         return self.conn.data_to_send()
@@ -182,3 +185,28 @@ def test_max_rps_counts_streams_on_the_bucket_it_is_given() -> None:
     assert [(s.path, s.fate) for s in of_type(out, StreamSeen)] == [
         ("/a", Fate.FORWARDED), ("/b", Fate.FORWARDED), ("/c", Fate.RATE_LIMITED)]
     assert (layer.stats.forwarded, layer.stats.rate_limited) == (2, 1)
+
+
+def test_request_trailers_follow_a_body_held_back_by_flow_control() -> None:
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    c.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "prod"), (":path", "/up")])
+    c.increment_flow_control_window(1 << 20)
+    c.outbound_flow_control_window = c.streams[1].outbound_flow_control_window = 1 << 30
+    for i in range(0, 100_000, 16384):
+        c.send_data(1, b"y" * min(16384, 100_000 - i))
+    c.send_headers(1, [("x-checksum", "abc")], end_stream=True)
+    layer = H2Layer(H2Options(set_header=[("x-mirror", "1")]))
+    local = Local()
+    settings = local.feed(play(layer, OPEN, Send(1, c.data_to_send(), 0.1)))
+    local.feed(play(layer, LocalData(1, settings, 0.5)))
+    assert local.bodies[1] <= 65535 and local.trailers == {}  # the trailers wait behind the body
+    for _ in range(50):  # bounded: each round trip opens the windows a little further
+        for sid, n in local.unacked.items():
+            local.conn.acknowledge_received_data(n, sid)
+        local.unacked.clear()
+        answer = local.conn.data_to_send()
+        if not answer:
+            break
+        local.feed(play(layer, LocalData(1, answer, 1.0)))
+    assert local.bodies[1] == 100_000 and local.trailers == {1: {"x-checksum": "abc"}}

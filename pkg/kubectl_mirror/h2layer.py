@@ -24,6 +24,7 @@ delivery hearing of it; `GiveUp` when the local side broke the protocol.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import re
@@ -204,6 +205,7 @@ class _Origin:
         self.settled = False
         self.close_at: float | None = None  # when the captured client's end came (held until streams are over)
         self.end: Close | Abort | None = None  # that end
+        self.trailers: dict[int, Headers] = {}  # captured stream -> the client's trailers, sent after its DATA
         self.opened = False
 
 
@@ -532,12 +534,26 @@ class H2Layer:
             o.pending_end.add(local)
 
     def _o_trailers(self, f: _Flow, stream: int, headers: Headers) -> None:
+        """The client's trailers end its stream: after its DATA, which may still wait for a window or a start."""
         o = f.origin
         assert o is not None
+        o.trailers[stream] = headers
         local = o.ids.get(stream)
-        if local is not None and local in o.open and not o.pending.get(local):
+        if local is not None and not o.pending.get(local):
+            self._o_send_trailers(o, local)
+
+    @staticmethod
+    def _o_send_trailers(o: _Origin, local: int) -> None:
+        stream = o.back.get(local)
+        headers = o.trailers.pop(stream, None) if stream is not None else None
+        if headers is None or local not in o.open:
+            return
+        o.pending_end.discard(local)
+        try:
             o.conn.send_headers(local, headers, end_stream=True)
-            o.pending_end.discard(local)
+        except (h2.exceptions.ProtocolError, ValueError, TypeError):
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                o.conn.end_stream(local)  # trailers HTTP/2 forbids: the stream still ends
 
     def _o_reset(self, f: _Flow, stream: int, code: int) -> None:
         o = f.origin
@@ -568,6 +584,9 @@ class H2Layer:
                 self._o_start(f, stream, headers, end, queued=True)
                 if buf or (ended and not end):
                     self._o_data(f, stream, bytes(buf), ended)
+                local = o.ids.get(stream)
+                if local is not None and stream in o.trailers and not o.pending.get(local):
+                    self._o_send_trailers(o, local)
         for local in list(o.pending):
             buf = o.pending[local]
             if local not in o.open:
@@ -586,6 +605,7 @@ class H2Layer:
                     o.pending_end.discard(local)
             if not buf:
                 del o.pending[local]
+                self._o_send_trailers(o, local)
         for local in list(o.pending_end):
             if local not in o.pending:
                 o.pending_end.discard(local)
