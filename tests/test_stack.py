@@ -26,7 +26,7 @@ from kubectl_mirror.reassemble import FlowConfig
 from kubectl_mirror.replay import Delivery
 from kubectl_mirror.shadow import RequestResult, ShadowOptions
 from kubectl_mirror.stack import DeliveryOver, Stack, StackOptions
-from kubectl_mirror.summary import SummaryBuilder
+from kubectl_mirror.summary import CompareSummary, SummaryBuilder
 from kubectl_mirror.turns import TurnOptions
 from tests.test_reassemble import CLIENT, SERVER, Conn
 
@@ -160,3 +160,23 @@ def test_turn_actions_reach_delivery_only_as_waits() -> None:
     c = Conn(client=Endpoint("10.0.0.7", 41000))
     out = s.segments([c.syn(0.0), c.synack(0.01), c.data(0, GET, 0.1), c.sack(len(GET), 0.15, payload=OK)])
     assert not any(isinstance(a, Turn) for a in out)
+
+
+def test_figures_of_the_layers_that_are_on() -> None:
+    shadow = ShadowOptions(HttpOptions(), compare=True)
+    s, _, _ = stack(FlowConfig(server_stream=True), http=shadow)
+    c = Conn()
+    s.segments([c.syn(0.0), c.synack(0.01), c.data(0, GET, 0.1), c.sack(len(GET), 0.2, payload=OK),
+                c.fin(len(GET), 0.3), server_fin(c, len(OK), len(GET) + 1, 0.4)])
+    s.handle(LocalData(1, OK, 100.5))
+    s.handle(Delivery(1, None, len(GET), None))
+    s.handle(DeliveryOver())
+    assert s.compare_summary() == CompareSummary(same=1, different=0, unpaired=0)
+    http = s.http_summary()
+    assert http is not None and (http.requests, http.forwarded) == (1, 1)
+    h2 = s.h2_summary()  # HTTP mode looks for HTTP/2 too: none here
+    assert h2 is not None and h2.connections == 0
+    assert s.turn_summary() is None  # off: no figures
+
+    plain, _, _ = stack()
+    assert (plain.http_summary(), plain.compare_summary(), plain.turn_summary()) == (None, None, None)

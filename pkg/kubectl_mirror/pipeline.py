@@ -32,15 +32,10 @@ from .settings import Destination, Settings
 from .shadow import ShadowOptions
 from .stack import Command, DeliveryOver, Stack, StackOptions
 from .summary import (
-    CompareSummary,
-    GrpcMethodSummary,
-    H2Summary,
-    HttpSummary,
     Summary,
     SummaryBuilder,
-    TurnSummary,
 )
-from .turns import TurnOptions, percentile
+from .turns import TurnOptions
 
 log = logging.getLogger(__name__)
 
@@ -313,60 +308,11 @@ class Engine:
             duration_seconds=self._clock() - self._started,
             interrupted=stats is None and self.stop.interrupted,
             open_flows=self.stack.table.open_flows if stats is not None else None,
-            http=self._http_summary(),
-            compare=self._compare_summary(),
-            turns=self._turn_summary(),
-            h2=self._h2_summary(),
+            http=self.stack.http_summary(),
+            compare=self.stack.compare_summary(),
+            turns=self.stack.turn_summary(),
+            h2=self.stack.h2_summary(),
         )
-
-    def _turn_summary(self) -> TurnSummary | None:
-        if self.stack.turns is None:
-            return None
-        s = self.stack.turns.stats
-
-        def ms(values: list[float], q: float) -> float | None:
-            p = percentile(values, q)
-            return None if p is None else round(p * 1000, 3)
-
-        return TurnSummary(
-            turns=s.turns, answered=s.answered, unanswered=s.unanswered, not_waited=s.not_waited,
-            requests=s.requests, requests_answered=s.requests_answered, requests_unanswered=s.requests_unanswered,
-            closed_early=s.closed_early,
-            local_p50_ms=ms(s.local_times, 50), local_p99_ms=ms(s.local_times, 99),
-            production_p50_ms=ms(s.production_times, 50), production_p99_ms=ms(s.production_times, 99),
-        )
-
-    def _h2_summary(self) -> H2Summary | None:
-        h2, h2shadow = self.stack.h2, self.stack.h2shadow
-        if h2 is None or h2shadow is None:
-            return None
-        s = h2.stats
-        per = h2shadow.results.methods
-        methods = {}
-        for name, seen in s.grpc_methods.items():
-            m = per.get(name)
-            methods[name] = GrpcMethodSummary(seen=seen, forwarded=m.calls if m else 0, same=m.same if m else 0,
-                                              different=m.different if m else 0, unpaired=m.unpaired if m else 0)
-        return H2Summary(connections=s.connections, upgraded=s.upgraded, undecodable=s.undecodable,
-                         streams=s.streams, grpc_calls=s.grpc_calls, forwarded=s.forwarded, filtered=s.filtered,
-                         rate_limited=s.rate_limited, refused=s.refused,
-                         sampled_out_connections=s.sampled_out_connections, grpc_methods=methods)
-
-    def _http_summary(self) -> HttpSummary | None:
-        if self.stack.http is None:
-            return None
-        s = self.stack.http.stats
-        return HttpSummary(
-            requests=s.requests, forwarded=s.forwarded, filtered=s.filtered, rate_limited=s.rate_limited,
-            sampled_out_connections=s.sampled_out_connections, non_http_connections=s.non_http_connections,
-            parse_errors=s.parse_errors,
-        )
-
-    def _compare_summary(self) -> CompareSummary | None:
-        sh = self.stack.shadow
-        if sh is None or not sh.comparing:
-            return None
-        return CompareSummary(same=sh.same, different=sh.different, unpaired=sh.unpaired)
 
     # ---- the loop ------------------------------------------------------------------------------
 

@@ -44,9 +44,9 @@ from .model import (
 from .reassemble import FlowConfig, FlowTable, TableCommand
 from .replay import Delivery
 from .shadow import Shadow, ShadowOptions
-from .summary import SummaryBuilder
+from .summary import CompareSummary, GrpcMethodSummary, H2Summary, HttpSummary, SummaryBuilder, TurnSummary
 from .tlsgate import KubeletProbe, TlsFlow, TlsGate
-from .turns import TurnOptions, TurnTaker
+from .turns import TurnOptions, TurnTaker, percentile
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _split_tail(commands: list[TableCommand] | list[object], kinds: tuple[type, 
 
 
 class Stack:
-    """One run's layers and the routes between them; see the module doc."""
+    """One run's layers, the routes between them, and their figures for the summary; see the module doc."""
 
     def __init__(self, options: StackOptions, builder: SummaryBuilder, clock: Callable[[], float],
                  notice: Callable[[str], None] | None = None, *, flow_buffer: int = 8 << 20) -> None:
@@ -234,6 +234,58 @@ class Stack:
             out = self._through_turns(actions) if actions else []
             out += gave_up
         return out + (self.turns.flush() if self.turns is not None else [])
+
+    # ---- figures -------------------------------------------------------------------------------------------
+
+    def turn_summary(self) -> TurnSummary | None:
+        """The layers' own figures for the summary (None: the layer is off)."""
+        if self.turns is None:
+            return None
+        s = self.turns.stats
+
+        def ms(values: list[float], q: float) -> float | None:
+            p = percentile(values, q)
+            return None if p is None else round(p * 1000, 3)
+
+        return TurnSummary(
+            turns=s.turns, answered=s.answered, unanswered=s.unanswered, not_waited=s.not_waited,
+            requests=s.requests, requests_answered=s.requests_answered, requests_unanswered=s.requests_unanswered,
+            closed_early=s.closed_early,
+            local_p50_ms=ms(s.local_times, 50), local_p99_ms=ms(s.local_times, 99),
+            production_p50_ms=ms(s.production_times, 50), production_p99_ms=ms(s.production_times, 99),
+        )
+
+    def h2_summary(self) -> H2Summary | None:
+        h2, h2shadow = self.h2, self.h2shadow
+        if h2 is None or h2shadow is None:
+            return None
+        s = h2.stats
+        per = h2shadow.results.methods
+        methods = {}
+        for name, seen in s.grpc_methods.items():
+            m = per.get(name)
+            methods[name] = GrpcMethodSummary(seen=seen, forwarded=m.calls if m else 0, same=m.same if m else 0,
+                                              different=m.different if m else 0, unpaired=m.unpaired if m else 0)
+        return H2Summary(connections=s.connections, upgraded=s.upgraded, undecodable=s.undecodable,
+                         streams=s.streams, grpc_calls=s.grpc_calls, forwarded=s.forwarded, filtered=s.filtered,
+                         rate_limited=s.rate_limited, refused=s.refused,
+                         sampled_out_connections=s.sampled_out_connections, grpc_methods=methods)
+
+    def http_summary(self) -> HttpSummary | None:
+        if self.http is None:
+            return None
+        s = self.http.stats
+        return HttpSummary(
+            requests=s.requests, forwarded=s.forwarded, filtered=s.filtered, rate_limited=s.rate_limited,
+            sampled_out_connections=s.sampled_out_connections, non_http_connections=s.non_http_connections,
+            parse_errors=s.parse_errors,
+        )
+
+    def compare_summary(self) -> CompareSummary | None:
+        sh = self.shadow
+        if sh is None or not sh.comparing:
+            return None
+        return CompareSummary(same=sh.same, different=sh.different, unpaired=sh.unpaired)
 
     # ---- routes -----------------------------------------------------------------------------------------
 
