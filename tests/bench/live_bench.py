@@ -201,8 +201,10 @@ def message(mid: str, size: int) -> bytes:
     return head + b"x" * max(0, size - len(head) - 1) + b"\n"
 
 
-def client(host: str, port: int, messages: int, conns: int, rate: float, seed: int) -> int:
-    """`conns` connections opened first, then `messages` sent round-robin on a fixed schedule of `rate` per second."""
+def client(host: str, port: int, messages: int, conns: int, rate: float, seed: int, size: int = 0,
+           prefix: str = "m") -> int:
+    """`conns` connections opened first, then `messages` sent round-robin on a fixed schedule of `rate` per second
+    (each of `size` bytes, or MSG_MIN-MSG_MAX when 0; ids start with `prefix`)."""
     rnd = random.Random(seed)
     errors: list[str] = []
     socks: list[socket.socket] = []
@@ -220,7 +222,7 @@ def client(host: str, port: int, messages: int, conns: int, rate: float, seed: i
             if ahead > 0:
                 time.sleep(ahead)
             # The id carries the connection so a mis-ordered delivery would show up when reading the figures.
-            socks[i % conns].sendall(message(f"m{i}c{i % conns}", rnd.randint(MSG_MIN, MSG_MAX)))
+            socks[i % conns].sendall(message(f"{prefix}{i}c{i % conns}", size or rnd.randint(MSG_MIN, MSG_MAX)))
             sent += 1
     except OSError as exc:
         errors.append(repr(exc))
@@ -263,6 +265,7 @@ class PluginRun:
         self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         self.lines: list[str] = []
+        self.out: list[bytes] = []
         self.mirroring = threading.Event()
         self._readers = [threading.Thread(target=self._read_err, daemon=True),
                          threading.Thread(target=self._drain_out, daemon=True)]
@@ -281,8 +284,18 @@ class PluginRun:
     def _drain_out(self) -> None:
         stdout = self.proc.stdout
         assert isinstance(stdout, io.BufferedReader)  # a binary, buffered pipe (Popen's default bufsize)
-        for _ in iter(lambda: stdout.read1(65536), b""):
-            pass
+        for chunk in iter(lambda: stdout.read1(65536), b""):
+            self.out.append(chunk)
+
+    def summary(self) -> dict[str, Any]:
+        """The `-o json` summary on stdout (read after exit), or {}."""
+        text = b"".join(self.out).decode(errors="replace").strip()
+        for candidate in (text, *text.splitlines()[-1:]):  # one JSON document, or JSON lines (the summary last)
+            try:
+                return dict(json.loads(candidate))
+            except (ValueError, TypeError):
+                continue
+        return {}
 
     def tail(self, n: int = 15) -> str:
         return "".join(self.lines[-n:]).rstrip()
@@ -381,6 +394,120 @@ def _run_latency(res: LatencyResult, rec: Receiver, pod_ip: str, kubeconfig: Pat
     res.bad_lines = rec.bad_lines
 
 
+# ---- the live path's sustainable rate ---------------------------------------------------------------------------
+
+SUSTAIN_SECONDS = 30.0
+# Offered MB/s, one step after the other while every message arrives.
+SUSTAIN_STEPS = (5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 80.0)
+SUSTAIN_MSG = 16384  # bytes per message
+SUSTAIN_CONNS = 16
+
+
+@dataclass
+class SustainStep:
+    offered: float  # MB/s asked of the client
+    seconds: float  # the client's wall for the step
+    sent: int
+    delivered: int
+    packets: int  # through the pod's interface (both ways), what tcpdump captures
+
+    @property
+    def ok(self) -> bool:
+        return self.sent > 0 and self.delivered == self.sent
+
+    @property
+    def mb_s(self) -> float:
+        return self.sent * SUSTAIN_MSG / 1e6 / max(self.seconds, 1e-9)
+
+
+@dataclass
+class SustainResult:
+    seconds: float = SUSTAIN_SECONDS
+    flags: list[str] = field(default_factory=list)  # given to the plugin besides the target
+    steps: list[SustainStep] = field(default_factory=list)
+    exit_code: int | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    stderr_tail: str = ""
+
+    def best(self) -> SustainStep | None:
+        """The highest step with every message delivered, if every step below it was clean too."""
+        good = None
+        for step in self.steps:
+            if not step.ok:
+                break
+            good = step
+        return good
+
+
+def _pod_packets(netns: str) -> int:
+    out = subprocess.run(["ip", "netns", "exec", netns, "sh", "-c",
+                          "cat /sys/class/net/*/statistics/rx_packets /sys/class/net/*/statistics/tx_packets"],
+                         capture_output=True, text=True, timeout=30, check=False).stdout
+    return sum(int(x) for x in out.split() if x.isdigit())
+
+
+def measure_sustained(seconds: float = SUSTAIN_SECONDS, steps: tuple[float, ...] = SUSTAIN_STEPS,
+                      extra: list[str] | None = None) -> SustainResult:
+    """The live path (test API server exec -> tcpdump in the pod -> the plugin's tsharks -> a local port) at rising
+    offered rates, `seconds` each, until a step loses a message: the last clean step is the figure."""
+    from tests.apiserver import FakeCluster, PodNetns
+
+    res = SustainResult(seconds, list(extra or []))
+    rec = Receiver()
+    rec.start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp, PodNetns() as pod, FakeCluster(Path(tmp)) as fc:
+            fc.tap_start_delay = 0.05
+            fc.add_pod("default", "lat-1", containers=[{"name": "web", "image": "nginx:1.27",
+                                                         "ports": [{"name": "http", "containerPort": POD_PORT}]}],
+                       netns=pod.name)
+            with pod_server(pod.name):
+                _run_sustained(res, rec, pod, fc.kubeconfig, steps, extra or [])
+    finally:
+        rec.stop()
+    return res
+
+
+def _run_sustained(res: SustainResult, rec: Receiver, pod: Any, kubeconfig: Path, steps: tuple[float, ...],
+                   extra: list[str]) -> None:
+    plugin = PluginRun([str(CLI), "pod/lat-1", "--to", f"127.0.0.1:{rec.port}", "--kubeconfig", str(kubeconfig),
+                        "-o", "json", *extra])
+    try:
+        if not plugin.mirroring.wait(START_TIMEOUT) or plugin.proc.poll() is not None:
+            res.error = f"no 'mirroring' line within {START_TIMEOUT:.0f} s (exit {plugin.proc.poll()})"
+            return
+        if not _warm_up(rec, pod.ip):
+            res.error = f"no warm-up message reached the local port within {WARM_TIMEOUT:.0f} s"
+            return
+        for k, offered in enumerate(steps):
+            rate = offered * 1e6 / SUSTAIN_MSG
+            messages = int(rate * res.seconds)
+            prefix = f"s{k}-"
+            log(f"sustained rate: step {k + 1}/{len(steps)}, {offered:g} MB/s offered for {res.seconds:.0f} s ...")
+            before = _pod_packets(pod.name)
+            t0 = time.monotonic()
+            done = subprocess.run([sys.executable, __file__, "client", "--host", pod.ip, "--port", str(POD_PORT),
+                                   "--messages", str(messages), "--conns", str(SUSTAIN_CONNS), "--rate", str(rate),
+                                   "--seed", str(k + 1), "--size", str(SUSTAIN_MSG), "--prefix", prefix],
+                                  capture_output=True, text=True, timeout=res.seconds * 5 + 60, check=False)
+            wall = time.monotonic() - t0
+            out = done.stdout.strip().splitlines()
+            report: dict[str, Any] = json.loads(out[-1]) if out else {"sent": 0, "errors": [done.stderr[-500:]]}
+            sent = int(report["sent"])
+            deadline = time.monotonic() + DRAIN_TIMEOUT
+            while time.monotonic() < deadline and rec.seen(prefix) < sent:
+                time.sleep(0.1)
+            step = SustainStep(offered, wall, sent, rec.seen(prefix), _pod_packets(pod.name) - before)
+            res.steps.append(step)
+            if report["errors"] or not step.ok:
+                break
+    finally:
+        res.exit_code = plugin.stop(STOP_TIMEOUT)
+        res.stderr_tail = plugin.tail()
+        res.summary = plugin.summary()
+
+
 def messages_desc(res: LatencyResult) -> str:
     return (f"{res.messages:,} messages of {MSG_MIN}-{MSG_MAX} B over {res.conns} connections at "
             f"{res.rate:.0f} msg/s")
@@ -450,8 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conns", type=int, default=CONNS)
     p.add_argument("--rate", type=float, default=RATE)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--size", type=int, default=0)
+    p.add_argument("--prefix", default="m")
     a = p.parse_args(argv)
-    return client(a.host, a.port, a.messages, a.conns, a.rate, a.seed)
+    return client(a.host, a.port, a.messages, a.conns, a.rate, a.seed, a.size, a.prefix)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
     .venv/bin/python tests/bench/run.py [--runs N] [--regenerate] [--skip-long] [--skip-exec] [--skip-latency]
                                         [--skip-binary] [--skip-http] [--only-http] [--skip-h2] [--only-h2]
-                                        [--skip-shards] [--only-shards]
+                                        [--skip-shards] [--only-shards] [--skip-live-rate] [--only-live-rate]
 
 --only-shards measures the dissector scaling curve alone: `replay --dissectors N` for N = 1, 2, 4 on the big
 capture, next to tshark alone (metadata fields only), with CPU and the RSS of the plugin and all its tsharks.
+--only-live-rate measures the live path's sustainable rate alone (live_bench.measure_sustained: rising offered
+rates, 30 s each, until a message is lost), next to the exec channel's own MB/s measured in the same run.
 
 Besides the replay figures it measures the live path against the in-repo test API server (tests/bench/live_bench.py):
 exec channel MB/s of this client vs /usr/bin/kubectl exec, mirrored-segment latency to the local port, and the
@@ -71,6 +73,7 @@ TARGET_P99_MS = 50.0
 TARGET_BINARY_STARTUP = 0.5  # seconds
 TARGET_SHARD_RATIO = 1.3  # tshark alone / replay with several dissectors (issue #14)
 SHARD_COUNTS = (1, 2, 4)
+SUSTAIN_FLAGS: tuple[list[str], ...] = (["--dissectors", "1"], [])  # one tshark, then the default (the usable cores)
 
 
 # ---- captures -------------------------------------------------------------------------------------------------
@@ -415,7 +418,15 @@ def main() -> int:
     ap.add_argument("--only-h2", action="store_true", help="measure HTTP/2 mode only (quick look)")
     ap.add_argument("--skip-shards", action="store_true", help="leave out the dissector scaling curve")
     ap.add_argument("--only-shards", action="store_true", help="measure the dissector scaling curve only")
+    ap.add_argument("--skip-live-rate", action="store_true", help="leave out the live path's sustainable rate")
+    ap.add_argument("--only-live-rate", action="store_true", help="measure the live path's sustainable rate only")
     args = ap.parse_args()
+    if args.only_live_rate:
+        exec_only = live_bench.measure_exec()
+        for flags in SUSTAIN_FLAGS:
+            log(f"live path, sustainable rate {' '.join(flags) or '(default --dissectors)'} ...")
+            report_sustained(live_bench.measure_sustained(extra=flags), exec_only)
+        return 0
     if args.only_shards:
         big, big_meta = ensure_capture(BIG, args.regenerate)
         with discard_server() as port:
@@ -478,6 +489,11 @@ def main() -> int:
         lat = live_bench.measure_latency()
     if binary is not None:
         binary = live_bench.measure_binary(binary)
+    sustained = []
+    if not args.skip_live_rate:
+        for flags in SUSTAIN_FLAGS:
+            log(f"live path, sustainable rate {' '.join(flags) or '(default --dissectors)'} ...")
+            sustained.append(live_bench.measure_sustained(extra=flags))
 
     report(args, big, big_meta, runs, long_path, long_meta, long_run, long_b, startup, time.monotonic() - t_begin,
            exec_res, lat, binary, http_res, turn_res)
@@ -485,7 +501,37 @@ def main() -> int:
         h2_bench.report(h2_res, REPO)
     if shards is not None:
         report_shards(big, big_meta, shards)
+    for one in sustained:
+        report_sustained(one, exec_res)
     return 0
+
+
+def report_sustained(r: live_bench.SustainResult, exec_res: live_bench.ExecResult | None) -> None:
+    flags = " ".join(r.flags) or f"default --dissectors: {len(os.sched_getaffinity(0))} usable cores"
+    print(f"\nlive path, sustainable rate: test API server exec -> tcpdump in the pod -> the plugin ({flags}) -> a "
+          f"local port; {live_bench.SUSTAIN_CONNS} "
+          f"connections of {live_bench.SUSTAIN_MSG:,} B messages, each step {r.seconds:.0f} s; load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    if r.error:
+        print(f"  problem: {r.error}")
+    for st in r.steps:
+        print(f"  offered {st.offered:5.1f} MB/s: sent {st.mb_s:6.1f} MB/s ({st.packets / max(st.seconds, 1e-9):9,.0f} "
+              f"pkt/s at the pod), delivered {st.delivered:,} of {st.sent:,} messages: "
+              f"{'all' if st.ok else 'LOSS'}")
+    best = r.best()
+    conns = r.summary.get("connections", {})
+    shown = f"{best.mb_s:.1f} MB/s, {best.packets / best.seconds:,.0f} pkt/s" if best else "none"
+    print(f"  highest clean step: {shown}"
+          f" (plugin exit {r.exit_code}; summary incomplete {conns.get('incomplete', '?')}, dropped "
+          f"{conns.get('dropped', '?')}, packets {r.summary.get('packets', '?')})")
+    for warning in r.summary.get("warnings") or []:
+        print(f"  plugin warning: {warning}")
+    if exec_res is not None and not exec_res.error:
+        noise = "not measurable (noise: the longer run was not slower)"
+        ours = f"{exec_res.ours:.1f} MB/s" if math.isfinite(exec_res.ours) else noise
+        print(f"  exec channel alone in the same run: {ours} (kubectl exec {exec_res.kubectl:.1f} MB/s)")
+    if r.exit_code != 0 or r.error:
+        print("  plugin stderr (last lines):\n    " + "\n    ".join(r.stderr_tail.splitlines()))
 
 
 def report(args: argparse.Namespace, big: Path, meta: dict[str, Any], runs: dict[str, list[Run]],
