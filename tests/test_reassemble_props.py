@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kubectl_mirror.model import ACK, FIN, PSH, SYN, Abort, AbortReason, Action, Close, Endpoint, Open, Segment, Send
-from kubectl_mirror.reassemble import FlowConfig, FlowTable, _Pending
+from kubectl_mirror.reassemble import FlowConfig, FlowTable, PendingBytes
 
 MASK = 0xFFFFFFFF
 CLIENT = Endpoint("10.0.0.1", 40000)
@@ -188,7 +188,7 @@ def test_interleaved_flows_never_mix(txs: list[tuple[bytes, int, list[Piece]]], 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=1, max_size=200), st.lists(st.tuples(st.integers(0, 199), st.integers(1, 60)), max_size=30))
 def test_pending_buffer_keeps_disjoint_chunks_of_the_stream(stream: bytes, ranges: list[tuple[int, int]]) -> None:
-    buf = _Pending()
+    buf = PendingBytes()
     have = bytearray(len(stream))
     for a, n in ranges:
         a %= len(stream)

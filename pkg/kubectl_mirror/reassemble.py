@@ -116,7 +116,7 @@ class _Mode(enum.Enum):
 
 
 @dataclass(slots=True)
-class _Pending:
+class PendingBytes:
     """Out-of-order client bytes waiting for a gap: non-overlapping chunks keyed by stream position."""
 
     starts: list[int] = field(default_factory=list)
@@ -189,7 +189,7 @@ class _Reply:
     done: bool = False  # every server byte up to its FIN was delivered
     lost: bool = False  # a hole stopped the Replies for good
     hole_since: float | None = None
-    pending: _Pending | None = None
+    pending: PendingBytes | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -212,7 +212,7 @@ class _Flow:
     need: int = 0  # stream position up to which bytes are known to exist; beyond `delivered` = a gap
     fin: int | None = None  # stream position of the client's FIN
     hole_since: float | None = None  # capture time of the last progress while a gap was pending
-    pending: _Pending | None = None
+    pending: PendingBytes | None = None
     reply: _Reply | None = None  # server_stream, mirrored flows only
     # Turn-taking: server payload bytes since the client's last bytes, the last one's time, and the time of the
     # segment before the first of them (the request's end, near enough; kept off the client's fast path).
@@ -239,7 +239,7 @@ class _Stream(Protocol):
     delivered: int  # stream position of `nxt`
     need: int  # stream position up to which bytes are known to exist
     fin: int | None  # stream position of the FIN
-    pending: _Pending | None  # out-of-order bytes
+    pending: PendingBytes | None  # out-of-order bytes
 
 
 def _deliver(s: _Stream, data: bytes) -> None:
@@ -284,7 +284,7 @@ def _sequence(s: _Stream, seq: int, data: bytes, flags: int, whole: bool, stats:
                 out.append(data)
             else:
                 if s.pending is None:
-                    s.pending = _Pending()
+                    s.pending = PendingBytes()
                 kept = s.pending.add(pos, data)
                 if stats is not None:
                     if pos > before:
@@ -963,4 +963,4 @@ class FlowTable:
         )
 
 
-__all__ = ["FlowConfig", "FlowTable", "ReassemblyStats", "TableCommand", "TableEvent", "Tracking"]
+__all__ = ["FlowConfig", "FlowTable", "PendingBytes", "ReassemblyStats", "TableCommand", "TableEvent", "Tracking"]
