@@ -184,3 +184,24 @@ def test_status_line_shows_requests_per_second_in_http_mode() -> None:
     line(first.model_copy(update={"protocols": {"http/1.x": 0, "h2": 10**9, "grpc": 10**9}}))
     rate = int(buf.getvalue().splitlines()[-1].split("req/s")[0].split()[-1].replace(",", ""))
     assert rate > 1000  # HTTP/2 streams count as requests
+
+
+def test_the_live_command_s_flags_are_typed_once() -> None:
+    from kubectl_mirror.cli import build_live_parser, engine_settings, live_target
+    from kubectl_mirror.settings import LiveTarget
+
+    args = build_live_parser("kubectl mirror").parse_args(
+        ["deploy/web", "--to", ":8080", "-c", "app", "--port", "http", "--all-pods", "--filter", "tcp[13] & 2 != 0",
+         "--image", "nicolaka/netshoot:v0.13", "--tap-timeout", "2m", "--duration", "30s", "--count", "5", "-q"])
+    assert live_target(args) == LiveTarget(
+        ref="deploy/web", container="app", port="http", all_pods=True, filter="tcp[13] & 2 != 0",
+        image="nicolaka/netshoot:v0.13", tap_timeout=120.0, duration=30.0, count=5)
+    settings = engine_settings(args)
+    assert (settings.to, settings.quiet) == (":8080", True)
+    # Nothing a live run reads is left on the namespace alone: every live flag lands in one of the two.
+    typed = {f for f in LiveTarget.__dataclass_fields__} | set(type(settings).__dataclass_fields__)
+    connection = {"kubeconfig", "context", "cluster", "user", "namespace", "as_user", "as_group", "as_uid",
+                  "request_timeout", "token", "server", "insecure_skip_tls_verify", "certificate_authority",
+                  "client_certificate", "client_key", "verbosity", "tls_server_name", "username", "password",
+                  "disable_compression", "cache_dir", "match_server_version"}
+    assert set(vars(args)) - typed - connection == set(), set(vars(args)) - typed - connection

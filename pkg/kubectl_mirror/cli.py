@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .errors import EXIT_INTERRUPTED, MirrorError, UsageError
 from .model import PAYLOAD
-from .settings import Settings
+from .settings import LiveTarget, Settings
 
 
 def prog_name(argv0: str) -> str:
@@ -359,6 +359,13 @@ def setup_logging(verbosity: int) -> None:
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
+def live_target(args: argparse.Namespace) -> LiveTarget:
+    """The live command's target, tap and stop flags, typed, built once like `engine_settings`."""
+    given = vars(args)
+    values = {f.name: given[f.name] for f in dataclasses.fields(LiveTarget) if given.get(f.name) is not None}
+    return LiveTarget(**values)
+
+
 def engine_settings(args: argparse.Namespace) -> Settings:
     """The typed settings of a run, built once from the parsed flags: nothing after this reads the namespace.
 
@@ -425,9 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(run_status(args))
         args = build_live_parser(prog).parse_args(rest)
         setup_logging(args.verbosity)
+        from .kubeconfig import ConnectionFlags
         from .live import run_live
 
-        return int(run_live(args, engine_settings(args)))
+        return int(run_live(ConnectionFlags.from_args(args), live_target(args), engine_settings(args)))
     except MirrorError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code

@@ -176,7 +176,11 @@ def _select(flags: ConnectionFlags, merged: dict[str, Any], paths: list[Path]) -
 
 def connect(args: argparse.Namespace, *, environ: Mapping[str, str] | None = None) -> Connection:
     """Build the Connection that the flags in `args` (see add_connection_flags) select."""
-    flags = ConnectionFlags.from_args(args)
+    return connect_with(ConnectionFlags.from_args(args), environ=environ)
+
+
+def connect_with(flags: ConnectionFlags, *, environ: Mapping[str, str] | None = None) -> Connection:
+    """Build the Connection these connection flags select."""
     env = os.environ if environ is None else environ
     paths = kubeconfig_paths(flags.kubeconfig, env)
     merged = merge_kubeconfigs(paths)

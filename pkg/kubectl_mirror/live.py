@@ -6,7 +6,6 @@ typo never leaves an ephemeral container behind (they cannot be removed).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import sys
@@ -21,7 +20,7 @@ from .errors import ClusterError, MirrorError, TargetGoneError, ToolError, Usage
 from .execstream import ExecProcess, start_capture, stop_remote
 from .follow import Follower
 from .following import Following
-from .kubeconfig import Connection, connect
+from .kubeconfig import Connection, ConnectionFlags, connect_with
 from .mesh import ANY, LOOPBACK, announcement
 from .output import notice_printer, report, status_line
 from .pcap import PcapReader, PcapWriter
@@ -36,7 +35,7 @@ from .pipeline import (
 )
 from .progress import StatusLine
 from .replay import destination
-from .settings import Destination, Settings
+from .settings import Destination, LiveTarget, Settings
 from .summary import PodFigures, Summary, SummaryBuilder, exit_code, finished
 from .tap import DEFAULT_IMAGE, Tap, ensure_tap, tap_ended
 from .target import Pod, PodTarget, resolve_selection, target_for
@@ -247,23 +246,24 @@ def default_capture_file(targets: list[PodTarget]) -> str:
     return f"mirror-{targets[0].pod}-{time.strftime('%Y%m%d-%H%M%S')}.pcapng"
 
 
-def run_live(args: argparse.Namespace, settings: Settings) -> int:
-    """The live command: `args` names the target and the tap, `settings` (built from the same argv) the run."""
+def run_live(flags: ConnectionFlags, args: LiveTarget, settings: Settings) -> int:
+    """The live command: `flags` say which cluster, `args` name the target and the tap, `settings` the run."""
     if not args.ref and not args.selector:
         raise UsageError("name what to mirror: TYPE/NAME (for example deploy/web) or -l SELECTOR")
     dest: Destination | None = None
     tshark: TsharkInfo | None = None
-    if args.to:
+    if settings.to:
         # Before the pod is touched: ephemeral containers cannot be removed, so fail on a typo first.
-        dest = destination(args.to, allow_remote=args.allow_remote)
-        tshark = find_tshark(args.tshark)
-    conn = connect(args)
+        dest = destination(settings.to, allow_remote=settings.allow_remote)
+        tshark = find_tshark(settings.tshark)
+    conn = connect_with(flags)
     try:
         targets, selection, chosen = resolve_selection(conn, args.ref or "", selector=args.selector,
                                                        container=args.container, port=args.port,
                                                        all_pods=args.all_pods)
-        pods = [KubePodCapture(conn, t, _tap(conn, t, args), args.filter, capture_interface(t, args),
-                               new_tap=functools.partial(_tap, conn, t, args)) for t in targets]
+        pods = [KubePodCapture(conn, t, _tap(conn, t, args, settings.quiet), args.filter,
+                               capture_interface(t, args, quiet=settings.quiet),
+                               new_tap=functools.partial(_tap, conn, t, args, settings.quiet)) for t in targets]
         follower = Follower(Following.mode_for(selection, args.all_pods), selection.source)
         follower.seed(chosen)
         following: Following | None = None
@@ -276,7 +276,7 @@ def run_live(args: argparse.Namespace, settings: Settings) -> int:
 
         capture = LiveCapture(pods, follow=True, on_lost=on_lost)
         capture.start()
-        if not args.quiet:
+        if not settings.quiet:
             for note in (note for pod in pods for note in pod.notes):
                 print(f"note: {note}", file=sys.stderr)
         # Installed before the "mirroring" line: a Ctrl-C from then on is the graceful stop it announces.
@@ -289,7 +289,7 @@ def run_live(args: argparse.Namespace, settings: Settings) -> int:
         def say(text: str) -> None:
             if status is not None:
                 status.clear()
-            if not args.quiet or text.startswith("warning:"):
+            if not settings.quiet or text.startswith("warning:"):
                 print(text, file=sys.stderr, flush=True)
 
         def target_gone(message: str) -> None:
@@ -300,22 +300,22 @@ def run_live(args: argparse.Namespace, settings: Settings) -> int:
         def make_capture(pod: Pod) -> KubePodCapture:
             target = target_for(conn, pod, selection, args.container, args.port)
             # Said through `say`: the status line may be on screen by now.
-            return KubePodCapture(conn, target, _tap(conn, target, args), args.filter,
+            return KubePodCapture(conn, target, _tap(conn, target, args, settings.quiet), args.filter,
                                   capture_interface(target, args, say),
-                                  new_tap=functools.partial(_tap, conn, target, args),
+                                  new_tap=functools.partial(_tap, conn, target, args, settings.quiet),
                                   on_note=lambda text: say(f"note: {text}"))
 
         following = Following(conn, selection, follower, capture, make_capture, say=say, on_end=target_gone)
         try:
-            if not args.quiet:
-                where = str(dest) if dest else f"capture only, {_capture_path(args, targets)}"
+            if not settings.quiet:
+                where = str(dest) if dest else f"capture only, {_capture_path(settings, targets)}"
                 print(f"mirroring {describe(targets)} -> {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
             following.start()
             if dest is not None and tshark is not None:
                 summary, failure = _mirror(capture, stop, args, settings, targets, dest, tshark, status,
                                            lambda s: _following_now(s, follower))
             else:
-                summary = _capture_only(capture, stop, args, targets)
+                summary = _capture_only(capture, stop, args, settings, targets)
         finally:
             try:
                 try:
@@ -351,7 +351,8 @@ def run_live(args: argparse.Namespace, settings: Settings) -> int:
     return exit_code(summary)
 
 
-def capture_interface(target: PodTarget, args: argparse.Namespace, say: Callable[[str], None] | None = None) -> str:
+def capture_interface(target: PodTarget, args: LiveTarget, say: Callable[[str], None] | None = None,
+                      quiet: bool = False) -> str:
     """Where tcpdump listens in the pod: --interface, else loopback in a mesh (its plaintext hop), else any.
 
     Said once per meshed pod, before the tap is added: in a mesh, capturing every interface would mirror each
@@ -363,26 +364,26 @@ def capture_interface(target: PodTarget, args: argparse.Namespace, say: Callable
         line = announcement(target.pod, target.mesh, chosen, overridden=bool(args.interface), port=target.port)
         if say is not None:
             say(line)
-        elif not args.quiet:
+        elif not quiet:
             print(line, file=sys.stderr, flush=True)
     return chosen
 
 
-def _tap(conn: Connection, target: PodTarget, args: argparse.Namespace, *, avoid_legacy: bool = False) -> Tap:
+def _tap(conn: Connection, target: PodTarget, args: LiveTarget, quiet: bool, *, avoid_legacy: bool = False) -> Tap:
     log.info("target: pod %s/%s, container %s, port %d (%s)", target.namespace, target.pod, target.container,
              target.port, target.port_name or "by number")
     tap = ensure_tap(conn, target, image=args.image or DEFAULT_IMAGE, pull_policy=args.image_pull_policy,
                      timeout=args.tap_timeout, avoid_legacy=avoid_legacy)
     log.info("tap %s in %s: %s%s", tap.name, target.pod, "reused" if tap.reused else "added",
              " (no NET_RAW: Pod Security fallback)" if tap.fallback else "")
-    if tap.fallback and not args.quiet:
+    if tap.fallback and not quiet:
         print(f"note: Pod Security refused adding NET_RAW in namespace {target.namespace}; tap {tap.name} keeps the "
               "container runtime's own NET_RAW instead", file=sys.stderr)
     return tap
 
 
-def _capture_path(args: argparse.Namespace, targets: list[PodTarget]) -> str:
-    return str(args.write) if args.write else default_capture_file(targets)
+def _capture_path(settings: Settings, targets: list[PodTarget]) -> str:
+    return str(settings.write) if settings.write else default_capture_file(targets)
 
 
 def _writer(path: str, quiet: bool = False) -> PcapWriter:
@@ -439,12 +440,12 @@ def _leftover_warnings(pods: Sequence[KubePodCapture]) -> None:
             print(f"warning: {hint}", file=sys.stderr, flush=True)
 
 
-def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, settings: Settings,
+def _mirror(capture: LiveCapture, stop: StopFlag, args: LiveTarget, settings: Settings,
             targets: list[PodTarget],
             dest: Destination, tshark: TsharkInfo, status: StatusLine | None,
             now: Callable[[Summary], Summary]) -> tuple[Summary, MirrorError | None]:
     """Run the engine on the live stream; the error that stopped it comes back beside the summary."""
-    tee = _writer(args.write, args.quiet) if args.write else None
+    tee = _writer(settings.write, settings.quiet) if settings.write else None
     options = EngineOptions(
         dest=dest,
         flow=flow_config(settings, targets[0].port),
@@ -457,7 +458,7 @@ def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, sett
         max_packets=args.count,
         gaps=capture.pop_gaps,
         # Called from the loop: only start the stop, the loop reads what still comes.
-        on_stop=lambda: _begin_stop(capture, interrupted=stop.interrupted, quiet=args.quiet),
+        on_stop=lambda: _begin_stop(capture, interrupted=stop.interrupted, quiet=settings.quiet),
         stop=stop,
         http=shadow_options(settings),
         tls_passthrough=settings.tls_passthrough,
@@ -484,13 +485,15 @@ def _mirror(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, sett
     return summary, failure
 
 
-def _capture_only(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace, targets: list[PodTarget]) -> Summary:
+def _capture_only(capture: LiveCapture, stop: StopFlag, args: LiveTarget, settings: Settings,
+                  targets: list[PodTarget]) -> Summary:
     """No --to: write the capture (what ksniff users expect) and count what went by."""
-    path = _capture_path(args, targets)
-    writer = _writer(path, args.quiet)
+    path = _capture_path(settings, targets)
+    quiet = settings.quiet
+    writer = _writer(path, quiet)
     if stop.requested:  # Ctrl-C came before this loop
-        _begin_stop(capture, interrupted=stop.interrupted, quiet=args.quiet)
-    stop.on_first = lambda: _begin_stop(capture, interrupted=True, quiet=args.quiet)
+        _begin_stop(capture, interrupted=stop.interrupted, quiet=quiet)
+    stop.on_first = lambda: _begin_stop(capture, interrupted=True, quiet=quiet)
     started = time.monotonic()
     timer: threading.Timer | None = None
     if args.duration is not None:
@@ -511,13 +514,13 @@ def _capture_only(capture: LiveCapture, stop: StopFlag, args: argparse.Namespace
             over_count = args.count is not None and packets >= args.count
             if over_count or (args.duration is not None and time.monotonic() - started >= args.duration):
                 stop.request("count" if over_count else "duration")
-                _begin_stop(capture, interrupted=False, quiet=args.quiet)
+                _begin_stop(capture, interrupted=False, quiet=quiet)
                 break
     finally:
         if timer is not None:
             timer.cancel()
         writer.close()
-    if path != "-" and not args.quiet:
+    if path != "-" and not quiet:
         print(f"wrote {packets} packets to {path}", file=sys.stderr)
     builder = SummaryBuilder(source=describe(targets), target=f"capture only: {path}")
     return builder.build(packets=packets, bytes_captured=captured, tcp_segments=packets,

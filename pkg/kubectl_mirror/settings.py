@@ -17,6 +17,24 @@ _USAGE = "invalid --to {text!r}: expected [HOST]:PORT, for example :8080 or 127.
 
 
 @dataclass(frozen=True)
+class LiveTarget:
+    """What the live command mirrors, how it taps it and when it stops (cli.live_target builds it once)."""
+
+    ref: str | None = None  # TYPE/NAME
+    selector: str | None = None  # -l
+    container: str | None = None  # -c
+    port: str | None = None  # number or name
+    all_pods: bool = False
+    filter: str | None = None  # extra BPF, and'ed with the port
+    interface: str | None = None
+    image: str | None = None  # None: the default tap image
+    image_pull_policy: str = "IfNotPresent"
+    tap_timeout: float = 120.0
+    duration: float | None = None
+    count: int | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     """The flags of `replay` and of the live command that shape the run (defaults: the parsers' own)."""
 
