@@ -8,6 +8,8 @@ Each scenario runs a real server in the pod namespace and real clients in the ot
   the HTTP2 framing layer" when given two URLs for one connection, so each curl makes one request.
 * `upgrade`: the same server (nghttpd has no h2c upgrade) and `curl --http2`: HTTP/1.1 `Upgrade: h2c`, answered
   101.
+* `declined`: a stock Node.js HTTP server (tests/netlab/node_counter.js), which declines h2c: it answers curl's
+  `Upgrade: h2c` with 200, and curl goes on in HTTP/1.1 on the same connection (three requests).
 * `grpc`: the grpcio peer: 301 unary calls, 100 at a time, each with its own 120-byte metadata value (the HPACK
   dynamic tables evict many times over), then one call of each streaming kind.
 * `proto`: the grpcio peer's protobuf service (tests/netlab/protoitems.py): five calls of mirror.Items/Get, whose
@@ -45,6 +47,8 @@ def _docroot(root: Path) -> Path:
 def _server(kind: str, root: Path) -> list[str]:
     if kind == "h2load":
         return ["nghttpd", "--no-tls", "-d", str(_docroot(root)), str(PORT)]
+    if kind == "declined":
+        return ["node", str(REPO / "tests/netlab/node_counter.js"), str(root / "declined.json"), str(PORT), "0.0.0.0"]
     if kind in ("curl", "upgrade"):
         return [sys.executable, "-m", "tests.netlab.h2server", "--port", str(PORT)]
     return [sys.executable, "-m", "tests.netlab.grpcpeer", "server", "--port", str(PORT)]
@@ -61,6 +65,9 @@ def _clients(kind: str, ip: str, root: Path) -> list[list[str]]:
                 ["curl", "-sS", "-o", "/dev/null", "--http2-prior-knowledge", "--data-binary", f"@{big}", f"{url}/big"]]
     if kind == "upgrade":
         return [["curl", "-sS", "-o", "/dev/null", "--http2", f"{url}/up"]]
+    if kind == "declined":
+        return [["curl", "-sS", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null", "--http2", f"{url}/one",
+                 f"{url}/two", f"{url}/three"]]
     if kind == "proto":
         return [[sys.executable, "-m", "tests.netlab.grpcpeer", "client", "--proto", "--host", ip, "--port", str(PORT)]]
     return [[sys.executable, "-m", "tests.netlab.grpcpeer", "client", "--metadata", "--host", ip, "--port", str(PORT)]]

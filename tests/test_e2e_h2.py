@@ -31,7 +31,8 @@ pytestmark = pytest.mark.netns
 @pytest.fixture(scope="module")
 def pcaps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("e2e_h2")
-    return {kind: h2_captures.make(kind, root) for kind in ("h2load", "curl", "upgrade", "grpc", "proto")}
+    return {kind: h2_captures.make(kind, root) for kind in ("h2load", "curl", "upgrade", "declined", "grpc",
+                                                                     "proto")}
 
 
 def replay(pcap: Path, port: int, *extra: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -163,6 +164,24 @@ def test_an_upgraded_connection_is_reoriginated_with_its_first_request(pcaps: di
     assert served == ["GET /up 0"]
     assert [(r["path"], r["status"]) for r in results] == [("/up", 200)]
     assert summary["h2"]["upgraded"] == 1
+
+
+@pytest.mark.parametrize("extra", [["--match-path", "^/"], ["--compare"]])
+def test_a_declined_upgrade_goes_on_in_http1_with_every_request(pcaps: dict[str, Path], tmp_path: Path,
+                                                                extra: list[str]) -> None:
+    # Production (Node) answered curl's `Upgrade: h2c` with 200: the connection is HTTP/1.1 to its end, so the
+    # HTTP/1.x layer takes it and each of its requests reaches the local server and is counted.
+    from tests.test_tls import NodeCounter
+
+    node = NodeCounter(tmp_path / "node.json")
+    try:
+        results, summary = replay(pcaps["declined"], node.port, *extra)
+    finally:
+        counts = node.stop()
+    assert counts["paths"] == ["GET /one", "GET /two", "GET /three"]
+    assert [(r["path"], r["forwarded"], r["status"]) for r in results] == [
+        ("/one", True, 200), ("/two", True, 200), ("/three", True, 200)]
+    assert summary["h2"]["connections"] == 0 and summary["h2"]["upgraded"] == 0
 
 
 def test_a_connection_joined_mid_stream_is_not_decoded(pcaps: dict[str, Path], tmp_path: Path) -> None:

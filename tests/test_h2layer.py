@@ -9,9 +9,10 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import pytest
 
-from kubectl_mirror.h2layer import Direct, Fate, H2Layer, H2Options, StreamDone, StreamSeen
-from kubectl_mirror.model import Close, Endpoint, LocalData, Open, Send, Suppressed, Tick
+from kubectl_mirror.h2layer import MAX_WAITING_STREAMS, Direct, Fate, H2Layer, H2Options, StreamDone, StreamSeen
+from kubectl_mirror.model import Close, EndOfInput, Endpoint, LocalData, Open, Send, Suppressed, Tick
 from tests.playbook import of_type, play, playbook
 
 OPEN = Open(1, Endpoint("10.0.0.1", 40000), Endpoint("10.0.0.2", 8080), False, 0.0)
@@ -210,3 +211,89 @@ def test_request_trailers_follow_a_body_held_back_by_flow_control() -> None:
             break
         local.feed(play(layer, LocalData(1, answer, 1.0)))
     assert local.bodies[1] == 100_000 and local.trailers == {1: {"x-checksum": "abc"}}
+
+
+UPGRADE = (b"GET /one HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+           b"HTTP2-Settings: \r\n\r\n")
+
+
+def test_an_upgrade_request_alone_decides_nothing_and_a_declined_one_goes_on_in_http1() -> None:
+    layer = H2Layer(H2Options(match_path=["^/"]))
+    two = b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n"
+    playbook(layer, [
+        (OPEN, []),
+        (Send(1, UPGRADE, 0.1), []),  # held: the server may take it or not
+        # The client's next bytes are an HTTP/1.1 request: the server declined; every request goes on.
+        (Send(1, two, 0.3), [OPEN, Send(1, UPGRADE, 0.1), Send(1, two, 0.3)]),
+        (Close(1, 0.4), [Close(1, 0.4)]),
+    ])
+    assert (layer.stats.connections, layer.tracked_flows) == (0, 0)
+
+
+def test_production_answering_an_upgrade_with_200_decides_at_once() -> None:
+    from kubectl_mirror.model import Reply
+
+    layer = H2Layer(H2Options(match_path=["^/"]), comparing=True)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+    playbook(layer, [
+        (OPEN, []),
+        (Send(1, UPGRADE, 0.1), []),
+        (Reply(1, answer, 0.2), [OPEN, Send(1, UPGRADE, 0.1), Reply(1, answer, 0.2)]),
+    ])
+
+
+def test_the_preface_after_an_upgrade_request_makes_it_http2() -> None:
+    from kubectl_mirror.model import Reply
+
+    layer = H2Layer(H2Options())
+    switching = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    preface = client()
+    out = play(layer, OPEN, Send(1, UPGRADE, 0.1), Reply(1, switching, 0.2))
+    assert out == []  # a 101 alone: the client's preface is still to come
+    out = play(layer, Send(1, preface, 0.3))
+    assert out[0] == Direct(OPEN) and of_type(out, StreamSeen)[0].path == "/one"
+    assert [c.action for c in out if isinstance(c, Direct) and isinstance(c.action, Send)] == [
+        Send(1, UPGRADE, 0.1), Send(1, preface, 0.3)]
+    assert (layer.stats.connections, layer.stats.upgraded) == (1, 1)
+
+
+def test_an_upgrade_request_whose_connection_ends_without_a_101_is_http1() -> None:
+    layer = H2Layer(H2Options(match_path=["^/"]))
+    assert play(layer, OPEN, Send(1, UPGRADE, 0.1), Close(1, 0.2)) == [OPEN, Send(1, UPGRADE, 0.1), Close(1, 0.2)]
+
+
+def many_streams(n: int) -> list[bytes]:
+    """A real client's long-lived connection: n gRPC calls, one chunk of bytes per call (preface first)."""
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    chunks = [c.data_to_send()]
+    for _ in range(n):
+        sid = c.get_next_available_stream_id()
+        c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "prod"),
+                             (":path", "/shop.Cart/Get"), ("content-type", "application/grpc")])
+        c.send_data(sid, b"\x00\x00\x00\x00\x02hi", end_stream=True)
+        chunks.append(c.data_to_send())
+        c.streams.pop(sid)  # the client side of this model only: a real client forgets its answered calls
+    return chunks
+
+
+@pytest.mark.parametrize("options", [H2Options(), H2Options(match_grpc=["shop.Cart"])])
+@pytest.mark.parametrize("comparing", [False, True])
+def test_streams_waiting_for_a_local_service_that_never_answers_stay_bounded(options: H2Options,
+                                                                           comparing: bool) -> None:
+    # The local service is a sink: it never answers (not even SETTINGS). Past MAX_WAITING_STREAMS waiting on
+    # the connection, the oldest is reported unanswered and counted, so memory does not grow with the connection.
+    n = MAX_WAITING_STREAMS + 500
+    layer = H2Layer(options, comparing=comparing)
+    layer.handle(OPEN)
+    done: list[StreamDone] = []
+    most = 0
+    for i, chunk in enumerate(many_streams(n)):
+        done += of_type(layer.handle(Send(1, chunk, 0.001 * i)), StreamDone)
+        most = max(most, layer.waiting_streams)
+    assert most == MAX_WAITING_STREAMS
+    assert [d.stream for d in done] == [2 * i + 1 for i in range(500)]  # the oldest, in order
+    assert all(d.local is None for d in done)
+    assert (layer.stats.forwarded, layer.stats.abandoned) == (n, 500)
+    end = of_type(layer.handle(EndOfInput()), StreamDone)
+    assert len(end) == MAX_WAITING_STREAMS and layer.waiting_streams == 0

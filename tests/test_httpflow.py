@@ -422,6 +422,16 @@ def test_upgrade_tunnel_follows_its_request() -> None:
     assert kept.pop_requests()[0].upgrade and kept.stats.parse_errors == 0
 
 
+
+def test_a_declined_upgrade_goes_on_with_the_next_request() -> None:
+    # The server answered the Upgrade on HTTP/1.1: the client's next bytes are its next request, not a tunnel.
+    up = b"GET /one HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n"
+    two = b"GET /two HTTP/1.1\r\nHost: h\r\n\r\n"
+    hl = layer(match_path=["^/two"])
+    assert sent(hl.process(script(up, two[:6], two[6:]))) == two
+    assert [(r.target, r.forwarded) for r in hl.pop_requests()] == [("/one", False), ("/two", True)]
+
+
 BAD_HEAD = b"PUT /u HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
 BAD_BODY = b"5\r\nhello\r\nzz\r\n"  # "zz" is no chunk size
 

@@ -1,9 +1,13 @@
 """HTTP/2 and gRPC in HTTP mode, sans-I/O: the layer between the flow table and delivery for HTTP/2 connections.
 
 It sits before the HTTP/1.x layer and takes every connection until its first client bytes tell what it is: the
-HTTP/2 preface (prior knowledge), or an HTTP/1.1 request with `Upgrade: h2c` (the preface follows it once the
-server said 101). Anything else goes on to the HTTP/1.x layer unchanged, Open and all; so does a connection
-joined mid-stream (its HPACK tables are unknown: it cannot be decoded, see README).
+HTTP/2 preface (prior knowledge), or an HTTP/1.1 request with `Upgrade: h2c`. An upgrade request alone decides
+nothing: the server may decline it (answer on HTTP/1.1, as most HTTP/1.x servers do) and the client then goes on
+in HTTP/1.1. Such a connection is held until what follows tells: the client's preface after its request (it sends
+one only after a 101) makes it HTTP/2; its next HTTP/1.1 request, production's non-101 answer (when server bytes
+are followed) or its end without a 101 make it HTTP/1.x. Anything not HTTP/2 goes on to the HTTP/1.x layer
+unchanged, Open and all, every request with it; so does a connection joined mid-stream (its HPACK tables are
+unknown: it cannot be decoded, see README).
 
 For its HTTP/2 connections it decodes the client's frames and production's answers (h2wire) and:
 
@@ -39,7 +43,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from .h2wire import PREFACE, Exchange, Exchanges, Frame2, Headers, Kind, State, is_grpc
+from .h2wire import PREFACE, Direction, Exchange, Exchanges, Frame2, Headers, Kind, State, connection, is_grpc
 from .model import (
     Abort,
     AbortReason,
@@ -60,7 +64,14 @@ from .model import (
 )
 
 _MAX_HEAD = 64 << 10
+# An upgrade request's bytes held before anything tells whether the server took it (a large request body): past
+# this the connection is decided on what is known (a 101 seen, or not) rather than held without bound.
+_MAX_UPGRADE_HOLD = 8 << 20
 _MAX_METHODS = 1000  # gRPC methods counted by name; the rest together
+# Forwarded streams of one connection still waiting for their answers (a local service that never replies, a
+# long-lived gRPC connection): past this the oldest is reported unanswered and forgotten, and counted, so memory
+# stays bounded by this many streams per connection, however long the connection lives.
+MAX_WAITING_STREAMS = 1024
 _UPGRADE = re.compile(rb"^upgrade:[^\r\n]*\bh2c\b", re.I | re.M)
 # The re-originated connection's own receive windows: large, so a local answer is never held back by them.
 _WINDOW = (1 << 31) - 1 - 65535
@@ -149,6 +160,7 @@ class H2Stats:
     rate_limited: int = 0
     refused: int = 0
     sampled_out_connections: int = 0
+    abandoned: int = 0  # forwarded streams reported unanswered early: MAX_WAITING_STREAMS newer ones were waiting
     grpc_methods: Counter[str] = field(default_factory=Counter)
 
 
@@ -157,6 +169,7 @@ class H2Stats:
 
 class _Kind(enum.Enum):
     DECIDING = "deciding"
+    UPGRADING = "upgrading"  # an HTTP/1.1 request asked for h2c: held until what follows tells whether it was taken
     H2 = "h2"
     OTHER = "other"
 
@@ -167,6 +180,8 @@ class _Flow:
     kind: _Kind = _Kind.DECIDING
     held: list[Action] = field(default_factory=list)
     first: bytes = b""
+    probe: tuple[Direction, Direction] | None = None  # UPGRADING: both directions decoded, to see what follows
+    probe_bytes: int = 0  # UPGRADING: client bytes held
     dropped: bool = False  # sampled out: nothing of it goes on
     prod: Exchanges | None = None  # the captured client's frames and production's answers
     local: Exchanges | None = None  # what went to the local service and its answers (recording)
@@ -257,6 +272,12 @@ class H2Layer:
         return len(self._flows)
 
     @property
+    def waiting_streams(self) -> int:
+        """Forwarded streams whose answers are still awaited, over all connections (each at most
+        MAX_WAITING_STREAMS)."""
+        return sum(len(f.fates) for f in self._flows.values())
+
+    @property
     def holding(self) -> bool:
         """A captured end waits for local answers (the run's end must let it finish, or flush)."""
         return bool(self._closing)
@@ -321,6 +342,10 @@ class H2Layer:
             elif isinstance(event, (Close, Abort)):
                 self._decide(f, _Kind.OTHER, out)
             return
+        if f.kind is _Kind.UPGRADING:
+            f.held.append(event)
+            self._probe(f, event, out)
+            return
         if f.kind is _Kind.OTHER:
             out.append(event)
             if isinstance(event, (Close, Abort)):
@@ -340,13 +365,37 @@ class H2Layer:
         end = seen.find(b"\r\n\r\n")
         if not seen[:1].isalpha() or (end < 0 and len(seen) > _MAX_HEAD):
             self._decide(f, _Kind.OTHER, out)
-        elif end >= 0:
-            self._decide(f, _Kind.H2 if _UPGRADE.search(seen, 0, end + 2) else _Kind.OTHER, out)
-        else:
+        elif end < 0:
             f.first = seen
+        elif not _UPGRADE.search(seen, 0, end + 2):
+            self._decide(f, _Kind.OTHER, out)
+        else:
+            f.kind, f.first, f.probe = _Kind.UPGRADING, b"", connection()
+            for action in f.held:
+                self._probe(f, action, out)
+                if f.kind is not _Kind.UPGRADING:
+                    return
+
+    def _probe(self, f: _Flow, action: Action, out: list[H2Command]) -> None:
+        """An upgrade request's connection: decide once what follows it tells whether the server took it."""
+        assert f.probe is not None
+        client, server = f.probe
+        if isinstance(action, Send):
+            client.feed(action.data)
+            f.probe_bytes += len(action.data)
+        elif isinstance(action, Reply):
+            server.feed(action.data)
+        accepted = server.upgraded  # production answered 101 (seen only when its bytes are followed)
+        if server.state is State.NOT_H2 or client.state is State.NOT_H2:
+            # Declined (an HTTP/1.1 answer), or the client went on in HTTP/1.1: never HTTP/2.
+            self._decide(f, _Kind.OTHER, out)
+        elif client.state in (State.FRAMES, State.BROKEN):
+            self._decide(f, _Kind.H2, out)  # its preface came after the request: only a 101 lets it send one
+        elif isinstance(action, (Close, Abort)) or f.probe_bytes > _MAX_UPGRADE_HOLD:
+            self._decide(f, _Kind.H2 if accepted else _Kind.OTHER, out)
 
     def _decide(self, f: _Flow, kind: _Kind, out: list[H2Command]) -> None:
-        f.kind, f.first = kind, b""
+        f.kind, f.first, f.probe = kind, b"", None
         held, f.held = f.held, []
         if kind is _Kind.OTHER:
             out.append(f.open)
@@ -471,6 +520,8 @@ class H2Layer:
                 out += [seen, StreamDone(f.open.flow, stream, None, None, self._clock, seen)]
                 return
             # Only forwarded streams are kept (until reported done): others are told apart by their absence.
+            while len(f.fates) >= MAX_WAITING_STREAMS:
+                self._abandon(f, next(iter(f.fates)), out)  # the oldest (fates keeps arrival order)
             f.fates[stream] = fate
             f.seen[stream] = seen
             f.sent_at[stream] = self._clock
@@ -510,6 +561,37 @@ class H2Layer:
             return
         o.ids[stream], o.back[local] = local, stream
         o.open.add(local)
+
+    def _abandon(self, f: _Flow, stream: int, out: list[H2Command]) -> None:
+        """Stop waiting for a stream's answers: reported with what is known, forgotten everywhere, counted. A
+        stream re-originated and still open is reset locally (CANCEL), so the local server may let it go too."""
+        fate = f.fates.pop(stream)
+        seen = f.seen.pop(stream, None)
+        sent_at = f.sent_at.pop(stream, self._clock)
+        prod, local = f.prod_done.pop(stream, None), f.local_done.pop(stream, None)
+        key: int | None = stream
+        o = f.origin
+        if o is not None:
+            o.trailers.pop(stream, None)
+            if stream in o.queued:
+                del o.queued[stream]
+                o.waiting = deque(w for w in o.waiting if w[0] != stream)
+            key = o.ids.pop(stream, None)
+            if key is not None:
+                o.back.pop(key, None)
+                o.pending.pop(key, None)
+                o.pending_end.discard(key)
+                if key in o.open:
+                    o.open.discard(key)
+                    with contextlib.suppress(h2.exceptions.ProtocolError):
+                        o.conn.reset_stream(key, h2.errors.ErrorCodes.CANCEL)
+        if f.local is not None and key is not None:
+            f.local.forget(key)
+        if f.prod is not None:
+            f.prod.forget(stream)
+        self.stats.abandoned += 1
+        if fate is Fate.FORWARDED and seen is not None:
+            out.append(StreamDone(f.open.flow, stream, prod, local, sent_at, seen))
 
     def _refuse(self, f: _Flow, stream: int) -> None:
         if f.fates.pop(stream, None) is Fate.FORWARDED:

@@ -369,6 +369,7 @@ class Exchanges:
         self.client, self.server = connection(partial)
         self.max_body = max_body
         self._open: dict[int, Exchange] = {}
+        self._highest = 0  # the highest stream the client opened: a lower one is never opened again
         self.streams = 0  # streams the client opened (request headers seen)
 
     @property
@@ -394,6 +395,10 @@ class Exchanges:
         self._open.clear()
         return out
 
+    def forget(self, stream: int) -> None:
+        """Stop assembling this stream (its reader gave up on it); later frames of it are ignored."""
+        self._open.pop(stream, None)
+
     def _apply(self, frames: list[Frame2], client: bool, ts: float) -> list[Exchange]:
         done: list[Exchange] = []
         for f in frames:
@@ -401,8 +406,9 @@ class Exchanges:
                 continue
             ex = self._open.get(f.stream)
             if ex is None:
-                if not client or f.kind is not Kind.HEADERS:
-                    continue  # a stream this reader never saw opened (or already handed out)
+                if not client or f.kind is not Kind.HEADERS or f.stream <= self._highest:
+                    continue  # a stream this reader never saw opened (or already handed out, or forgotten)
+                self._highest = f.stream
                 ex = self._open[f.stream] = Exchange(f.stream)
                 self.streams += 1
             msg = ex.request if client else ex.response

@@ -35,7 +35,7 @@ class Kind(enum.Enum):
     NON_HTTP = "non-http"  # the connection never was HTTP/1.x: these and all later bytes are OPAQUE
     BROKEN = "broken"  # parsing failed after a request started: these and all later bytes are OPAQUE
     OPAQUE = "opaque"  # after NON_HTTP or BROKEN
-    TUNNEL = "tunnel"  # after an Upgrade/CONNECT request: they belong to that request's fate
+    TUNNEL = "tunnel"  # after an accepted Upgrade, or a CONNECT request: they belong to that request's fate
     TAIL = "tail"  # the stream ended inside a request head: bytes of a request that never completed
 
 
@@ -52,6 +52,9 @@ class _Phase(enum.Enum):
     START = "start"  # at a request boundary: waiting for a plausible request line
     PARSE = "parse"  # h11 is parsing a request (head or body)
     OPAQUE = "opaque"
+    # After an Upgrade request: a server may decline it (answer it on HTTP/1.1), and the client then goes on with
+    # its next request. Its next bytes tell: a request line (declined: parse on), anything else (the tunnel).
+    UPGRADED = "upgraded"
     TUNNEL = "tunnel"
 
 
@@ -74,6 +77,7 @@ class Splitter:
         self._seen_request = False  # a request head was parsed on this connection
         self._in_body = False
         self._upgrade = False
+        self._connect = False
 
     def feed(self, data: bytes) -> list[Piece]:
         if not data:
@@ -97,10 +101,13 @@ class Splitter:
             return []
         if self._phase is _Phase.SYNC:
             return [Piece(Kind.SKIP, raw)]
+        if self._phase is _Phase.UPGRADED:
+            return [Piece(Kind.TUNNEL, raw)]
         return [Piece(Kind.BODY if self._in_body else Kind.TAIL, raw)]
 
     def _run(self, out: list[Piece]) -> None:
-        step = {_Phase.SYNC: self._sync, _Phase.START: self._start, _Phase.PARSE: self._parse}
+        step = {_Phase.SYNC: self._sync, _Phase.START: self._start, _Phase.PARSE: self._parse,
+                _Phase.UPGRADED: self._upgraded}
         while True:
             run = step.get(self._phase)
             if run is None or not run(out):
@@ -180,7 +187,8 @@ class Splitter:
             consumed = len(self._raw) - len(conn.trailing_data[0])
             if isinstance(event, h11.Request):
                 self._seen_request = self._in_body = True
-                self._upgrade = event.method == b"CONNECT" or any(n == b"upgrade" for n, _ in event.headers)
+                self._connect = event.method == b"CONNECT"
+                self._upgrade = self._connect or any(n == b"upgrade" for n, _ in event.headers)
                 out.append(Piece(Kind.HEAD, self._take(consumed), request=event))
             elif isinstance(event, h11.Data):
                 # Where body bytes are cut does not matter (they all share the request's fate); only the
@@ -190,6 +198,9 @@ class Splitter:
                 out.append(Piece(Kind.BODY, self._take(consumed), end=True))
                 self._conn = None
                 self._in_body = False
+                if self._upgrade and not self._connect:
+                    self._phase = _Phase.UPGRADED
+                    return True
                 if self._upgrade:
                     self._phase = _Phase.TUNNEL
                     if self._raw:
@@ -199,6 +210,21 @@ class Splitter:
                 return True
             else:  # PAUSED or ConnectionClosed cannot come before EndOfMessage on a server connection
                 return self._fail(out)
+
+    def _upgraded(self, out: list[Piece]) -> bool:
+        """After an Upgrade request: a request line next means the server declined it (the client went on in
+        HTTP/1.x); anything else (an HTTP/2 preface, WebSocket frames) is the upgraded protocol's tunnel."""
+        if not self._raw:
+            return False
+        verdict = _plausible(self._raw, 0)
+        if verdict is None:
+            return False  # a line still arriving that may be a request line
+        if verdict:
+            self._phase = _Phase.START
+            return True
+        self._phase = _Phase.TUNNEL
+        out.append(Piece(Kind.TUNNEL, self._take(len(self._raw))))
+        return False
 
     def _fail(self, out: list[Piece]) -> bool:
         """The bytes at the current request boundary (or inside a request) are not HTTP/1.x."""

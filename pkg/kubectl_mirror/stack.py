@@ -269,7 +269,8 @@ class Stack:
         return H2Summary(connections=s.connections, upgraded=s.upgraded, undecodable=s.undecodable,
                          streams=s.streams, grpc_calls=s.grpc_calls, forwarded=s.forwarded, filtered=s.filtered,
                          rate_limited=s.rate_limited, refused=s.refused,
-                         sampled_out_connections=s.sampled_out_connections, grpc_methods=methods)
+                         sampled_out_connections=s.sampled_out_connections, abandoned=s.abandoned,
+                         grpc_methods=methods)
 
     def http_summary(self) -> HttpSummary | None:
         if self.http is None:

@@ -84,6 +84,8 @@ class H2Summary(BaseModel):
     rate_limited: int = Field(default=0, ge=0)
     refused: int = Field(default=0, ge=0)  # the local server had sent GOAWAY, or rejected the captured headers
     sampled_out_connections: int = Field(default=0, ge=0)
+    # Forwarded streams reported unanswered early: too many newer ones waited for answers on their connection.
+    abandoned: int = Field(default=0, ge=0)
     grpc_methods: dict[str, GrpcMethodSummary] = Field(default_factory=dict)
 
 
@@ -496,7 +498,8 @@ def render_text(summary: Summary) -> str:
             row("", "", "connections: " + ", ".join(f"{_count(n)} {name}" for name, n in conns if n))
     h2 = summary.h2
     if h2 is not None and h2.connections:
-        held = [("filtered", h2.filtered), ("rate-limited", h2.rate_limited), ("refused", h2.refused)]
+        held = [("filtered", h2.filtered), ("rate-limited", h2.rate_limited), ("refused", h2.refused),
+                ("given up unanswered", h2.abandoned)]
         detail = ", ".join([f"{_count(h2.forwarded)} forwarded"] + [f"{_count(n)} {name}" for name, n in held if n])
         row("HTTP/2 streams", _count(h2.streams), detail)
         conns = [("upgraded from HTTP/1.1", h2.upgraded), ("sampled out", h2.sampled_out_connections),

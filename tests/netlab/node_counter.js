@@ -1,5 +1,7 @@
 // A stock Node.js HTTP server as the local --to: counts connections, requests and client errors (what a
 // ClientHello sent to a plaintext port causes), and writes the counts to the file named by argv[2] on every event.
+// argv[3] and argv[4], optional: the port (0) and address (127.0.0.1) to listen on. It has no 'upgrade' listener,
+// so it declines an HTTP/1.1 `Upgrade: h2c` by answering the request with 200 on HTTP/1.1.
 'use strict';
 const http = require('http');
 const fs = require('fs');
@@ -15,5 +17,5 @@ const server = http.createServer((req, res) => {
 });
 server.on('connection', () => { counts.connections += 1; save(); });
 server.on('clientError', (err, socket) => { counts.client_errors += 1; save(); socket.destroy(); });
-server.listen(0, '127.0.0.1', () => { save(); console.log('listening ' + server.address().port); });
+server.listen(Number(process.argv[3] || 0), process.argv[4] || '127.0.0.1', () => { save(); console.log('listening ' + server.address().port); });
 process.on('SIGTERM', () => { save(); process.exit(0); });
