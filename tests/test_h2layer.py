@@ -11,7 +11,16 @@ import h2.events
 import h2.settings
 import pytest
 
-from kubectl_mirror.h2layer import MAX_WAITING_STREAMS, Direct, Fate, H2Layer, H2Options, StreamDone, StreamSeen
+from kubectl_mirror.h2layer import (
+    MAX_WAITING_STREAMS,
+    UPGRADE_WAIT,
+    Direct,
+    Fate,
+    H2Layer,
+    H2Options,
+    StreamDone,
+    StreamSeen,
+)
 from kubectl_mirror.model import Close, EndOfInput, Endpoint, LocalData, Open, Send, Suppressed, Tick
 from tests.playbook import of_type, play, playbook
 
@@ -297,3 +306,15 @@ def test_streams_waiting_for_a_local_service_that_never_answers_stay_bounded(opt
     assert (layer.stats.forwarded, layer.stats.abandoned) == (n, 500)
     end = of_type(layer.handle(EndOfInput()), StreamDone)
     assert len(end) == MAX_WAITING_STREAMS and layer.waiting_streams == 0
+
+
+def test_an_upgrade_request_left_idle_goes_on_as_http1_after_the_wait() -> None:
+    # A declined upgrade on a kept-alive connection: no next request, no end, no server bytes (no --compare).
+    layer = H2Layer(H2Options(match_path=["^/"]))
+    assert play(layer, Tick(5.0), OPEN, Send(1, UPGRADE, 5.0)) == []
+    assert layer.holding and layer.next_deadline() == 5.0 + UPGRADE_WAIT
+    assert play(layer, Tick(5.5)) == []
+    assert play(layer, Tick(5.0 + UPGRADE_WAIT)) == [OPEN, Send(1, UPGRADE, 5.0)]
+    assert not layer.holding and layer.next_deadline() is None
+    two = b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert play(layer, Send(1, two, 9.0)) == [Send(1, two, 9.0)]

@@ -180,3 +180,18 @@ def test_figures_of_the_layers_that_are_on() -> None:
 
     plain, _, _ = stack()
     assert (plain.http_summary(), plain.compare_summary(), plain.turn_summary()) == (None, None, None)
+
+
+def test_an_idle_declined_upgrade_goes_through_the_http1_layer_once_its_wait_is_over() -> None:
+    from kubectl_mirror.h2layer import UPGRADE_WAIT
+
+    s, _, clock = stack(http=ShadowOptions(HttpOptions(match_path=["^/"])))
+    up = b"GET /up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n"
+    c = Conn()
+    assert s.segments([c.syn(0.0), c.data(0, up, 0.1)]) == []  # held: a preface may follow
+    assert s.holding and s.next_deadline() == clock.now + UPGRADE_WAIT
+    clock.now += UPGRADE_WAIT
+    # No preface came: HTTP/1.x after all, through its layer (the request is parsed and counted there).
+    assert s.tick() == [Open(1, CLIENT, SERVER, False, 0.0), Send(1, up, 0.1)]
+    assert not s.holding
+    assert s.http_summary() is not None and s.http_summary().requests == 1  # type: ignore[union-attr]

@@ -67,6 +67,10 @@ _MAX_HEAD = 64 << 10
 # An upgrade request's bytes held before anything tells whether the server took it (a large request body): past
 # this the connection is decided on what is known (a 101 seen, or not) rather than held without bound.
 _MAX_UPGRADE_HOLD = 8 << 20
+# Seconds an upgrade request waits for the client's preface. A client that got its 101 sends the preface at once
+# (RFC 9113 3.2); one whose server declined and that keeps its connection idle would otherwise have its request
+# held until its next request or its end. Past this, no 101 seen: the connection is HTTP/1.x.
+UPGRADE_WAIT = 1.0
 _MAX_METHODS = 1000  # gRPC methods counted by name; the rest together
 # Forwarded streams of one connection still waiting for their answers (a local service that never replies, a
 # long-lived gRPC connection): past this the oldest is reported unanswered and forgotten, and counted, so memory
@@ -244,6 +248,7 @@ class H2Layer:
         self._last_take: float | None = None
         self._flows: dict[int, _Flow] = {}
         self._closing: dict[int, _Flow] = {}  # re-originated flows whose captured end waits for local answers
+        self._upgrading: dict[int, tuple[_Flow, float]] = {}  # flows held on an upgrade request -> until when
         self._clock = 0.0
         self.stats = H2Stats()
 
@@ -279,17 +284,23 @@ class H2Layer:
 
     @property
     def holding(self) -> bool:
-        """A captured end waits for local answers (the run's end must let it finish, or flush)."""
-        return bool(self._closing)
+        """A captured end waits for local answers, or an upgrade request for what follows it (the run's end must
+        let it finish, or flush)."""
+        return bool(self._closing) or bool(self._upgrading)
 
     def next_deadline(self) -> float | None:
-        """When a held end stops waiting (clock of the Ticks); None: nothing held."""
-        ends = [o.close_at for f in self._closing.values() if (o := f.origin) is not None and o.close_at is not None]
-        return min(ends) + self.options.close_wait if ends else None
+        """When a held end or upgrade request stops waiting (clock of the Ticks); None: nothing held."""
+        ends = [o.close_at + self.options.close_wait for f in self._closing.values()
+                if (o := f.origin) is not None and o.close_at is not None]
+        ends += [until for _, until in self._upgrading.values()]
+        return min(ends) if ends else None
 
     def flush(self) -> list[H2Command]:
-        """Stop waiting: every held end goes out now."""
+        """Stop waiting: every held end goes out now, every held upgrade request is decided on what is known.
+        Actions of a connection decided HTTP/1.x come out bare: they belong to the HTTP/1.x layer."""
         out: list[H2Command] = []
+        for f, _ in list(self._upgrading.values()):
+            self._upgrade_decided(f, out)
         for f in list(self._closing.values()):
             self._finish_origin(f, out)
         return out
@@ -308,6 +319,9 @@ class H2Layer:
             return
         if isinstance(event, Tick):
             self._clock = event.now
+            for waiting, until in list(self._upgrading.values()):
+                if event.now >= until:
+                    self._upgrade_decided(waiting, out)
             for closing in list(self._closing.values()):
                 o = closing.origin
                 if o is not None and o.close_at is not None and event.now >= o.close_at + self.options.close_wait:
@@ -371,6 +385,7 @@ class H2Layer:
             self._decide(f, _Kind.OTHER, out)
         else:
             f.kind, f.first, f.probe = _Kind.UPGRADING, b"", connection()
+            self._upgrading[f.open.flow] = (f, self._clock + UPGRADE_WAIT)
             for action in f.held:
                 self._probe(f, action, out)
                 if f.kind is not _Kind.UPGRADING:
@@ -394,8 +409,14 @@ class H2Layer:
         elif isinstance(action, (Close, Abort)) or f.probe_bytes > _MAX_UPGRADE_HOLD:
             self._decide(f, _Kind.H2 if accepted else _Kind.OTHER, out)
 
+    def _upgrade_decided(self, f: _Flow, out: list[H2Command]) -> None:
+        """Waited long enough (or the run ends): HTTP/2 only if production's 101 was seen."""
+        accepted = f.probe is not None and f.probe[1].upgraded
+        self._decide(f, _Kind.H2 if accepted else _Kind.OTHER, out)
+
     def _decide(self, f: _Flow, kind: _Kind, out: list[H2Command]) -> None:
         f.kind, f.first, f.probe = kind, b"", None
+        self._upgrading.pop(f.open.flow, None)
         held, f.held = f.held, []
         if kind is _Kind.OTHER:
             out.append(f.open)
@@ -843,6 +864,7 @@ class H2Layer:
     def _forget(self, f: _Flow) -> None:
         self._flows.pop(f.open.flow, None)
         self._closing.pop(f.open.flow, None)
+        self._upgrading.pop(f.open.flow, None)
 
     # -- decisions ----------------------------------------------------------------------------------------------
 

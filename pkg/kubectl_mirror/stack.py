@@ -208,7 +208,7 @@ class Stack:
         """Wall time passed: turns whose wait is over go on, HTTP/2 ends that waited long enough too."""
         out: list[Command] = []
         if self.h2 is not None and self.h2.holding:
-            actions, gave_up = self._h2_route(self.h2.handle(Tick(self._clock())))
+            actions, gave_up = self._h2_out(self.h2.handle(Tick(self._clock())))
             out = self._through_turns(actions) if actions else []
             out += gave_up
         if self.turns is None:
@@ -230,7 +230,7 @@ class Stack:
         """Stop waiting anywhere: everything held goes out now, in order."""
         out: list[Command] = []
         if self.h2 is not None:
-            actions, gave_up = self._h2_route(self.h2.flush())
+            actions, gave_up = self._h2_out(self.h2.flush())
             out = self._through_turns(actions) if actions else []
             out += gave_up
         return out + (self.turns.flush() if self.turns is not None else [])
@@ -372,6 +372,15 @@ class Stack:
                 self.builder.add_aborted(aborted)
         # Actions and RequestRecords; then the suppressed flows: the local side of those is over already.
         return shadow.handle_all([*out[:i], *(c for c in out[i:] if type(c) is Suppressed)])  # type: ignore[list-item]
+
+    def _h2_out(self, commands: list[H2Command]) -> tuple[list[Action], list[Command]]:
+        """The HTTP/2 layer's commands outside a batch of captured actions (its waits over): a connection it
+        decided is HTTP/1.x after all (a declined upgrade) goes through the HTTP/1.x layer, as in `_down`."""
+        rest: list[Action] = []
+        direct, gave_up = self._h2_route(commands, rest)
+        if rest:
+            direct += self._through_http(rest)
+        return direct, gave_up
 
     def _h2_route(self, commands: list[H2Command], rest: list[Action] | None = None
                   ) -> tuple[list[Action], list[Command]]:
