@@ -395,6 +395,27 @@ class PcapReader:
 # ---- writing ----------------------------------------------------------------------------------------------------
 
 
+def cut_record(rec: Record, cut: int) -> bytes:
+    """`rec.raw` holding only the first `cut` bytes of the packet (captured length cut, original length kept), in
+    the record's own format and byte order; the whole record where that format cannot say so (PB, SPB)."""
+    if cut >= len(rec.data):
+        return rec.raw
+    header, raw = rec.header, rec.raw
+    magic = _PCAP_MAGICS.get(header[:4])
+    if magic is not None:
+        order = magic[0]
+        return raw[:8] + struct.pack(order + "II", cut, rec.orig_len) + rec.data[:cut]
+    order = "<" if header[8:12] == b"\x4d\x3c\x2b\x1a" else ">"
+    (btype,) = struct.unpack_from(order + "I", raw, 0)
+    if btype != _EPB:
+        return raw
+    pad = -cut % 4
+    total = 32 + cut + pad
+    # Options (comments, flags, hashes) are left out: they would describe the whole packet.
+    return (struct.pack(order + "II", _EPB, total) + raw[8:20] + struct.pack(order + "II", cut, rec.orig_len)
+            + rec.data[:cut] + b"\0" * pad + struct.pack(order + "I", total))
+
+
 def classic_header(linktype: int, *, nanosecond: bool = False, snaplen: int = MAX_CAPLEN, big_endian: bool = False
                    ) -> bytes:
     order = ">" if big_endian else "<"

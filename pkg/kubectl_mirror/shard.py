@@ -30,7 +30,7 @@ _IPV6_EXT = (0, 43, 60)
 _FRAME = attrgetter("frame")
 
 
-def _ip_start(linktype: int, data: bytes) -> int:
+def ip_start(linktype: int, data: bytes) -> int:
     """Where the IP header starts, or -1 when the frame is not IP (or of a link type without a fast path)."""
     if linktype == 1:
         off = 12
@@ -59,7 +59,7 @@ def deal(linktype: int, data: bytes, shards: int) -> int:
     header whose ports are readable: it stays with its flow, so a line tshark might still print keeps its place.
     """
     try:
-        off = _ip_start(linktype, data)
+        off = ip_start(linktype, data)
         if off < 0:
             return -1
         version = data[off] >> 4
@@ -101,6 +101,32 @@ def deal(linktype: int, data: bytes, shards: int) -> int:
     if tcp + 20 > len(data) or data[tcp + 12] >> 4 < 5:
         return -index - 1  # its header is not all there: tshark may say nothing about it
     return index
+
+
+def headers_end(linktype: int, data: bytes) -> int:
+    """Where a TCP segment's payload starts in its frame (the end of its TCP header), or len(data) when that is
+    not certain: not TCP, IPv6 with extension headers, a fragment, a link type without a fast path.
+
+    tshark is asked only for header fields; what it is handed past this point is bytes it copies for nothing.
+    """
+    try:
+        off = ip_start(linktype, data)
+        if off < 0:
+            return len(data)
+        version = data[off] >> 4
+        if version == 4:
+            ihl = (data[off] & 0x0F) * 4
+            if ihl < 20 or data[off + 9] != 6 or ((data[off + 6] << 8) | data[off + 7]) & 0x3FFF:
+                return len(data)
+            tcp = off + ihl
+        elif version == 6 and data[off + 6] == 6:
+            tcp = off + 40
+        else:
+            return len(data)
+        end = tcp + (data[tcp + 12] >> 4) * 4
+    except IndexError:
+        return len(data)
+    return end if tcp + 20 <= end <= len(data) else len(data)
 
 
 class Merger:

@@ -1,0 +1,89 @@
+"""What tshark is handed: each TCP record only up to the end of its TCP header, its fields unchanged.
+
+The payload is cut from the record the plugin holds; tshark is asked for header fields only, so the bytes past
+the TCP header are copied through its pipe for nothing. These tests check where the cut falls, that the cut
+record is still a valid record of its format, and, with the real tshark, that every field is the same.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+
+import pytest
+
+from kubectl_mirror.dissect import find_tshark, tshark_command
+from kubectl_mirror.model import ACK, PSH
+from kubectl_mirror.pcap import PcapReader, Record, classic_header, classic_record, cut_record
+from kubectl_mirror.shard import headers_end
+from tests.dissect_helpers import epb, ethernet, idb, ipv4, ipv6, shb, sll2, tcp_header, tcp_ip
+
+BODY = bytes(range(256)) * 8
+
+
+def tcp_with_options(payload: bytes) -> bytes:
+    head = bytearray(tcp_header(40000, 8080, 7, 9, ACK | PSH) + b"\x01\x01\x08\x0a" + b"\0" * 8)  # NOP NOP TS
+    head[12] = (len(head) // 4) << 4
+    return bytes(head) + payload
+
+
+@pytest.mark.parametrize(("linktype", "frame", "end"), [
+    (1, ethernet(tcp_ip("10.0.0.1", "10.0.0.2", 40000, 8080, 7, 9, ACK | PSH, BODY)), 14 + 20 + 20),
+    (1, ethernet(ipv4("10.0.0.1", "10.0.0.2", tcp_with_options(BODY)), vlans=[7]), 18 + 20 + 32),
+    (276, sll2(tcp_ip("fd00::1", "fd00::2", 40000, 8080, 7, 9, ACK | PSH, BODY)), 20 + 40 + 20),
+])
+def test_the_cut_falls_at_the_end_of_the_tcp_header(linktype: int, frame: bytes, end: int) -> None:
+    assert headers_end(linktype, frame) == end
+
+
+@pytest.mark.parametrize("frame", [
+    ethernet(ipv4("10.0.0.1", "10.0.0.2", BODY, proto=17)),  # UDP
+    ethernet(ipv4("10.0.0.1", "10.0.0.2", tcp_header(1, 2, 3, 4, ACK) + BODY, frag=0x2000)),  # a first fragment
+    ethernet(ipv6("fd00::1", "fd00::2", b"\x06\x00" + b"\0" * 6 + tcp_header(1, 2, 3, 4, ACK) + BODY, proto=0)),
+    ethernet(ipv4("10.0.0.1", "10.0.0.2", tcp_header(1, 2, 3, 4, ACK)))[:30],  # the TCP header is cut already
+])
+def test_frames_whose_header_end_is_not_certain_go_whole(frame: bytes) -> None:
+    assert headers_end(1, frame) == len(frame)
+
+
+def records(raw: bytes) -> list[Record]:
+    return [rec for batch in iter(PcapReader(io.BytesIO(raw)).read_batch, []) for rec in batch]
+
+
+@pytest.mark.parametrize("form", ["classic-le", "classic-be", "classic-ns", "pcapng-le", "pcapng-be"])
+def test_a_cut_record_is_a_valid_record_of_its_format(form: str) -> None:
+    frames = [ethernet(tcp_ip("10.0.0.1", "10.0.0.2", 40000, 8080, i, 9, ACK | PSH, BODY[: 300 + i]))
+              for i in range(3)]
+    if form.startswith("classic"):
+        ns, be = form == "classic-ns", form == "classic-be"
+        raw = classic_header(1, nanosecond=ns, big_endian=be) + b"".join(
+            classic_record(1.5 + i, f, nanosecond=ns, big_endian=be) for i, f in enumerate(frames))
+    else:
+        order = "<" if form == "pcapng-le" else ">"
+        raw = shb(order) + idb(1, order=order) + b"".join(
+            epb(0, 1_000_000 * (i + 1), f, order=order) for i, f in enumerate(frames))
+    whole = records(raw)
+    cut = [cut_record(rec, 54) for rec in whole]
+    again = records(whole[0].header + b"".join(cut))
+    assert [(r.ts, r.linktype, r.data, r.orig_len) for r in again] == [
+        (r.ts, r.linktype, r.data[:54], r.orig_len) for r in whole]
+
+
+def test_tshark_gives_the_same_fields_for_cut_records() -> None:
+    tshark = find_tshark()
+    frames = [ethernet(tcp_ip("10.0.0.1", "10.0.0.2", 40000, 8080, 1000 + 2048 * i, 9, ACK | PSH, BODY))
+              for i in range(20)]
+    frames += [ethernet(ipv4("10.0.0.1", "10.0.0.2", tcp_with_options(BODY[:500]))),
+               ethernet(tcp_ip("fd00::1", "fd00::2", 40000, 8080, 5, 6, ACK, BODY[:999]))]
+    raw = classic_header(1) + b"".join(classic_record(2.0 + i, f) for i, f in enumerate(frames))
+    whole = records(raw)
+    cut = whole[0].header + b"".join(cut_record(r, headers_end(r.linktype, r.data)) for r in whole)
+    assert len(cut) < len(raw) // 3
+
+    def fields(capture: bytes) -> str:
+        out = subprocess.run(tshark_command(tshark), input=capture, capture_output=True, timeout=60, check=True)
+        return out.stdout.decode()
+
+    lines = fields(raw)
+    assert lines.count("\n") == len(frames) and "\t2048\t" in lines  # tcp.len of the full segments
+    assert fields(cut) == lines
