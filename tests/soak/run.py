@@ -193,7 +193,11 @@ def fake_tcpdump(bindir: Path, config: Path) -> None:
     """`tcpdump` on the pod's PATH: bash's `exec -a` keeps the PID the plugin was told and makes the process's
     cmdline start with "tcpdump ", which is what the plugin checks before it signals a PID."""
     script = bindir / "tcpdump"
-    script.write_text(f'#!/bin/bash\nexec -a tcpdump {sys.executable} {HERE / "generator.py"} --config {config} "$@"\n')
+    # With argv[0] "tcpdump", Python looks for its own prefix beside the tcpdump on PATH (/usr/bin when Debian's
+    # is installed) and finds another Python's standard library: PYTHONHOME names the right one, in the script
+    # because the pod's exec does not pass the caller's environment on.
+    script.write_text(f'#!/bin/bash\nexport PYTHONHOME={sys.base_prefix}\n'
+                      f'exec -a tcpdump {sys.executable} {HERE / "generator.py"} --config {config} "$@"\n')
     script.chmod(0o755)
 
 
@@ -449,7 +453,10 @@ def main() -> int:
     conns = args.conns or (5_000 if args.quick else FULL_CONNS)
     # 5% above the target: the volume check counts delivered bytes, and the plan's scaling rounds down.
     total = int(args.bytes or (5e7 if args.quick else 1.05e9))
-    work = Path(tempfile.mkdtemp(prefix="kubectl-mirror-soak-"))
+    # The generator runs as the tap does, on a read-only root: the files it writes (its marker) must be on a mount
+    # of their own, as a pod's emptyDir is. /dev/shm stays writable there; /tmp is the root filesystem here.
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    work = Path(tempfile.mkdtemp(prefix="kubectl-mirror-soak-", dir=shm))
     cfg = SoakConfig(conns=conns, total_bytes=total, seed=args.seed, server_ip="", marker=str(work / "generated"),
                      go_file=str(work / "go"), warmup=max(1, min(200, conns // 100)), concurrency=args.concurrency,
                      linktype=args.linktype)
