@@ -7,7 +7,7 @@ clock is the test's, and delivery is the real Replayer into a real loopback targ
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -102,8 +102,8 @@ def run(target: Target, streams: list[list[Segment]], clock: StepClock, *, speed
         flow: FlowConfig | None = None) -> tuple[Summary, list[ListSource]]:
     sources: list[ListSource] = []
 
-    def segments(stream: BinaryIO, first: TsharkProcess | None) -> SegmentSource:
-        assert first is None
+    def segments(stream: BinaryIO, started: Sequence[TsharkProcess]) -> SegmentSource:
+        assert not started
         source = ListSource(list(streams[len(sources)]))
         sources.append(source)
         return source

@@ -401,12 +401,15 @@ def start_replay(args: argparse.Namespace) -> int:
         source = open_capture(args.file, stack)
         args.dissectors = dissector_count(args.dissectors, source)
         # A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on lines it has. Several
-        # tsharks print every line at once too (the merge waits for lines).
-        first = start_tshark(tshark, live=args.file == "-" or args.dissectors > 1)
-        stack.callback(first.close)  # the engine closes it too; this covers a failure before it runs
+        # tsharks print every line at once too (the merge waits for lines). Every dissector is started here: the
+        # merge hands out nothing before each of them has answered, so a late one's start-up would be waited for.
+        live = args.file == "-" or args.dissectors > 1
+        started = tuple(start_tshark(tshark, live=live) for _ in range(args.dissectors))
+        for inst in started:
+            stack.callback(inst.close)  # the engine closes them too; this covers a failure before it runs
         from .offline import ReplayStart, run_replay
 
-        start = ReplayStart(dest, tshark, source, first, file=args.file, port=args.port)
+        start = ReplayStart(dest, tshark, source, started, file=args.file, port=args.port)
         return int(run_replay(engine_settings(args), start, stack.pop_all()))
 
 

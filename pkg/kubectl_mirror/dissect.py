@@ -27,7 +27,7 @@ import termios
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -35,7 +35,7 @@ from typing import IO, BinaryIO
 from .errors import InputError, ToolError
 from .model import Endpoint, Segment
 from .pcap import FAST_LINKTYPES, PcapReader, PcapWriter, Record, cut_record, linktype_name
-from .shard import Merger, deal, headers_end, ip_start
+from .shard import Merger, headers_end, ip_start, route
 from .tshark_locate import locate_tshark
 
 MIN_VERSION = (3, 4, 0)  # LINUX_SLL2 (tcpdump -i any on current kernels) needs 3.4
@@ -479,14 +479,18 @@ class Dissector:
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
-    def start(self, first: TsharkProcess | None = None) -> None:
-        """Start dissecting; `first`: a tshark already started for this stream (start_tshark), now owned here."""
+    def start(self, started: Sequence[TsharkProcess] = ()) -> None:
+        """Start dissecting; `started`: tsharks already started for this stream (start_tshark), now owned here.
+        A lane without one of them starts its own; one started for another output mode is closed."""
+        ahead = list(started)
         for lane in self._lanes:
-            if first is not None and first.flushes != lane.flush:
-                first.close()  # started for one tshark offline: several need -l
-                first = None
-            lane.instances.append(first if first is not None else _spawn(self._tshark, lane.flush))
-            first = None
+            inst = ahead.pop(0) if ahead else None
+            if inst is not None and inst.flushes != lane.flush:
+                inst.close()  # started for one tshark offline: several need -l
+                inst = None
+            lane.instances.append(inst if inst is not None else _spawn(self._tshark, lane.flush))
+        for inst in ahead:
+            inst.close()  # more were started than there are lanes
         if len(self._lanes) > 1:
             log.info("dissecting with %d tsharks, connections dealt among them", len(self._lanes))
         self._thread = threading.Thread(target=self._feed, name="dissect-feeder", daemon=True)
@@ -591,7 +595,10 @@ class Dissector:
         dealt: list[list[Record]] = [[] for _ in range(n)]
         expect = merger.expect
         for rec in batch:
-            k = deal(rec.linktype, rec.data, n)
+            data = rec.data
+            k, cut = route(rec.linktype, data, n)
+            if cut < len(data):
+                rec.payload_at = cut
             if k >= 0:
                 expect(k, rec.frame)
                 dealt[k].append(rec)
@@ -760,8 +767,16 @@ class _Lane:
                                  else rec.header)
                     inst.header = rec.header
                 data = rec.data
-                cut = headers_end(rec.linktype, data) if len(data) > CUT_FROM else len(data)
-                parts.append(cut_record(rec, cut) if cut < len(data) else rec.raw)
+                size = len(data)
+                if size <= CUT_FROM:
+                    parts.append(rec.raw)
+                    continue
+                cut = rec.payload_at
+                if not cut:
+                    cut = headers_end(rec.linktype, data)
+                    if cut < size:
+                        rec.payload_at = cut
+                parts.append(cut_record(rec, cut) if cut < size else rec.raw)
             inst.records.extend(take)
             inst.written += len(take)
             inst.last_frame = take[-1].frame
@@ -969,7 +984,12 @@ class _Lane:
             except (ValueError, IndexError):
                 non_tcp += 1  # a malformed TCP header: tshark could not read the fields
                 continue
-            payload = tcp_payload(rec.linktype, rec.data, tcp_len)
+            at = rec.payload_at
+            payload: bytes | None
+            if at and at + tcp_len <= len(rec.data):
+                payload = rec.data[at : at + tcp_len] if tcp_len else b""  # as tcp_payload, headers read once
+            else:
+                payload = tcp_payload(rec.linktype, rec.data, tcp_len)
             tcp += 1
             if payload is None:
                 payload = self._slow_payload(rec, f, tcp_len)

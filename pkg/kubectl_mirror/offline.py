@@ -24,7 +24,7 @@ class ReplayStart:
     dest: Destination
     tshark: TsharkInfo
     source: BinaryIO
-    first_tshark: TsharkProcess | None = None
+    started_tsharks: tuple[TsharkProcess, ...] = ()  # one a dissector, started while the engine imports
     file: str = "-"  # the input as given: a path, or - for stdin
     port: int | None = None  # --port: the server port in the capture
 
@@ -37,7 +37,7 @@ def run_replay(settings: Settings, start: ReplayStart, stack: ExitStack) -> int:
             flow=flow_config(settings, start.port),
             replay=replay_config(settings),
             tshark=start.tshark,
-            first_tshark=start.first_tshark,
+            started_tsharks=start.started_tsharks,
             dissectors=settings.dissectors or 1,  # cli.start_replay has decided it by now
             speed=settings.speed,
             # A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on lines it has.

@@ -79,6 +79,9 @@ class Record:
     # passthrough consumer compares by identity and re-emits only when it changed (see PcapWriter.write_record).
     header: bytes = b""
     frame: int = 0  # 1-based position in the input (PcapReader numbers them)
+    # Where the TCP payload starts in `data`, once a reader of the headers has found it for certain (0: not known).
+    # The dissector's feeder finds it to cut what tshark is handed; its reader then takes the payload from there.
+    payload_at: int = 0
 
 
 @dataclass(slots=True)

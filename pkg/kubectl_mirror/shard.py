@@ -58,49 +58,60 @@ def deal(linktype: int, data: bytes, shards: int) -> int:
     a header cut by the snap length, a link type without a fast path. Those go to dissector 0, except a cut TCP
     header whose ports are readable: it stays with its flow, so a line tshark might still print keeps its place.
     """
+    return route(linktype, data, shards)[0]
+
+
+def route(linktype: int, data: bytes, shards: int) -> tuple[int, int]:
+    """`deal` and `headers_end` together, from one reading of the headers: the feeder's per-record question."""
+    size = len(data)
+    certain = True  # the payload's start is known: not a fragment, no IPv6 extension header (as headers_end)
     try:
         off = ip_start(linktype, data)
         if off < 0:
-            return -1
+            return -1, size
         version = data[off] >> 4
         if version == 4:
             ihl = (data[off] & 0x0F) * 4
-            if ihl < 20 or data[off + 9] != 6 or ((data[off + 6] << 8) | data[off + 7]) & 0x1FFF:
-                return -1  # not TCP, or a fragment without the TCP header
+            frag = ((data[off + 6] << 8) | data[off + 7]) & 0x3FFF
+            if ihl < 20 or data[off + 9] != 6 or frag & 0x1FFF:
+                return -1, size  # not TCP, or a fragment without the TCP header
+            certain = not frag
             tcp = off + ihl
             a = int.from_bytes(data[off + 12 : off + 16], "big")
             b = int.from_bytes(data[off + 16 : off + 20], "big")
         elif version == 6:
             nxt, tcp = data[off + 6], off + 40
+            certain = nxt == 6
             for _ in range(8):  # bounded: a chain of extension headers
                 if nxt in _IPV6_EXT:
                     nxt, tcp = data[tcp], tcp + (data[tcp + 1] + 1) * 8
                 elif nxt == 44:  # fragment header: only the first fragment holds the TCP header
                     if ((data[tcp + 2] << 8) | data[tcp + 3]) & 0xFFF8:
-                        return -1
+                        return -1, size
                     nxt, tcp = data[tcp], tcp + 8
                 elif nxt == 51:  # authentication header, in 4-byte units
                     nxt, tcp = data[tcp], tcp + (data[tcp + 1] + 2) * 4
                 else:
                     break
             if nxt != 6:
-                return -1
+                return -1, size
             a = int.from_bytes(data[off + 8 : off + 24], "big")
             b = int.from_bytes(data[off + 24 : off + 40], "big")
         else:
-            return -1
-        if tcp + 4 > len(data):
-            return -1
+            return -1, size
+        if tcp + 4 > size:
+            return -1, size
         ports = ((data[tcp] << 8) | data[tcp + 1]) ^ ((data[tcp + 2] << 8) | data[tcp + 3])
     except IndexError:
-        return -1
+        return -1, size
     # XOR is the same both ways round; folding the addresses keeps IPv6's 128 bits cheap to multiply.
     x = a ^ b
     x = (x ^ (x >> 64) ^ (ports << 32) ^ ports) & _MASK
     index = (((x * _GOLDEN) & _MASK) >> 32) % shards
-    if tcp + 20 > len(data) or data[tcp + 12] >> 4 < 5:
-        return -index - 1  # its header is not all there: tshark may say nothing about it
-    return index
+    if tcp + 20 > size or data[tcp + 12] >> 4 < 5:
+        return -index - 1, size  # its header is not all there: tshark may say nothing about it
+    end = tcp + (data[tcp + 12] >> 4) * 4
+    return index, end if certain and end <= size else size
 
 
 def headers_end(linktype: int, data: bytes) -> int:
