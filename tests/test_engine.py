@@ -7,13 +7,12 @@ clock is the test's, and delivery is the real Replayer into a real loopback targ
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import pytest
 
-from kubectl_mirror.dissect import TsharkProcess
 from kubectl_mirror.model import Segment
 from kubectl_mirror.pipeline import Engine, EngineOptions, SegmentSource, SourceStats
 from kubectl_mirror.reassemble import FlowConfig
@@ -102,8 +101,7 @@ def run(target: Target, streams: list[list[Segment]], clock: StepClock, *, speed
         flow: FlowConfig | None = None) -> tuple[Summary, list[ListSource]]:
     sources: list[ListSource] = []
 
-    def segments(stream: BinaryIO, started: Sequence[TsharkProcess]) -> SegmentSource:
-        assert not started
+    def segments(stream: BinaryIO) -> SegmentSource:
         source = ListSource(list(streams[len(sources)]))
         sources.append(source)
         return source

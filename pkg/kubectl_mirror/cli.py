@@ -381,14 +381,15 @@ def engine_settings(args: argparse.Namespace) -> Settings:
 
 
 def start_replay(args: argparse.Namespace) -> int:
-    """`replay`: check --to, find tshark and start it, and only then import the engine.
+    """`replay`: check --to, start dissecting the input, and only then import the engine.
 
-    tshark takes ~0.2 s to load its dissectors and the engine's modules (pydantic among them) ~0.15 s to import:
-    done one after the other they were a tenth of a 3 s run. Nothing starts before --to is known to answer.
+    tshark takes ~0.2 s to load its dissectors and the engine's modules (pydantic among them) ~0.2 s to import:
+    done one after the other they were a tenth of a 2.5 s run; the tsharks now load, and work, meanwhile.
+    Nothing starts before --to is known to answer.
     """
     from contextlib import ExitStack
 
-    from .dissect import dissector_count, find_tshark, start_tshark
+    from .dissect import Dissector, dissector_count, find_tshark
     from .pcap import open_capture
     from .replay import destination
 
@@ -400,16 +401,15 @@ def start_replay(args: argparse.Namespace) -> int:
     with stack:
         source = open_capture(args.file, stack)
         args.dissectors = dissector_count(args.dissectors, source)
-        # A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on lines it has. Several
-        # tsharks print every line at once too (the merge waits for lines). Every dissector is started here: the
-        # merge hands out nothing before each of them has answered, so a late one's start-up would be waited for.
-        live = args.file == "-" or args.dissectors > 1
-        started = tuple(start_tshark(tshark, live=live) for _ in range(args.dissectors))
-        for inst in started:
-            stack.callback(inst.close)  # the engine closes them too; this covers a failure before it runs
+        # The dissectors start reading the input now: the tsharks load and work through the first records while
+        # the engine's modules import. A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on
+        # lines it has (live).
+        dissector = Dissector(source, tshark, live=args.file == "-", dissectors=args.dissectors)
+        stack.callback(dissector.close)  # the engine closes it too; this covers a failure before it runs
+        dissector.start()
         from .offline import ReplayStart, run_replay
 
-        start = ReplayStart(dest, tshark, source, started, file=args.file, port=args.port)
+        start = ReplayStart(dest, tshark, source, dissector, file=args.file, port=args.port)
         return int(run_replay(engine_settings(args), start, stack.pop_all()))
 
 

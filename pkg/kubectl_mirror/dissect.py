@@ -27,7 +27,7 @@ import termios
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -391,11 +391,6 @@ class TsharkProcess:
         self.stderr.close()
 
 
-def start_tshark(tshark: TsharkInfo, *, live: bool = False) -> TsharkProcess:
-    """A tshark for a Dissector's first stream, started ahead: its ~0.2 s start-up overlaps the caller's own."""
-    return _spawn(tshark, live)
-
-
 def _spawn(tshark: TsharkInfo, live: bool) -> TsharkProcess:
     err = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the tshark it belongs to
     try:
@@ -479,18 +474,10 @@ class Dissector:
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
-    def start(self, started: Sequence[TsharkProcess] = ()) -> None:
-        """Start dissecting; `started`: tsharks already started for this stream (start_tshark), now owned here.
-        A lane without one of them starts its own; one started for another output mode is closed."""
-        ahead = list(started)
+    def start(self) -> None:
+        """Start the tsharks and the feeder: records flow to tshark from here on, whatever the caller does."""
         for lane in self._lanes:
-            inst = ahead.pop(0) if ahead else None
-            if inst is not None and inst.flushes != lane.flush:
-                inst.close()  # started for one tshark offline: several need -l
-                inst = None
-            lane.instances.append(inst if inst is not None else _spawn(self._tshark, lane.flush))
-        for inst in ahead:
-            inst.close()  # more were started than there are lanes
+            lane.instances.append(_spawn(self._tshark, lane.flush))
         if len(self._lanes) > 1:
             log.info("dissecting with %d tsharks, connections dealt among them", len(self._lanes))
         self._thread = threading.Thread(target=self._feed, name="dissect-feeder", daemon=True)

@@ -10,9 +10,18 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .dissect import TsharkInfo, TsharkProcess
+from .dissect import TsharkInfo
 from .output import notice_printer, report, status_line
-from .pipeline import Engine, EngineOptions, flow_config, raise_run_errors, replay_config, shadow_options, turn_options
+from .pipeline import (
+    Engine,
+    EngineOptions,
+    SegmentSource,
+    flow_config,
+    raise_run_errors,
+    replay_config,
+    shadow_options,
+    turn_options,
+)
 from .settings import Destination, Settings
 from .summary import exit_code, finished
 
@@ -24,7 +33,7 @@ class ReplayStart:
     dest: Destination
     tshark: TsharkInfo
     source: BinaryIO
-    started_tsharks: tuple[TsharkProcess, ...] = ()  # one a dissector, started while the engine imports
+    dissector: SegmentSource | None = None  # the input's, started before the engine's modules were imported
     file: str = "-"  # the input as given: a path, or - for stdin
     port: int | None = None  # --port: the server port in the capture
 
@@ -37,7 +46,7 @@ def run_replay(settings: Settings, start: ReplayStart, stack: ExitStack) -> int:
             flow=flow_config(settings, start.port),
             replay=replay_config(settings),
             tshark=start.tshark,
-            started_tsharks=start.started_tsharks,
+            first_source=start.dissector,
             dissectors=settings.dissectors or 1,  # cli.start_replay has decided it by now
             speed=settings.speed,
             # A pipe can pause (tcpdump | kubectl mirror replay -): tshark must not sit on lines it has.

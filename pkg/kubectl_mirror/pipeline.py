@@ -14,13 +14,13 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import BinaryIO, Protocol
 
 from .capture import Gap
-from .dissect import HANDOVER_EVERY, Dissector, TsharkInfo, TsharkProcess
+from .dissect import HANDOVER_EVERY, Dissector, TsharkInfo
 from .errors import EXIT_INTERRUPTED, InputError, MirrorError
 from .httpopts import HttpOptions
 from .model import Action, DeliveryFailed, EndOfInput, GiveUp, Interrupt, LocalClosed, LocalData, Segment, Tick
@@ -97,8 +97,9 @@ class EngineOptions:
     flow: FlowConfig
     replay: ReplayConfig
     tshark: TsharkInfo | None  # None only with `segments` given
-    # tsharks started ahead for the first stream (start_tshark), one a dissector: the engine takes them over.
-    started_tsharks: tuple[TsharkProcess, ...] = ()
+    # The first stream's SegmentSource, already started (replay starts its dissectors while the engine's modules
+    # import, so tshark is at work meanwhile): the engine reads it and closes it.
+    first_source: SegmentSource | None = None
     speed: float = 0.0  # 0: as fast as possible; 1: the capture's own timing; 2: twice as fast
     live: bool = False
     handover_every: int = HANDOVER_EVERY
@@ -123,9 +124,9 @@ class EngineOptions:
     notice: Callable[[str], None] | None = None
     # Turn-taking (with FlowConfig.turns): how long a turn waits for the local answer; None: the defaults.
     turns: TurnOptions | None = None
-    # Injected stages. `segments(stream, started_tsharks)` gives a started SegmentSource for each capture stream
+    # Injected stages. `segments(stream)` gives a started SegmentSource for each capture stream
     # (None: tshark's Dissector); `deliverer(dest, config)` the delivery (None: the Replayer's local sockets).
-    segments: Callable[[BinaryIO, Sequence[TsharkProcess]], SegmentSource] | None = None
+    segments: Callable[[BinaryIO], SegmentSource] | None = None
     deliverer: Callable[[Destination, ReplayConfig], Deliverer] | None = None
 
 
@@ -318,8 +319,8 @@ class Engine:
 
     def _run_stream(self, source: BinaryIO) -> None:
         opts = self.options
-        started, self.options.started_tsharks = self.options.started_tsharks, ()
-        dissector = (opts.segments or self._dissector)(source, started)
+        first, opts.first_source = opts.first_source, None
+        dissector = first if first is not None else (opts.segments or self._dissector)(source)
         held: deque[Segment] = deque()
         grace_until: float | None = None
         try:
@@ -358,14 +359,14 @@ class Engine:
             self._bytes_before += stats.bytes_captured
             self._segments_before += stats.tcp_segments
 
-    def _dissector(self, source: BinaryIO, started: Sequence[TsharkProcess]) -> SegmentSource:
+    def _dissector(self, source: BinaryIO) -> SegmentSource:
         """The default SegmentSource: tshark, handed over to a fresh one every `handover_every` packets."""
         opts = self.options
         assert opts.tshark is not None
         dissector = Dissector(source, opts.tshark, handover_every=opts.handover_every, tee=opts.tee, live=opts.live,
                               dissectors=opts.dissectors)
         try:
-            dissector.start(started)
+            dissector.start()
         except BaseException:
             dissector.close()
             raise
