@@ -209,7 +209,6 @@ def tshark_command(tshark: TsharkInfo, *, live: bool = False) -> list[str]:
 # ---- payload: cut from the held record ----------------------------------------------------------------------
 
 
-
 def tcp_payload(linktype: int, data: bytes, tcp_len: int) -> bytes | None:
     """The TCP payload of a frame, or None when the frame does not hold all of it (snap length, fragments)."""
     try:
@@ -341,7 +340,6 @@ class TsharkProcess:
     retired: bool = False
     rss_checked: int = 0  # `written` when its memory was last read
     rss_high: bool = False  # near the limit: time to start a standby
-    flushes: bool = False  # started with -l: prints every line at once
     last_frame: int = 0  # frame of the last record given to it
 
     def rss(self) -> int | None:
@@ -406,7 +404,7 @@ def _spawn(tshark: TsharkInfo, live: bool) -> TsharkProcess:
     # its work) starves the others. A larger pipe lets a whole batch's share go in at once (Linux; best effort).
     with contextlib.suppress(OSError, AttributeError):
         fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    return TsharkProcess(proc, err, flushes=live)
+    return TsharkProcess(proc, err)
 
 
 def _pipe_bytes(fd: int) -> int:
@@ -763,7 +761,7 @@ class _Lane:
                     cut = headers_end(rec.linktype, data)
                     if cut < size:
                         rec.payload_at = cut
-                parts.append(cut_record(rec, cut) if cut < size else rec.raw)
+                parts.append(cut_record(rec, cut))  # the whole record when the cut is not inside it
             inst.records.extend(take)
             inst.written += len(take)
             inst.last_frame = take[-1].frame
