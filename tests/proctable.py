@@ -65,7 +65,7 @@ def memory(pid: int) -> tuple[str, int, int] | None:
 
 
 def is_dissecting_tshark(pid: int) -> bool:
-    """A tshark printing fields: the plugin's dissector, not its `tshark -v` version check."""
+    """A tshark reading records on its stdin: the plugin's dissector, not its `tshark -v` version check."""
     with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
-        return b"\0fields\0" in f.read()
+        return b"\0-r\0-\0" in f.read()
     return False

@@ -9,14 +9,35 @@ from __future__ import annotations
 
 import io
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from kubectl_mirror.dissect import find_tshark, tcp_payload, tshark_command
+from kubectl_mirror.dissect import (
+    DISPLAY_FILTER,
+    FIELDS,
+    PREFERENCES,
+    find_tshark,
+    tcp_payload,
+    tshark_command,
+    tshark_environment,
+)
 from kubectl_mirror.model import ACK, PSH
 from kubectl_mirror.pcap import PcapReader, Record, classic_header, classic_record, cut_record
 from kubectl_mirror.shard import deal, headers_end, route
-from tests.dissect_helpers import epb, ethernet, idb, ipv4, ipv6, shb, sll2, tcp_header, tcp_ip
+from tests.dissect_helpers import (
+    epb,
+    ethernet,
+    ethernet_mpls,
+    ethernet_pppoe,
+    idb,
+    ipv4,
+    ipv6,
+    shb,
+    sll2,
+    tcp_header,
+    tcp_ip,
+)
 
 BODY = bytes(range(256)) * 8
 
@@ -128,3 +149,57 @@ def test_the_payload_from_where_the_feeder_found_it_is_tcp_payloads() -> None:
         else:
             assert expected is None
     assert fast >= 5  # the whole TCP frames whose header end is certain, and the padded one at each length
+
+
+def _as_fields(out: bytes) -> list[list[str]]:
+    """tshark's lines as values: frame numbers without the padding some versions give them, flags as numbers."""
+    rows = []
+    for line in out.decode().splitlines():
+        f = line.split("\t")
+        f[0] = f[0].strip()
+        f[-1] = str(int(f[-1], 16)) if f[-1] else ""
+        rows.append(f)
+    return rows
+
+
+def test_the_summary_columns_are_the_fields_tshark_would_print(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plugin asks for its fields as columns of tshark's summary line (-T tabs), half the CPU of -T fields
+    (dissect.COLUMNS). Both must give the same values on every frame shape, whole and cut at every length:
+    first occurrences in tunnels, empty IPv4 columns for IPv6, nothing for what the filter drops. And a user's
+    own preferences hiding a column (gui.column.hidden) must not shift the line."""
+    tshark = find_tshark()
+    fields_cmd = [tshark.path, "-n", "-r", "-", "-T", "fields", "-E", "separator=/t", "-E", "occurrence=f",
+                  "-Y", DISPLAY_FILTER]
+    for pref in PREFERENCES:
+        fields_cmd += ["-o", pref]
+    for name in FIELDS:
+        fields_cmd += ["-e", name]
+    inner = tcp_ip("10.9.0.1", "10.9.0.2", 41000, 9090, 70, 90, ACK | PSH, BODY[:100])
+    extra = [
+        (1, ethernet(ipv4("10.0.0.1", "10.0.0.2", inner, proto=4))),  # IPv4 in IPv4: the outer addresses first
+        (1, ethernet(ipv6("fd00::1", "fd00::2", inner, proto=4))),
+        (1, ethernet_mpls(tcp_ip("10.0.0.1", "10.0.0.2", 40000, 8080, 7, 9, ACK, BODY[:64]))),
+        (1, ethernet_pppoe(tcp_ip("10.0.0.1", "10.0.0.2", 40000, 8080, 7, 9, ACK, BODY[:64]))),
+        (1, ethernet(ipv4("10.0.0.1", "10.0.0.2", b"\x03\x03\0\0\0\0\0\0" + inner[:48], proto=1))),  # ICMP
+    ]
+    own = tmp_path / "home" / ".config" / "wireshark"
+    own.mkdir(parents=True)
+    (own / "preferences").write_text("gui.column.hidden: %Cus:frame.number:1:U,%Cus:ip.src:1:U\n")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home" / ".config"))
+    (tmp_path / "empty").mkdir()
+    env = tshark_environment(str(tmp_path / "empty"))
+    one = classic_header(1) + classic_record(1.0, ethernet(inner))
+    hidden = subprocess.run(tshark_command(tshark), input=one, capture_output=True, timeout=60, check=True)
+    assert hidden.stdout.count(b"\t") == len(FIELDS) - 3  # the user's preferences do hide two columns
+    compared = 0
+    for linktype in (1, 276):
+        frames = [f for lt, f, _ in _shapes() if lt == linktype] + [f for lt, f in extra if lt == linktype]
+        capture = classic_header(linktype) + b"".join(classic_record(1.0 + i, f) for i, f in enumerate(frames))
+        plain = subprocess.run(fields_cmd, input=capture, capture_output=True, timeout=60, check=True)
+        ours = subprocess.run(tshark_command(tshark), input=capture, capture_output=True, timeout=60, check=True,
+                              env=env)
+        assert _as_fields(ours.stdout) == _as_fields(plain.stdout)
+        compared += plain.stdout.count(b"\n")
+    assert compared > 500  # most shapes at most lengths are TCP to tshark
