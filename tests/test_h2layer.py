@@ -7,11 +7,13 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import pytest
 
 from kubectl_mirror.h2layer import (
+    MAX_RETRIES,
     MAX_WAITING_STREAMS,
     UPGRADE_WAIT,
     Direct,
@@ -181,6 +183,47 @@ def test_a_local_ping_is_answered_and_goaway_refuses_later_streams() -> None:
     assert play(layer, Send(1, two[len(one):], 0.2)) == [
         StreamSeen(1, 3, "GET", "/b", "prod", None, Fate.REFUSED, 0.2)]
     assert (layer.stats.forwarded, layer.stats.refused) == (1, 1)
+
+
+def refuse_all(layer: H2Layer, local: Local, at: float) -> list[Any]:
+    """The local server refuses every stream it has not answered (RST_STREAM REFUSED_STREAM), as grpcio does with
+    the streams it counts over its limit; what the layer does next."""
+    for sid in [sid for sid, _ in local.requests if local.conn.streams.get(sid) is not None
+                and not local.conn.streams[sid].closed]:
+        local.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+    return play(layer, LocalData(1, local.conn.data_to_send(), at))
+
+
+def test_a_stream_the_local_server_refuses_unprocessed_is_sent_again() -> None:
+    layer = H2Layer(H2Options(set_header=[("x-mirror", "1")]))
+    local = Local()
+    local.answer = False
+    settings = local.feed(play(layer, OPEN, Send(1, client(("/up", b"hello")), 0.1)))
+    local.feed(play(layer, LocalData(1, settings, 0.5)))
+    assert local.requests == [(1, "/up")] and local.bodies == {1: 5}
+    local.answer = True
+    answer = local.feed(refuse_all(layer, local, 0.6))
+    assert local.requests == [(1, "/up"), (3, "/up")] and local.bodies == {1: 5, 3: 5}  # the same request again
+    done = of_type(play(layer, LocalData(1, answer, 0.7)), StreamDone)
+    assert [(d.stream, d.local.status if d.local else None) for d in done] == [(1, 200)]
+    assert (layer.stats.forwarded, layer.stats.refused, layer.stats.retried) == (1, 0, 1)
+
+
+def test_a_stream_refused_again_and_again_is_given_up_after_the_retries() -> None:
+    layer = H2Layer(H2Options(set_header=[("x-mirror", "1")]))
+    local = Local()
+    local.answer = False
+    settings = local.feed(play(layer, OPEN, Send(1, client(("/a", b"")), 0.1)))
+    local.feed(play(layer, LocalData(1, settings, 0.5)))
+    done: list[StreamDone] = []
+    for i in range(MAX_RETRIES + 3):  # bounded: the layer stops sending it after MAX_RETRIES
+        out = refuse_all(layer, local, 1.0 + i)
+        done += of_type(out, StreamDone)
+        local.feed(out)
+    assert [path for _, path in local.requests] == ["/a"] * (1 + MAX_RETRIES)
+    assert layer.stats.retried == MAX_RETRIES
+    done += of_type(play(layer, EndOfInput()), StreamDone)
+    assert [(d.stream, d.local.status if d.local else None) for d in done] == [(1, None)]  # reported once, unanswered
 
 
 def test_max_rps_counts_streams_on_the_bucket_it_is_given() -> None:

@@ -76,6 +76,13 @@ _MAX_METHODS = 1000  # gRPC methods counted by name; the rest together
 # long-lived gRPC connection): past this the oldest is reported unanswered and forgotten, and counted, so memory
 # stays bounded by this many streams per connection, however long the connection lives.
 MAX_WAITING_STREAMS = 1024
+# A local server that refuses a stream (RST_STREAM REFUSED_STREAM) did not process it (RFC 9113 8.7): it is sent
+# again on the same connection, as gRPC clients do. grpcio refuses the streams it counts over its concurrent-stream
+# limit, and under load it still counts streams whose answer the client already has. To send a stream again, what
+# was sent of it is kept until its answer starts, up to this many bytes (gRPC calls are small; a larger upload
+# refused is reported unanswered, as before), and at most this many times.
+RETRY_KEEP = 64 << 10
+MAX_RETRIES = 5
 _UPGRADE = re.compile(rb"^upgrade:[^\r\n]*\bh2c\b", re.I | re.M)
 # The re-originated connection's own receive windows: large, so a local answer is never held back by them.
 _WINDOW = (1 << 31) - 1 - 65535
@@ -163,6 +170,7 @@ class H2Stats:
     filtered: int = 0
     rate_limited: int = 0
     refused: int = 0
+    retried: int = 0  # streams the local server refused (REFUSED_STREAM) and that were sent again
     sampled_out_connections: int = 0
     abandoned: int = 0  # forwarded streams reported unanswered early: MAX_WAITING_STREAMS newer ones were waiting
     grpc_methods: Counter[str] = field(default_factory=Counter)
@@ -226,6 +234,20 @@ class _Origin:
         self.end: Close | Abort | None = None  # that end
         self.trailers: dict[int, Headers] = {}  # captured stream -> the client's trailers, sent after its DATA
         self.opened = False
+        self.sent: dict[int, _Sent] = {}  # local stream not answered yet -> what went out on it, to send again
+        self.retries: dict[int, int] = {}  # captured stream -> times the local server refused it
+
+
+@dataclass
+class _Sent:
+    """One request as the local connection was given it: enough to send it again if the server refuses it."""
+
+    stream: int  # the captured stream
+    headers: Headers
+    end: bool  # the headers ended the stream
+    data: bytearray = field(default_factory=bytearray)
+    ended: bool = False  # its DATA ended the stream
+    trailers: Headers | None = None
 
 
 class H2Layer:
@@ -582,6 +604,7 @@ class H2Layer:
             return
         o.ids[stream], o.back[local] = local, stream
         o.open.add(local)
+        o.sent[local] = _Sent(stream, headers, end)
 
     def _abandon(self, f: _Flow, stream: int, out: list[H2Command]) -> None:
         """Stop waiting for a stream's answers: reported with what is known, forgotten everywhere, counted. A
@@ -598,7 +621,9 @@ class H2Layer:
                 del o.queued[stream]
                 o.waiting = deque(w for w in o.waiting if w[0] != stream)
             key = o.ids.pop(stream, None)
+            o.retries.pop(stream, None)
             if key is not None:
+                o.sent.pop(key, None)
                 o.back.pop(key, None)
                 o.pending.pop(key, None)
                 o.pending_end.discard(key)
@@ -635,6 +660,13 @@ class H2Layer:
         o.pending.setdefault(local, bytearray()).extend(data)
         if end:
             o.pending_end.add(local)
+        sent = o.sent.get(local)
+        if sent is not None:
+            if len(sent.data) + len(data) > RETRY_KEEP:
+                del o.sent[local]  # too large to keep twice: not sent again if refused
+            else:
+                sent.data += data
+                sent.ended = sent.ended or end
 
     def _o_trailers(self, f: _Flow, stream: int, headers: Headers) -> None:
         """The client's trailers end its stream: after its DATA, which may still wait for a window or a start."""
@@ -652,6 +684,9 @@ class H2Layer:
         if headers is None or local not in o.open:
             return
         o.pending_end.discard(local)
+        sent = o.sent.get(local)
+        if sent is not None:
+            sent.trailers = headers
         try:
             o.conn.send_headers(local, headers, end_stream=True)
         except (h2.exceptions.ProtocolError, ValueError, TypeError):
@@ -728,6 +763,32 @@ class H2Layer:
             out.append(Direct(send))
             self._local_sent(f, data, out)
 
+    def _o_retry(self, f: _Flow, local: int) -> bool:
+        """The local server refused a stream it did not process: queue it again, first in line, as it was sent.
+        False when it cannot be (too large to have been kept, refused too often, the connection going away)."""
+        o = f.origin
+        assert o is not None
+        sent = o.sent.pop(local, None)
+        if sent is None or o.gone or o.back.get(local) != sent.stream:
+            return False
+        tries = o.retries.get(sent.stream, 0)
+        if tries >= MAX_RETRIES:
+            return False
+        o.retries[sent.stream] = tries + 1
+        stream = sent.stream
+        del o.back[local], o.ids[stream]
+        o.open.discard(local)
+        o.pending.pop(local, None)
+        o.pending_end.discard(local)
+        if f.local is not None:
+            f.local.forget(local)
+        if sent.trailers is not None:
+            o.trailers[stream] = sent.trailers
+        o.waiting.appendleft((stream, sent.headers, sent.end))
+        o.queued[stream] = (sent.data, sent.ended)
+        self.stats.retried += 1
+        return True
+
     def _o_done(self, f: _Flow, local: int, out: list[H2Command]) -> None:
         """Not recording: a stream the local server ended is reported now and forgotten."""
         o = f.origin
@@ -784,8 +845,16 @@ class H2Layer:
                     o.settled = True
                 if isinstance(ev, h2.events.DataReceived) and ev.flow_controlled_length:
                     o.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                if isinstance(ev, h2.events.ResponseReceived):
+                    sent = o.sent.pop(ev.stream_id, None)  # answered: it can no longer be refused
+                    if sent is not None:
+                        o.retries.pop(sent.stream, None)
+                elif (isinstance(ev, h2.events.StreamReset) and ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                      and self._o_retry(f, ev.stream_id)):
+                    continue
                 elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
                     o.open.discard(ev.stream_id)
+                    o.sent.pop(ev.stream_id, None)
                     if not self.options.record:
                         self._o_done(f, ev.stream_id, out)
                 elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -829,8 +898,10 @@ class H2Layer:
         o = f.origin
         if o is not None:
             local_id = o.ids.pop(stream, None)
+            o.retries.pop(stream, None)
             if local_id is not None:
                 o.back.pop(local_id, None)
+                o.sent.pop(local_id, None)
         out.append(StreamDone(f.open.flow, stream, prod, local, f.sent_at.pop(stream, self._clock),
                               f.seen.pop(stream)))
 

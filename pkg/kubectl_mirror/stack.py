@@ -268,7 +268,7 @@ class Stack:
                                               different=m.different if m else 0, unpaired=m.unpaired if m else 0)
         return H2Summary(connections=s.connections, upgraded=s.upgraded, undecodable=s.undecodable,
                          streams=s.streams, grpc_calls=s.grpc_calls, forwarded=s.forwarded, filtered=s.filtered,
-                         rate_limited=s.rate_limited, refused=s.refused,
+                         rate_limited=s.rate_limited, refused=s.refused, retried=s.retried,
                          sampled_out_connections=s.sampled_out_connections, abandoned=s.abandoned,
                          grpc_methods=methods)
 

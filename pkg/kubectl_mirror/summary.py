@@ -83,6 +83,7 @@ class H2Summary(BaseModel):
     filtered: int = Field(default=0, ge=0)
     rate_limited: int = Field(default=0, ge=0)
     refused: int = Field(default=0, ge=0)  # the local server had sent GOAWAY, or rejected the captured headers
+    retried: int = Field(default=0, ge=0)  # refused by the local server (REFUSED_STREAM) and sent again
     sampled_out_connections: int = Field(default=0, ge=0)
     # Forwarded streams reported unanswered early: too many newer ones waited for answers on their connection.
     abandoned: int = Field(default=0, ge=0)
@@ -501,6 +502,8 @@ def render_text(summary: Summary) -> str:
         held = [("filtered", h2.filtered), ("rate-limited", h2.rate_limited), ("refused", h2.refused),
                 ("given up unanswered", h2.abandoned)]
         detail = ", ".join([f"{_count(h2.forwarded)} forwarded"] + [f"{_count(n)} {name}" for name, n in held if n])
+        if h2.retried:
+            detail += f" ({_count(h2.retried)} sent again: the local server refused them unprocessed)"
         row("HTTP/2 streams", _count(h2.streams), detail)
         conns = [("upgraded from HTTP/1.1", h2.upgraded), ("sampled out", h2.sampled_out_connections),
                  ("undecodable", h2.undecodable)]
