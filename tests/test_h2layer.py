@@ -185,6 +185,16 @@ def test_a_local_ping_is_answered_and_goaway_refuses_later_streams() -> None:
     assert (layer.stats.forwarded, layer.stats.refused) == (1, 1)
 
 
+def reoriginated_to_silent_local(*requests: tuple[str, bytes]) -> tuple[H2Layer, Local]:
+    """A re-originated connection whose requests reached a local server that has not answered them yet."""
+    layer = H2Layer(H2Options(set_header=[("x-mirror", "1")]))
+    local = Local()
+    local.answer = False
+    settings = local.feed(play(layer, OPEN, Send(1, client(*requests), 0.1)))
+    local.feed(play(layer, LocalData(1, settings, 0.5)))
+    return layer, local
+
+
 def refuse_all(layer: H2Layer, local: Local, at: float) -> list[Any]:
     """The local server refuses every stream it has not answered (RST_STREAM REFUSED_STREAM), as grpcio does with
     the streams it counts over its limit; what the layer does next."""
@@ -195,11 +205,7 @@ def refuse_all(layer: H2Layer, local: Local, at: float) -> list[Any]:
 
 
 def test_a_stream_the_local_server_refuses_unprocessed_is_sent_again() -> None:
-    layer = H2Layer(H2Options(set_header=[("x-mirror", "1")]))
-    local = Local()
-    local.answer = False
-    settings = local.feed(play(layer, OPEN, Send(1, client(("/up", b"hello")), 0.1)))
-    local.feed(play(layer, LocalData(1, settings, 0.5)))
+    layer, local = reoriginated_to_silent_local(("/up", b"hello"))
     assert local.requests == [(1, "/up")] and local.bodies == {1: 5}
     local.answer = True
     answer = local.feed(refuse_all(layer, local, 0.6))
@@ -210,11 +216,7 @@ def test_a_stream_the_local_server_refuses_unprocessed_is_sent_again() -> None:
 
 
 def test_a_stream_refused_again_and_again_is_given_up_after_the_retries() -> None:
-    layer = H2Layer(H2Options(set_header=[("x-mirror", "1")]))
-    local = Local()
-    local.answer = False
-    settings = local.feed(play(layer, OPEN, Send(1, client(("/a", b"")), 0.1)))
-    local.feed(play(layer, LocalData(1, settings, 0.5)))
+    layer, local = reoriginated_to_silent_local(("/a", b""))
     done: list[StreamDone] = []
     for i in range(MAX_RETRIES + 3):  # bounded: the layer stops sending it after MAX_RETRIES
         out = refuse_all(layer, local, 1.0 + i)

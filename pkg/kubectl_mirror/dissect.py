@@ -61,9 +61,9 @@ FIELDS = (
 # formatted, for every packet, while a summary fills only the columns asked for. Measured with tshark 4.0 on the
 # bench's big capture (133,766 records, cut as below): the same values, 2.2 s of CPU with -T fields, 0.96 s as
 # columns. Frame numbers come first; an empty column (ip.src of an IPv6 packet) stays an empty tab-separated field.
+# Columns a user hid in their own preferences (gui.column.hidden) would be left out of the line and shift every
+# field: tshark is pointed at an empty configuration directory of our own (tshark_environment).
 COLUMNS = "gui.column.format:" + ",".join(f'"{k}","%Cus:{name}:1:U"' for k, name in enumerate(FIELDS))
-# Columns a user hid in their own preferences (gui.column.hidden) are left out of the summary line, which would
-# shift every field: tshark is pointed at an empty configuration directory of our own (see tshark_environment).
 # TCP headers quoted inside ICMP errors are not segments of any flow.
 DISPLAY_FILTER = "tcp && !icmp && !icmpv6"
 # Measured on 200k loopback packets: these cut tshark's CPU by ~28%, and with sequence analysis off its memory no
@@ -405,8 +405,7 @@ def _spawn(tshark: TsharkInfo, live: bool, env: dict[str, str]) -> TsharkProcess
     err = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the tshark it belongs to
     try:
         proc = subprocess.Popen(tshark_command(tshark, live=live), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=err, bufsize=0, start_new_session=True,
-                                env=env)
+                                stderr=err, bufsize=0, start_new_session=True, env=env)
     except OSError as exc:
         err.close()
         raise ToolError(f"cannot start {tshark.path}: {exc.strerror}; check it runs, or pass --tshark PATH") from None
